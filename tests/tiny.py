@@ -1,0 +1,50 @@
+"""Tiny in-memory tokenizers and encoders for the tests: no files, no downloads, < 0.1 s each."""
+import string
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+WORDS = ("the a of and to in is for on with that by as are from be this we cell cells protein gene "
+         "patients cancer study results risk treatment disease expression increased reduced mice human "
+         "data model query passage retrieval dense sparse vector").split()
+
+
+def _wordpiece_vocab(specials):
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = list(specials) + pieces + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
+    return {tok: i for i, tok in enumerate(vocab)}
+
+
+def make_tokenizer(style="xlmr"):
+    """style="xlmr": <s>=0 <pad>=1 </s>=2 <unk>=3 like XLM-R; style="bert": [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3, no eos."""
+    if style == "xlmr":
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        cls, pad, sep, unk, mask = specials
+        names = dict(bos_token=cls, cls_token=cls, eos_token=sep, sep_token=sep, pad_token=pad, unk_token=unk,
+                     mask_token=mask)
+    else:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        pad, unk, cls, sep, mask = specials
+        names = dict(cls_token=cls, sep_token=sep, pad_token=pad, unk_token=unk, mask_token=mask)
+    vocab = _wordpiece_vocab(specials)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **names)
+
+
+def make_encoder(tokenizer, style="xlmr", hidden=32, layers=2, seed=0, max_positions=520):
+    """A random 2-layer encoder of hidden size 32 matching `tokenizer` (dropout off unless the caller turns it on)."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=2 * hidden, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  pad_token_id=tokenizer.pad_token_id)
+    if style == "xlmr":
+        cfg = XLMRobertaConfig(max_position_embeddings=max_positions + 2, type_vocab_size=1, bos_token_id=0,
+                               eos_token_id=2, **common)
+        return XLMRobertaModel(cfg, add_pooling_layer=False)
+    return BertModel(BertConfig(max_position_embeddings=max_positions, **common), add_pooling_layer=False)
