@@ -13,7 +13,7 @@ WORDS = ("the a of and to in is for on with that by as are from be this we cell 
 def _wordpiece_vocab(specials):
     pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = list(specials) + pieces + ["##" + c for c in string.ascii_lowercase + string.digits] + WORDS
-    return {tok: i for i, tok in enumerate(vocab)}
+    return {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}  # dict.fromkeys: unique, in order
 
 
 def make_tokenizer(style="xlmr"):
@@ -37,7 +37,7 @@ def make_tokenizer(style="xlmr"):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **names)
 
 
-def make_encoder(tokenizer, style="xlmr", hidden=32, layers=2, seed=0, max_positions=520):
+def make_encoder(tokenizer, style="xlmr", hidden=32, layers=2, seed=0, max_positions=1024):
     """A random 2-layer encoder of hidden size 32 matching `tokenizer` (dropout off unless the caller turns it on)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,

@@ -1,0 +1,222 @@
+"""M3: one Hugging Face encoder, three retrieval heads (dense, sparse, multi-vector), their scores, save/load.
+
+SPEC.md sections 1-2. forward() returns representations only; losses live in losses.py.
+Shapes: N texts, T tokens, H hidden, D colbert dim, V vocab (never materialised: see sparse_vectors).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
+MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scores: pure functions, usable in training (autograd) and inference alike
+
+def dense_score(q, p):
+    """s[i, j] = q_i . p_j (SPEC 1.1); q (Bq, H), p (Np, H) -> (Bq, Np)."""
+    return q @ p.T
+
+
+def sparse_vectors(ids, w, vocab):
+    """Max-aggregate token weights per token id over the sorted id list `vocab` (K,): (N, T) -> (N, K).
+
+    out[n, k] = max{w[n, t] : ids[n, t] == vocab[k]} (0 if absent). Ids outside `vocab` land in a spill column that
+    is dropped, so memory is N x K with K <= distinct ids in hand, never N x V (SPEC 0, 1.2)."""
+    k = torch.searchsorted(vocab, ids).clamp(max=len(vocab) - 1)  # (N, T) candidate slot of each token
+    k = torch.where(vocab[k] == ids, k, len(vocab))  # (N, T) tokens whose id is not in vocab -> spill slot K
+    out = w.new_zeros(ids.shape[0], len(vocab) + 1)  # weights are >= 0, so a zero start is the "absent" value
+    return out.scatter_reduce(1, k, w, reduce="amax", include_self=True)[:, :-1]  # (N, K)
+
+
+def sparse_score(q_ids, q_w, p_ids, p_w):
+    """s[i, j] = sum over shared token ids v of max-weight_q[v] * max-weight_p[v] (SPEC 1.2) -> (Bq, Np).
+
+    Only ids that occur in the queries can contribute, so both sides are aggregated over the queries' distinct ids
+    (K <= Bq * Tq): memory O((Bq + Np) * K), whatever the vocabulary size."""
+    vocab = torch.unique(q_ids)  # (K,) sorted
+    return sparse_vectors(q_ids, q_w, vocab) @ sparse_vectors(p_ids, p_w, vocab).T  # (Bq, K) @ (K, Np)
+
+
+def colbert_score(q, p, q_mask=None, p_mask=None, chunk_elems=2 ** 26):
+    """s[i, j] = mean over real query tokens a of max over real passage tokens b of q_ia . p_jb (SPEC 1.3).
+
+    q (Bq, Tq, D), p (Np, Tp, D), masks (.., T) of real tokens; -> (Bq, Np). Unlike the reference, passage padding
+    is masked out of the max (not scored as 0), so a score never depends on how much padding a batch has.
+    2-D numpy arrays (one text each, real tokens only) give a float: the inference-time MaxSim."""
+    if isinstance(q, np.ndarray):
+        return float(colbert_score(torch.from_numpy(q)[None], torch.from_numpy(p)[None])[0, 0])
+    q_mask = q.new_ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+    p_mask = p.new_ones(p.shape[:2], dtype=torch.bool) if p_mask is None else p_mask.bool()
+    step = max(1, chunk_elems // max(1, q.shape[0] * q.shape[1] * p.shape[1]))  # passages per chunk
+    cols = []
+    for s in range(0, p.shape[0], step):
+        sim = torch.einsum("qad,pbd->qpab", q, p[s:s + step])  # (Bq, n, Tq, Tp) token similarities
+        sim = sim.masked_fill(~p_mask[None, s:s + step, None, :], torch.finfo(sim.dtype).min)
+        cols.append((sim.max(-1).values * q_mask[:, None, :]).sum(-1))  # (Bq, n) sum of best matches
+    return torch.cat(cols, 1) / q_mask.sum(-1, keepdim=True)  # (Bq, Np)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
+
+def special_token_ids(tokenizer):
+    """Ids that never get a sparse weight: cls/bos, eos/sep, pad, unk (SPEC 1.2); BERT tokenizers have no eos."""
+    names = ("cls_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id", "unk_token_id")
+    return sorted({getattr(tokenizer, n) for n in names} - {None})
+
+
+class M3(nn.Module):
+    """Encoder + sparse_linear (H -> 1) + colbert_linear (H -> D); forward gives all three representations."""
+
+    def __init__(self, encoder, tokenizer, colbert_dim=-1, pooling="cls"):
+        super().__init__()
+        assert pooling in ("cls", "mean"), f"pooling must be 'cls' or 'mean', got {pooling!r}"
+        H = encoder.config.hidden_size
+        self.encoder, self.tokenizer, self.pooling = encoder, tokenizer, pooling
+        self.colbert_linear = nn.Linear(H, colbert_dim if colbert_dim > 0 else H)  # SPEC 1.3: D = H by default
+        self.sparse_linear = nn.Linear(H, 1)
+        self.register_buffer("special_ids", torch.tensor(special_token_ids(tokenizer)), persistent=False)
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+
+    def forward(self, ids, mask):
+        """ids, mask (N, T) -> dense (N, H), sparse (N, T) token weights, colbert (N, T-1, D), colbert_mask (N, T-1)."""
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
+        if self.pooling == "mean":
+            dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, H)
+        else:  # cls, MCLS-aware: mean of the states at every CLS position; an ordinary input has exactly one, at 0
+            at_cls = ((ids == self.cls_id) & mask.bool()).to(h.dtype)  # (N, T)
+            at_cls[:, 0] = 1.0
+            dense = (h * at_cls[..., None]).sum(1) / at_cls.sum(1, keepdim=True)  # (N, H)
+        keep = mask.bool() & ~torch.isin(ids, self.special_ids)  # (N, T) tokens allowed a lexical weight
+        sparse = torch.relu(self.sparse_linear(h)).squeeze(-1) * keep  # (N, T), out of place (autograd-safe)
+        c_mask = mask[:, 1:].bool() & (ids[:, 1:] != self.cls_id)  # (N, T-1) every real token after the first CLS
+        colbert = self.colbert_linear(h[:, 1:]) * c_mask[..., None]  # (N, T-1, D), padding rows exactly 0
+        return {"dense": F.normalize(dense, dim=-1), "sparse": sparse,
+                "colbert": F.normalize(colbert, dim=-1), "colbert_mask": c_mask}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # inference
+
+    def tokenize(self, texts, max_length, mcls=False):
+        """Token id lists with special tokens; MCLS puts a CLS at the start of every 256-token window (SPEC 5.3)."""
+        if not mcls:
+            return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        end = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None else self.tokenizer.eos_token_id
+        out = []
+        for body in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            n_windows = -(-(max_length - 1) // MCLS_WINDOW)  # ceil: windows that fit before the end token
+            body = body[:max_length - 1 - n_windows]  # room for one CLS per window and the end token
+            ids = []
+            for s in range(0, len(body), MCLS_WINDOW - 1):
+                ids += [self.cls_id] + body[s:s + MCLS_WINDOW - 1]
+            out.append((ids or [self.cls_id]) + [end])
+        return out
+
+    @torch.no_grad()
+    def encode(self, texts, batch_size=32, max_length=512, mcls=False, progress=None):
+        """texts -> {"dense": float32 (N, D), "sparse": [{token_id: weight > 0}], "colbert": [float32 (L_i, D)]}."""
+        was_training, device = self.training, next(self.parameters()).device
+        self.eval()
+        all_ids = self.tokenize(texts, max_length, mcls)
+        order = np.argsort([-len(x) for x in all_ids], kind="stable")  # longest first: little padding per batch
+        dense, sparse, colbert = [None] * len(texts), [None] * len(texts), [None] * len(texts)
+        pad = self.tokenizer.pad_token_id
+        show = len(texts) > 10 * batch_size if progress is None else progress
+        half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+        amp = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda")  # fp32 on CPU
+        for s in tqdm(range(0, len(order), batch_size), desc="encode", disable=not show, leave=False):
+            idx = order[s:s + batch_size]
+            T = len(all_ids[idx[0]])
+            ids = torch.tensor([all_ids[i] + [pad] * (T - len(all_ids[i])) for i in idx], device=device)  # (b, T)
+            mask = torch.tensor([[1] * len(all_ids[i]) + [0] * (T - len(all_ids[i])) for i in idx], device=device)
+            with amp:
+                out = self(ids, mask)
+            vocab = torch.unique(ids)  # (K,) the same aggregation as training, over this batch's ids
+            vecs = sparse_vectors(ids, out["sparse"].float(), vocab).cpu()  # (b, K)
+            for r, i in enumerate(idx):
+                nz = vecs[r].nonzero().squeeze(-1)
+                sparse[i] = dict(zip(vocab[nz].tolist(), vecs[r, nz].tolist()))
+                dense[i] = out["dense"][r].float().cpu().numpy()
+                colbert[i] = out["colbert"][r][out["colbert_mask"][r]].float().cpu().numpy()
+        self.train(was_training)
+        return {"dense": np.stack(dense).astype(np.float32) if texts else np.zeros((0, self.dim), np.float32),
+                "sparse": sparse, "colbert": colbert}
+
+    @property
+    def dim(self):
+        return self.encoder.config.hidden_size
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints: the BGE-M3 release layout (SPEC 2) + m3.json (pooling), never executing code on load
+
+    def save_pretrained(self, out_dir):
+        """Encoder (safetensors) + tokenizer + colbert_linear.pt + sparse_linear.pt + m3.json."""
+        os.makedirs(out_dir, exist_ok=True)
+        self.encoder.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        for name, fname in HEADS.items():
+            state = {k: v.detach().cpu().clone() for k, v in getattr(self, name).state_dict().items()}
+            torch.save(state, os.path.join(out_dir, fname))
+        with open(os.path.join(out_dir, "m3.json"), "w") as f:
+            json.dump({"pooling": self.pooling}, f)
+
+    @classmethod
+    def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):
+        """Load a local directory or hub name; missing head files raise unless new_heads=True (SPEC 0)."""
+        head_files = {name: _find(path, fname) for name, fname in HEADS.items()}
+        missing = [HEADS[n] for n, f in head_files.items() if f is None]
+        if missing and not new_heads:
+            raise FileNotFoundError(
+                f"{path}: no {' / '.join(missing)} -- this is a bare encoder or a dense-only checkpoint. Pass "
+                f"new_heads=True (config: init_new_heads=true) to start new random sparse/colbert heads on purpose.")
+        meta = _find(path, "m3.json")
+        saved = json.load(open(meta)) if meta else {}
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:  # BERT/XLM-R pooler layers are unused by M3; other encoders may not take the argument
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **encoder_kwargs)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(path, **encoder_kwargs)
+        heads = {n: _load_head(f) for n, f in head_files.items() if f is not None}
+        if "colbert_linear" in heads:
+            colbert_dim = heads["colbert_linear"]["weight"].shape[0]
+        model = cls(encoder, tokenizer, colbert_dim, pooling or saved.get("pooling", "cls"))
+        for name, state in heads.items():
+            head = getattr(model, name)
+            want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            if want != got:
+                raise ValueError(f"{head_files[name]}: expected tensors {want}, found {got}")
+            head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
+        return model
+
+
+def _find(path, fname):
+    """Local file path of `fname` in a directory or hub repo, or None if it does not exist."""
+    if os.path.isdir(path):
+        f = os.path.join(path, fname)
+        return f if os.path.isfile(f) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    try:  # other errors (no such repo, no network) propagate with the hub's own message
+        return hf_hub_download(path, fname)
+    except EntryNotFoundError:
+        return None
+
+
+def _load_head(fname):
+    """A head's {weight, bias}; weights_only=True refuses any pickled object that is not plain tensors."""
+    try:
+        state = torch.load(fname, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{fname}: not a plain tensor file (refused to unpickle: {e.__class__.__name__})") from e
+    if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
+        raise ValueError(f"{fname}: expected a dict with 'weight' and 'bias', found {type(state).__name__}")
+    return state

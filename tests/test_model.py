@@ -1,0 +1,191 @@
+"""model.py: the three heads and their scores against brute-force definitions; checkpoints; MCLS."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model import M3, colbert_score, dense_score, sparse_score, sparse_vectors
+from tiny import make_encoder, make_tokenizer
+
+TEXTS = ["the cell protein of the cell", "cancer risk in human patients and mice", "a dense sparse vector",
+         "gene expression increased in cells treated with protein", "query"]
+
+
+def tiny_m3(style="xlmr", seed=0, **kw):
+    tok = make_tokenizer(style)
+    m = M3(make_encoder(tok, style, seed=seed), tok, **kw)
+    torch.manual_seed(seed + 1)  # the heads' default init is near zero after ReLU; make weights clearly non-zero
+    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)
+    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
+    return m
+
+
+def batch(m, texts, extra_pad=0):
+    b = m.tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = b["input_ids"], b["attention_mask"]
+    if extra_pad:
+        ids = torch.cat([ids, torch.full((len(texts), extra_pad), m.tokenizer.pad_token_id)], 1)
+        mask = torch.cat([mask, torch.zeros(len(texts), extra_pad, dtype=mask.dtype)], 1)
+    return ids, mask
+
+
+def brute_sparse(ids, w, special):
+    """Per text {id: max weight}, specials removed, then sum over shared ids of products; autograd-friendly."""
+    vecs = []
+    for row_ids, row_w in zip(ids.tolist(), w):
+        d = {}
+        for t, i in enumerate(row_ids):
+            if i not in special:
+                d[i] = torch.maximum(d[i], row_w[t]) if i in d else row_w[t]
+        vecs.append(d)
+    return vecs
+
+
+def test_sparse_score_values_and_grads_equal_dict_overlap():
+    torch.manual_seed(0)
+    q_ids, p_ids = torch.randint(0, 12, (3, 7)), torch.randint(0, 12, (5, 9))  # many repeats and shared ids
+    q_w, p_w = torch.rand(3, 7, requires_grad=True), torch.rand(5, 9, requires_grad=True)
+    s = sparse_score(q_ids, q_w, p_ids, p_w)
+    qd, pd = brute_sparse(q_ids, q_w, set()), brute_sparse(p_ids, p_w, set())
+    ref = torch.stack([torch.stack([sum((a[k] * b[k] for k in a if k in b), torch.tensor(0.0)) for b in pd])
+                       for a in qd])
+    assert torch.allclose(s, ref, atol=1e-6)
+    g = torch.randn_like(s)
+    gq, gp = torch.autograd.grad((s * g).sum(), (q_w, p_w))
+    rq, rp = torch.autograd.grad((ref * g).sum(), (q_w, p_w))
+    assert torch.allclose(gq, rq, atol=1e-6) and torch.allclose(gp, rp, atol=1e-6)
+
+
+def test_sparse_vectors_drop_ids_outside_vocab():
+    ids = torch.tensor([[5, 9, 5, 250001]])
+    w = torch.tensor([[0.2, 0.7, 0.4, 0.9]])
+    out = sparse_vectors(ids, w, torch.tensor([1, 5, 9]))
+    assert out[0].tolist() == pytest.approx([0.0, 0.4, 0.7])
+
+
+@pytest.mark.parametrize("style", ["xlmr", "bert"])
+def test_model_sparse_matches_brute_force_and_skips_special_tokens(style):
+    m = tiny_m3(style)
+    ids, mask = batch(m, TEXTS)
+    out = m(ids, mask)
+    special = set(m.special_ids.tolist())
+    assert m.tokenizer.cls_token_id in special and m.tokenizer.pad_token_id in special
+    assert out["sparse"][torch.isin(ids, m.special_ids)].abs().max() == 0
+    assert out["sparse"].max() > 0  # the test would be vacuous with an all-zero head
+    s = sparse_score(ids, out["sparse"], ids, out["sparse"])
+    vecs = brute_sparse(ids, out["sparse"], special)
+    ref = torch.tensor([[float(sum(a[k] * b[k] for k in a if k in b)) for b in vecs] for a in vecs])
+    assert torch.allclose(s, ref, atol=1e-5)
+    enc = m.encode(TEXTS)
+    for d, v in zip(enc["sparse"], vecs):
+        assert not set(d) & special
+        assert d == pytest.approx({k: float(x) for k, x in v.items() if x > 0}, abs=1e-5)
+
+
+def brute_colbert(q, p):
+    """mean over query tokens of max over passage tokens, one pair of (L, D) arrays."""
+    return float(np.mean(np.max(q @ p.T, axis=1)))
+
+
+def test_colbert_score_unchanged_by_padding_and_equals_maxsim():
+    m = tiny_m3()
+    q_ids, q_mask = batch(m, TEXTS[:2])
+    p_ids, p_mask = batch(m, TEXTS)
+    q, p = m(q_ids, q_mask), m(p_ids, p_mask)
+    s = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])
+    qx, px = m(*batch(m, TEXTS[:2], extra_pad=5)), m(*batch(m, TEXTS, extra_pad=11))
+    s_pad = colbert_score(qx["colbert"], px["colbert"], qx["colbert_mask"], px["colbert_mask"])
+    assert torch.allclose(s, s_pad, atol=1e-5)
+    small = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"], chunk_elems=1)
+    assert torch.allclose(s, small, atol=1e-6)  # chunking over passages changes nothing
+    enc_q, enc_p = m.encode(TEXTS[:2]), m.encode(TEXTS)
+    ref = [[brute_colbert(a, b) for b in enc_p["colbert"]] for a in enc_q["colbert"]]
+    assert np.allclose(s.detach().numpy(), ref, atol=1e-5)
+    assert colbert_score(enc_q["colbert"][0], enc_p["colbert"][1]) == pytest.approx(ref[0][1], abs=1e-5)
+    assert [len(c) for c in enc_p["colbert"]] == (p_mask.sum(1) - 1).tolist()  # every real token after CLS
+
+
+def test_scores_on_a_hand_computed_example():
+    q, p = torch.tensor([[0.6, 0.8]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert dense_score(q, p)[0].tolist() == pytest.approx([0.6, 0.8])
+    # query {7: max(.5, .2), 9: .1}, passage {7: .4, 3: .9}: shared id 7 -> 0.5 * 0.4
+    s = sparse_score(torch.tensor([[7, 9, 7]]), torch.tensor([[0.5, 0.1, 0.2]]),
+                     torch.tensor([[7, 3]]), torch.tensor([[0.4, 0.9]]))
+    assert s.item() == pytest.approx(0.2)
+    # query tokens a1=(1,0), a2=(0,1); passage b1=(.6,.8), b2=(-1,0), b3 = padding (masked): (max(.6,-1) + .8)/2
+    qc, pc = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.6, 0.8], [-1.0, 0.0], [0.0, 0.0]]])
+    s = colbert_score(qc, pc, torch.ones(1, 2), torch.tensor([[1, 1, 0]]))
+    assert s.item() == pytest.approx(0.7)
+    # a padded passage row would score 0 > -1 for a query token pointing away from every real token
+    s = colbert_score(torch.tensor([[[-1.0, 0.0]]]), pc, torch.ones(1, 1), torch.tensor([[1, 1, 0]]))
+    assert s.item() == pytest.approx(1.0)
+
+
+def test_dense_is_normalised_cls_or_mean():
+    m = tiny_m3()
+    ids, mask = batch(m, TEXTS)
+    h = m.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = m(ids, mask)
+    assert torch.allclose(out["dense"], torch.nn.functional.normalize(h[:, 0], dim=-1), atol=1e-6)
+    m.pooling = "mean"
+    mean = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(m(ids, mask)["dense"], torch.nn.functional.normalize(mean, dim=-1), atol=1e-6)
+
+
+def test_save_load_round_trip_and_missing_heads(tmp_path):
+    m = tiny_m3(colbert_dim=16, pooling="mean")
+    m.save_pretrained(tmp_path / "ck")
+    assert {"colbert_linear.pt", "sparse_linear.pt", "config.json", "model.safetensors",
+            "tokenizer.json"} <= set(os.listdir(tmp_path / "ck"))
+    heads = torch.load(tmp_path / "ck" / "colbert_linear.pt", weights_only=True)
+    assert heads["weight"].shape == (16, 32) and heads["bias"].shape == (16,)
+    m2 = M3.from_pretrained(str(tmp_path / "ck"))
+    assert m2.pooling == "mean"
+    a, b = m.encode(TEXTS), m2.encode(TEXTS)
+    assert np.array_equal(a["dense"], b["dense"]) and a["sparse"] == b["sparse"]
+    assert all(np.array_equal(x, y) for x, y in zip(a["colbert"], b["colbert"]))
+    # a bare encoder (no head files) fails loudly unless new heads are asked for
+    m.encoder.save_pretrained(tmp_path / "bare")
+    m.tokenizer.save_pretrained(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="colbert_linear.pt.*new_heads=True"):
+        M3.from_pretrained(str(tmp_path / "bare"))
+    fresh = M3.from_pretrained(str(tmp_path / "bare"), new_heads=True)
+    assert fresh.pooling == "cls" and fresh.colbert_linear.weight.shape == (32, 32)  # defaults: CLS, D = H
+    assert torch.equal(fresh.encoder.embeddings.word_embeddings.weight, m.encoder.embeddings.word_embeddings.weight)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/m3_pwned",))
+
+
+def test_pickled_payload_in_head_file_is_refused(tmp_path):
+    m = tiny_m3()
+    m.save_pretrained(tmp_path)
+    with open(tmp_path / "sparse_linear.pt", "wb") as f:
+        pickle.dump({"weight": Payload(), "bias": torch.zeros(1)}, f)
+    if os.path.exists("/tmp/m3_pwned"):
+        os.remove("/tmp/m3_pwned")
+    with pytest.raises(ValueError, match="sparse_linear.pt: not a plain tensor file"):
+        M3.from_pretrained(str(tmp_path))
+    assert not os.path.exists("/tmp/m3_pwned")
+
+
+def test_mcls_inserts_cls_every_256_tokens_and_averages_their_states():
+    m = tiny_m3()
+    text = " ".join(["protein"] * 600)  # one token per word in the tiny vocab
+    ids = m.tokenize([text], max_length=700, mcls=True)[0]
+    cls, end = m.tokenizer.cls_token_id, m.tokenizer.sep_token_id
+    assert len(ids) == 600 + 3 + 1 and ids[-1] == end
+    assert [i for i, t in enumerate(ids) if t == cls] == [0, 256, 512]
+    assert len(m.tokenize([text], max_length=512, mcls=True)[0]) == 512  # truncated with room for CLS + end
+    x = torch.tensor([ids])
+    h = m.encoder(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state[0]
+    ref = torch.nn.functional.normalize(h[[0, 256, 512]].mean(0), dim=-1)
+    out = m.encode([text], max_length=700, mcls=True)
+    assert np.allclose(out["dense"][0], ref.detach().numpy(), atol=1e-5)
+    assert len(out["colbert"][0]) == len(ids) - 3  # inserted CLS tokens are not multi-vectors
+    short = m.encode(["the cell"], mcls=True)["dense"]  # a short text has one CLS: same as plain encoding
+    assert np.allclose(short, m.encode(["the cell"])["dense"], atol=1e-6)
