@@ -1,0 +1,241 @@
+"""eval.py against brute force: FAISS vs numpy, inverted index vs dict overlap, token candidates + MaxSim vs exhaustive
+MaxSim, metrics vs hand-computed values, fusion with exact scores, mining ranks, the encoding cache."""
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import eval as ev  # noqa: E402
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def rand_out(rng, n, D=16, V=40, max_nnz=8, max_len=7):
+    """A random model.encode output: dense (n, D), sparse dicts (some empty), colbert (L_i, D) with L_i in 1..max_len-1."""
+    sparse = [dict(zip(rng.choice(V, k, replace=False).tolist(), rng.uniform(0.1, 1, k).tolist()))
+              for k in rng.integers(0, max_nnz, n)]
+    colbert = [unit(rng.standard_normal((L, D))) for L in rng.integers(1, max_len, n)]
+    return {"dense": unit(rng.standard_normal((n, D))), "sparse": sparse, "colbert": colbert}
+
+
+def brute(qo, po):
+    """(3, nq, np) exact dense, sparse (dict overlap) and MaxSim scores, by the definitions."""
+    d = qo["dense"] @ po["dense"].T
+    s = np.array([[sum(w * p[t] for t, w in q.items() if t in p) for p in po["sparse"]] for q in qo["sparse"]])
+    c = np.array([[(q @ p.T).max(1).mean() for p in po["colbert"]] for q in qo["colbert"]])
+    return np.stack([d, s, c])
+
+
+def test_dense_faiss_equals_numpy():
+    rng = np.random.default_rng(0)
+    P, Q = unit(rng.standard_normal((600, 24))), unit(rng.standard_normal((20, 24)))
+    S = Q @ P.T
+    ref = np.argsort(-S, axis=1)[:, :10]
+    for spec, params in [("Flat", ""), ("IVF4,Flat", "nprobe=4")]:  # all 4 lists probed -> exact
+        scores, idx = ev.build_index(P, spec, params).search(Q, 10)
+        np.testing.assert_array_equal(idx, ref)
+        np.testing.assert_allclose(scores, np.take_along_axis(S, ref, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_index_equals_dict_overlap():
+    rng = np.random.default_rng(1)
+    qo, po = rand_out(rng, 12), rand_out(rng, 90)
+    Q, P = ev.pack(qo), ev.pack(po)
+    S = brute(qo, po)[1]
+    inv = ev.sparse_index(P)
+    rows = np.arange(3, 12)  # a batch that does not start at query 0
+    for k in (5, 200):
+        for r, top in zip(rows, ev.sparse_search(inv, Q, rows, k)):
+            pos = np.flatnonzero(S[r] > 0)
+            want = pos[np.argsort(-S[r, pos])][:k]
+            assert set(top.tolist()) == set(want.tolist())
+    for i in range(12):
+        np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.arange(90)), S[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.array([7, 3, 7])), S[i, [7, 3, 7]], rtol=1e-5, atol=1e-6)
+
+
+def test_colbert_candidates_and_maxsim_equal_exhaustive():
+    rng = np.random.default_rng(2)
+    qo, po = rand_out(rng, 10), rand_out(rng, 50)
+    Q, P = ev.pack(qo), ev.pack(po)
+    C = brute(qo, po)[2]
+    n_tok = len(P["cb_vecs"])
+    res = ev.retrieve(Q, P, depth=50, colbert_k=n_tok, use=(False, False, True), qbatch=4)
+    for i, (cand, s, src) in enumerate(res):  # candidate depth covers the corpus -> exhaustive MaxSim
+        np.testing.assert_array_equal(cand, np.arange(50))
+        np.testing.assert_allclose(s[2], C[i], rtol=1e-5, atol=1e-6)
+    k = 3  # small k': candidates = passages owning one of each query token's 3 nearest passage tokens
+    tok2doc = np.repeat(np.arange(50), np.diff(P["cb_ptr"]))
+    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=3)):
+        near = np.argsort(-(qo["colbert"][i] @ P["cb_vecs"].T), axis=1)[:, :k]
+        np.testing.assert_array_equal(cand, np.unique(tok2doc[near]))
+        np.testing.assert_allclose(s[2], C[i, cand], rtol=1e-5, atol=1e-6)
+    cand = rng.permutation(50)  # chunking over candidates changes nothing
+    np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=5), C[0, cand], rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_hand_computed():
+    rels = {"a": 2, "b": 1, "c": 0, "x": 1}  # graded; "x" is not in the corpus but still relevant
+    m = ev.query_metrics(["c", "b", "d", "a"], rels, depth=1000)
+    dcg = 1 / np.log2(3) + 2 / np.log2(5)  # b at rank 2, a at rank 4
+    idcg = 2 + 1 / np.log2(3) + 1 / np.log2(4)  # ideal order 2, 1, 1
+    assert m["nDCG@10"] == pytest.approx(dcg / idcg)
+    assert m["MRR@10"] == pytest.approx(0.5)
+    assert m["Recall@100"] == pytest.approx(2 / 3) and m["Recall@1000"] == pytest.approx(2 / 3)
+    assert "Recall@1000" not in ev.query_metrics(["a"], rels, depth=100)
+    late = ev.query_metrics([f"n{i}" for i in range(10)] + ["a"], rels, depth=100)  # first hit at rank 11
+    assert late["MRR@10"] == 0 and late["nDCG@10"] == 0 and late["Recall@100"] == pytest.approx(1 / 3)
+    perfect = ev.query_metrics(["a", "b", "x"], rels, depth=100)
+    assert perfect["nDCG@10"] == pytest.approx(1.0) and perfect["MRR@10"] == 1.0
+
+
+def test_ties_break_by_doc_id():
+    ids = np.array(["d", "b", "c", "a", "10", "9"])
+    tie = np.argsort(np.argsort(ids, kind="stable"))
+    cand = np.arange(6)
+    s = np.array([[1, 1, 2, 1, 1, 1], [0] * 6, [0] * 6], np.float32)
+    src = np.ones((3, 6), bool)
+    (top, f), = ev.fuse([(cand, s, src)], (1, 0, 0), depth=6, tie=tie)
+    assert ids[top].tolist() == ["c", "10", "9", "a", "b", "d"]  # score desc, then id in string order
+    np.testing.assert_array_equal(f, [2, 1, 1, 1, 1, 1])
+
+
+def test_fusion_uses_exact_scores_of_missed_passages():
+    rng = np.random.default_rng(3)
+    qo, po = rand_out(rng, 8), rand_out(rng, 60)
+    Q, P = ev.pack(qo), ev.pack(po)
+    S = brute(qo, po)
+    w = np.array([1, 0.3, 1], np.float32)
+    tie = np.arange(60)
+    missed = 0
+    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=3, colbert_k=2)):
+        np.testing.assert_allclose(s, S[:, i, cand], rtol=1e-5, atol=1e-6)  # every head, every candidate
+        missed += ((~src[1]) & (s[1] > 0)).sum()  # found by another head, sparse score still exact and non-zero
+        assert src[0].sum() == 3 and src[1].sum() <= 3
+    assert missed > 0
+    full = ev.retrieve(Q, P, depth=60, colbert_k=1000)  # lists cover the corpus -> fused = brute-force ranking
+    for i, (top, f) in enumerate(ev.fuse(full, w, 10, tie)):
+        F = np.tensordot(w, S[:, i], 1)
+        want = np.lexsort((tie, -F))[:10]
+        np.testing.assert_array_equal(top, want)
+        np.testing.assert_allclose(f, F[want], rtol=1e-5, atol=1e-5)
+
+
+V, D = 97, 16
+E = unit(np.random.default_rng(9).standard_normal((V, D)))
+
+
+class FakeM3:
+    """Deterministic bag-of-words stand-in for M3.encode: ids = crc32(word) % V, one fixed vector per id."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def state_dict(self):
+        return {"E": torch.from_numpy(E)}
+
+    def encode(self, texts, batch_size=32, max_length=512, mcls=False):
+        self.calls += 1
+        toks = [[zlib.crc32(w.encode()) % V for w in t.lower().split()][:max_length] or [0] for t in texts]
+        return {"dense": unit(np.stack([E[t].sum(0) + 0.1 for t in toks])),
+                "sparse": [{int(i): 0.1 + 0.05 * (i % 7) for i in t} for t in toks],
+                "colbert": [unit(E[t] + 0.05) for t in toks]}
+
+
+WORDS = "cell protein gene cancer risk mice human data model query dense sparse vector study dose liver".split()
+
+
+def write_beir(root, rng, n_docs=40, n_q=6):
+    """Tiny BEIR dir with langs, graded qrels, one qrels query missing from queries and one doc missing from corpus."""
+    os.makedirs(os.path.join(root, "qrels"))
+    docs = [{"_id": f"d{j}", "title": "T" if j % 3 else "", "text": " ".join(rng.choice(WORDS, 6)),
+             "lang": "en"} for j in range(n_docs)]
+    qs = [{"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, 3)), "lang": "en" if i % 2 else "de"} for i in range(n_q)]
+    for name, recs in (("corpus", docs), ("queries", qs)):
+        with open(os.path.join(root, f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    rows = [(f"q{i}", f"d{j}", int(rng.integers(1, 3))) for i in range(n_q) for j in rng.choice(n_docs, 2, False)]
+    rows += [("q0", "d_missing", 1), ("q_missing", "d1", 1)]
+    with open(os.path.join(root, "qrels", "test.tsv"), "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, d, r in rows))
+    return docs, qs, rows
+
+
+def test_evaluate_matches_brute_force_and_caches(tmp_path):
+    rng = np.random.default_rng(4)
+    data = str(tmp_path / "data")
+    docs, qs, rows = write_beir(data, rng)
+    m = FakeM3()
+    kw = dict(depth=1000, colbert_k=1000, cache_dir=str(tmp_path / "cache"), verbose=False)
+    res = ev.evaluate(m, data, out_dir=str(tmp_path / "out"), **kw)
+    assert m.calls == 2 and res["missing_qrels_ids"] == {"queries": 1, "docs": 1}
+    assert json.load(open(tmp_path / "out" / "metrics.json"))["rows"] == res["rows"]
+    again = ev.evaluate(m, data, weights=(1, 1, 0), **kw)  # other weights: nothing re-encoded
+    assert m.calls == 2 and again["rows"]["dense"] == res["rows"]["dense"]
+    ev.evaluate(m, data, passage_max_len=3, **kw)
+    assert m.calls == 3  # another max length is another cache entry (passages only)
+    with open(os.path.join(data, "corpus.jsonl"), "w") as f:  # same size, one text changed
+        f.writelines(json.dumps({**r, "text": r["text"].upper()} if j == 5 else r) + "\n" for j, r in enumerate(docs))
+    ev.evaluate(m, data, **kw)
+    assert m.calls == 4
+    qo, po = m.encode([q["text"] for q in qs]), m.encode([ev.passage_text(r) for r in docs])
+    S = brute(qo, po)
+    ids = np.array([r["_id"] for r in docs])
+    qrels = {}
+    for q, d, r in rows:
+        qrels.setdefault(q, {})[d] = r
+    for name, w in (("dense", (1, 0, 0)), ("all", (1, 0.3, 1))):
+        F = np.tensordot(np.array(w, np.float32), S, 1)
+        ranked = [ids[np.lexsort((ids, -F[i]))] for i in range(len(qs))]
+        want = [ev.query_metrics(r, qrels[q["_id"]], 1000) for r, q in zip(ranked, qs)]
+        for k in ev.METRICS:
+            assert res["rows"][name][k] == pytest.approx(np.mean([x[k] for x in want]), abs=1e-6)
+        de = [x["nDCG@10"] for x, q in zip(want, qs) if q["lang"] == "de"]
+        assert res["per_lang"]["de"][name]["nDCG@10"] == pytest.approx(np.mean(de), abs=1e-6)
+    sparse_only = [ids[c] for c, _ in ev.fuse(ev.retrieve(ev.pack(qo), ev.pack(po)), (0, 1, 0), 1000, np.arange(40))]
+    assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
+
+
+def test_mine_range_positives_scores(tmp_path):
+    rng = np.random.default_rng(5)
+    passages = list(dict.fromkeys(" ".join(rng.choice(WORDS, 5)) for _ in range(80)))
+    passages.append(passages[0])  # a duplicate of a positive's text must never be a negative
+    queries = [" ".join(rng.choice(WORDS, 3)) for _ in range(6)]
+    positives = [[0, 5], [1], [2, 3], [4], [6], [7]]
+    w = (1, 0.3, 1)
+    m = FakeM3()
+    mined = ev.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, scores=True, colbert_k=10 ** 4)
+    S = np.tensordot(np.array(w, np.float32), brute(m.encode(queries), m.encode(passages)), 1)
+    for i, rec in enumerate(mined):
+        ranking = np.lexsort((np.arange(len(passages)), -S[i]))
+        rank_of = {passages[j]: r for r, j in reversed(list(enumerate(ranking)))}  # best rank of each text
+        pos_text = {passages[j] for j in positives[i]}
+        assert len(rec["neg"]) == 5 and len(set(rec["neg"])) == 5
+        assert not set(rec["neg"]) & pos_text and rec["pos"] == [passages[j] for j in positives[i]]
+        assert all(3 <= rank_of[t] < 20 for t in rec["neg"])
+        np.testing.assert_allclose(rec["neg_scores"], [S[i, passages.index(t)] for t in rec["neg"]], atol=1e-5)
+        np.testing.assert_allclose(rec["pos_scores"], S[i, positives[i]], atol=1e-5)
+    again = ev.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, colbert_k=10 ** 4)
+    assert [r["neg"] for r in again] == [r["neg"] for r in mined]  # seeded
+    every = ev.mine(m, queries, positives, passages, lo=0, hi=len(passages), n_neg=1000, weights=w, colbert_k=10 ** 4)
+    for i, rec in enumerate(every):  # the whole ranking in range: all but positives, their duplicates and the query
+        pos_text = {passages[j] for j in positives[i]}
+        assert sorted(rec["neg"]) == sorted(t for t in passages if t not in pos_text and t != queries[i])
+
+
+def test_missing_files_and_heads_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus.jsonl"):
+        ev.load_beir(str(tmp_path), "test")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "sparse_linear.pt").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
+        ev.ckpt_key(str(ckpt))
