@@ -80,7 +80,9 @@ def pack(out):
 def ckpt_key(path):
     """Identity of a checkpoint dir: content hash of files under 64 MB, (name, size, mtime) of larger ones."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        return f"hub:{path}"  # a hub name: from_pretrained checks the heads; the cache assumes the repo does not change
     missing = [f for f in ("colbert_linear.pt", "sparse_linear.pt") if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "

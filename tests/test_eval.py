@@ -2,16 +2,15 @@
 MaxSim, metrics vs hand-computed values, fusion with exact scores, mining ranks, the encoding cache."""
 import json
 import os
-import sys
 import zlib
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import eval as ev  # noqa: E402
+import eval as ev
+from model import M3, colbert_score
+from tiny import make_encoder, make_tokenizer
 
 
 def unit(x):
@@ -239,3 +238,43 @@ def test_missing_files_and_heads_give_clear_errors(tmp_path):
     (ckpt / "sparse_linear.pt").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
         ev.ckpt_key(str(ckpt))
+
+
+def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
+    tok = make_tokenizer("xlmr")
+    m = M3(make_encoder(tok, "xlmr"), tok)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)  # clearly non-zero lexical weights
+    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
+    m.save_pretrained(str(tmp_path / "ck"))
+    data = str(tmp_path / "data")
+    docs, qs, _ = write_beir(data, np.random.default_rng(6), n_docs=25, n_q=4)
+    out = str(tmp_path / "out")
+    res = ev.main(["--ckpt", str(tmp_path / "ck"), "--data", data, "--out", out, "--depth", "100",
+                   "--cache_dir", str(tmp_path / "cache"), "--weights", "1,0.3,1"])
+    assert json.load(open(os.path.join(out, "metrics.json")))["rows"] == res["rows"]
+    assert set(res["rows"]) == {"dense", "sparse", "multi-vector", "dense+sparse", "all"}
+    assert "Recall@1000" not in res["rows"]["all"] and res["missing_qrels_ids"] == {"queries": 1, "docs": 1}
+    qo = m.encode([q["text"] for q in qs], max_length=64)
+    po = m.encode([ev.passage_text(r) for r in docs], max_length=512)
+    assert sum(len(d) for d in po["sparse"]) > 0
+    Q, P = ev.pack(qo), ev.pack(po)
+    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=25, colbert_k=1000)):
+        assert len(cand) == 25
+        np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], atol=1e-5)
+        np.testing.assert_allclose(s[1], [sum(w * p.get(t, 0) for t, w in qo["sparse"][i].items())
+                                          for p in po["sparse"]], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s[2], [colbert_score(qo["colbert"][i], p) for p in po["colbert"]], atol=1e-5)
+    mined = str(tmp_path / "mined.jsonl")
+    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--data", data, "--split", "test", "--range", "2-10",
+             "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
+    recs = [json.loads(line) for line in open(mined)]
+    assert len(recs) == 4 and all(len(r["neg"]) == 3 and len(r["neg_scores"]) == 3 for r in recs)
+    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", mined, "--range", "0-5", "--n_neg", "2",
+             "--out", str(tmp_path / "again.jsonl"), "--cache_dir", ""])
+    again = [json.loads(line) for line in open(tmp_path / "again.jsonl")]
+    assert [r["pos"] for r in again] == [r["pos"] for r in recs] and "neg_scores" not in again[0]
+    assert all(not set(r["neg"]) & set(r["pos"]) for r in again)
+    os.remove(tmp_path / "ck" / "colbert_linear.pt")
+    with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
+        ev.main(["--ckpt", str(tmp_path / "ck"), "--data", data, "--cache_dir", ""])
