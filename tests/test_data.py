@@ -1,0 +1,410 @@
+"""data.py: offset index and its cache, bad-input errors, length-range batches per rank, sampling, collation, resume."""
+import os
+import sys
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import make_tokenizer  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+from collections import Counter  # noqa: E402
+from itertools import permutations  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+
+TOK = make_tokenizer("xlmr")
+RANGES = [0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8192]
+BS = [6, 5, 4, 4, 3, 3, 2, 2, 2]
+WORDS = "the a of and to in is for on with that by as are from be this we cell cells protein gene".split()
+
+
+def write(path, rows):
+    """Rows are dicts (one JSON line each) or raw strings (written as they are)."""
+    with open(path, "w") as f:
+        f.write("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def words(n, w="the"):
+    return " ".join([w] * n)  # n tokens with the tiny tokenizer, n + 2 with <s> </s>
+
+
+def ids(text, max_len=10_000):
+    return TOK(text, truncation=True, max_length=max_len)["input_ids"]
+
+
+def rows_of(p):
+    return [r[m.bool()].tolist() for r, m in zip(p[0], p[1])]
+
+
+def fake(lengths):
+    n = len(lengths)
+    return data.JsonlDataset("fake", np.arange(n), np.arange(n) + 1, np.asarray(lengths, np.int32))
+
+
+def mixed_rows(n, seed=0):
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        ex = {"query": f"{WORDS[i % len(WORDS)]} {words(r.randint(1, 20), 'cell')}",
+              "pos": [words(r.randint(1, 60), "gene") + f" {i}" for _ in range(r.randint(1, 3))],
+              "neg": [words(r.randint(1, 80), "protein") + f" {i} {k}" for k in range(r.randint(0, 9))]}
+        ex["pos_scores"] = [r.random() for _ in ex["pos"]]
+        ex["neg_scores"] = [r.random() for _ in ex["neg"]]
+        if i % 3 == 0:
+            ex["prompt"] = "represent this: "
+        out.append(ex)
+    return out
+
+# ----------------------------------------------------------------------------- index and cache
+
+
+def test_index_matches_brute_force_and_workers_agree(tmp_path, monkeypatch):
+    rows = mixed_rows(60) + [{"query": "ünïcode ☃", "pos": ["x"], "prompt": None}]
+    raw = [json.dumps(r) for r in rows]
+    raw.insert(5, "   ")  # a blank line: skipped, counted, later line numbers still true
+    path = write(tmp_path / "d.jsonl", raw)
+    TOK("the cell", truncation=True, max_length=3)  # leaves truncation set on the backend; lengths must ignore it
+    ds = data.open_datasets(path, TOK, num_workers=1, cache_dir=str(tmp_path / "c1"))[0]
+    assert len(ds.lengths) == len(rows) and ds.meta["blank"] == 1
+    for i, ex in enumerate(rows):
+        assert data._read(ds, i) == ex
+        assert ds.lines[i] == i + 1 + (i >= 5)
+        texts = [(ex.get("prompt") or "") + ex["query"]] + ex["pos"] + ex.get("neg", [])
+        assert ds.lengths[i] == max(len(TOK(t)["input_ids"]) for t in texts)
+    assert ds.meta["empty_neg"] == sum(not r.get("neg") for r in rows)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 300)  # many chunks over 2 forked workers
+    ds2 = data.open_datasets(path, TOK, num_workers=2, cache_dir=str(tmp_path / "c2"))[0]
+    for a in ("offsets", "lines", "lengths"):
+        assert np.array_equal(getattr(ds, a), getattr(ds2, a))
+    assert ds.meta == ds2.meta
+
+
+def test_index_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    built = []
+    real = data._build_index
+    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    rows = mixed_rows(10)
+    path = write(tmp_path / "d.jsonl", rows)
+    ds = data.open_datasets(path, TOK)[0]
+    assert len(built) == 1 and any(f.endswith(".idx.npz") for f in os.listdir(tmp_path))  # cached next to the data
+    TOK("a b c", truncation=True, max_length=2)  # per-call tokenizer state is not part of its identity
+    again = data.open_datasets(path, TOK)[0]
+    assert len(built) == 1 and np.array_equal(again.lengths, ds.lengths) and again.meta == ds.meta
+    write(path, rows + [{"query": "q", "pos": [words(300)]}])  # file changed: rebuilt
+    changed = data.open_datasets(path, TOK)[0]
+    assert len(built) == 2 and len(changed.lengths) == 11 and changed.lengths[-1] == 302
+    data.open_datasets(path, make_tokenizer("bert"))  # another tokenizer: its own index
+    data.open_datasets(path, TOK)
+    assert len(built) == 3
+    cache_dir = tmp_path / "cache"
+    data.open_datasets(path, TOK, cache_dir=str(cache_dir))
+    data.open_datasets(path, TOK, cache_dir=str(cache_dir))
+    assert len(built) == 4 and len(os.listdir(cache_dir)) == 1
+
+
+def test_directory_gives_one_dataset_per_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "b.jsonl", mixed_rows(3))
+    write(tmp_path / "a.json", mixed_rows(4))
+    write(tmp_path / "sub" / "c.jsonl", mixed_rows(5))
+    (tmp_path / "notes.txt").write_text("not data")
+    for _ in range(2):  # the second time the cached indexes sit in the directory too
+        dss = data.open_datasets(str(tmp_path), TOK)
+        assert [os.path.relpath(d.path, tmp_path) for d in dss] == ["a.json", "b.jsonl", "sub/c.jsonl"]
+        assert [len(d.lengths) for d in dss] == [4, 3, 5]
+
+
+GOOD = {"query": "q", "pos": ["p"], "neg": ["n"]}
+BAD = [
+    ('{"query": "q", "pos": ["p"]', "malformed JSON"),
+    ('["q", "p"]', "expected a JSON object"),
+    ({"pos": ["p"]}, "field 'query': missing"),
+    ({"query": "  ", "pos": ["p"]}, "field 'query': empty"),
+    ({"query": 3, "pos": ["p"]}, "field 'query': expected a string"),
+    ({"query": "q"}, "field 'pos': missing"),
+    ({"query": "q", "pos": []}, "field 'pos': empty list"),
+    ({"query": "q", "pos": "p"}, "field 'pos': expected a list of strings"),
+    ({"query": "q", "pos": ["p"], "neg": ["n", 1]}, "field 'neg': expected a list of strings"),
+    ({"query": "q", "pos": ["p"], "pos_scores": [1, 2]}, "field 'pos_scores': 2 scores for 1 'pos' texts"),
+    ({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": []}, "field 'neg_scores': 0 scores for 1 'neg' texts"),
+    ({"query": "q", "pos": ["p"], "neg_scores": ["high"]}, "field 'neg_scores': expected a list of numbers"),
+    ({"query": "q", "pos": ["p"], "prompt": 5}, "field 'prompt': expected a string"),
+]
+
+
+@pytest.mark.parametrize("bad,msg", BAD)
+def test_bad_line_names_file_line_and_field(tmp_path, bad, msg):
+    path = write(tmp_path / "bad.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: {msg}")):
+        data.open_datasets(path, TOK)
+
+
+def test_bad_line_number_in_a_later_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 100)
+    path = write(tmp_path / "bad.jsonl", [GOOD] * 36 + ["", {"query": "q", "pos": []}] + [GOOD] * 30)
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 38: field 'pos': empty list")):
+        data.open_datasets(path, TOK, num_workers=2)
+
+
+def test_empty_files_missing_paths_and_kd_requirements(tmp_path):
+    for name, rows in (("empty.jsonl", []), ("blank.jsonl", ["", "  "])):
+        path = write(tmp_path / name, rows)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: empty file")):
+            data.open_datasets(path, TOK)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        data.open_datasets(str(tmp_path / "nope.jsonl"), TOK)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .jsonl"):
+        data.open_datasets(str(tmp_path / "d"), TOK)
+    scored = {"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": [0]}
+    path = write(tmp_path / "kd.jsonl", [scored, {**scored, "neg_scores": None}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: field 'neg_scores': expected a list of numbers")):
+        data.open_datasets(path, TOK)
+    path = write(tmp_path / "kd2.jsonl", [scored, scored, {"query": "q", "pos": ["p"], "neg": ["n"]}])
+    assert len(data.open_datasets(path, TOK)[0].lengths) == 3  # fine without kd
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: field 'pos_scores': missing")):
+        data.open_datasets(path, TOK, kd=True)
+    path = write(tmp_path / "kd3.jsonl", [scored, {**scored, "neg": [], "neg_scores": []}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: field 'neg': empty")):
+        data.open_datasets(path, TOK, kd=True)
+
+# ----------------------------------------------------------------------------- length-range batches
+
+
+def expected_range(n):
+    return max(k for k in range(len(BS)) if n >= RANGES[k])  # [r[k], r[k+1]); above the last edge -> last range
+
+
+def test_buckets_batch_sizes_and_tail(tmp_path):
+    r = np.random.default_rng(0)
+    edges = [0, 499, 500, 999, 1000, 1999, 2000, 6999, 7000, 8191, 8192, 20000]
+    dss = [fake(r.choice(edges, 300)), fake(r.integers(0, 9000, 200))]
+    batches = data.epoch_batches(dss, epoch=0, seed=0, world_size=1, rank=0, length_ranges=RANGES, batch_sizes=BS)
+    seen = Counter()
+    for b in batches:
+        (d,) = {d for d, _ in b}  # one dataset per batch
+        (k,) = {expected_range(dss[d].lengths[i]) for _, i in b}  # one length range per batch
+        assert len(b) == BS[k] or 2 <= len(b) < BS[k]
+        seen[d, k, len(b) == BS[k]] += len(b)
+    for d, ds in enumerate(dss):
+        for k in range(len(BS)):
+            n = sum(expected_range(x) == k for x in ds.lengths)
+            assert seen[d, k, True] == n // BS[k] * BS[k]
+            assert seen[d, k, False] == (n % BS[k] if n % BS[k] >= 2 else 0)  # tail rule with W = 1
+
+
+@pytest.mark.parametrize("tail,n_batches,last", [(3, 2, 5), (4, 3, 2), (9, 3, 4)])
+def test_tail_rule_same_steps_and_sizes_on_every_rank(tail, n_batches, last):
+    ds = fake([10] * (2 * 10 + tail))  # W=2, bs=5: two full global batches of 10, then the tail
+    per_rank = [data.epoch_batches([ds], epoch=3, seed=1, world_size=2, rank=r, length_ranges=RANGES,
+                                   batch_sizes=[5] + BS[1:]) for r in range(2)]
+    for b in per_rank:
+        assert len(b) == n_batches and sorted(len(x) for x in b)[0] == last
+    assert [len(x) for x in per_rank[0]] == [len(x) for x in per_rank[1]]
+
+
+def test_rank_slices_are_disjoint_and_cover_the_global_batch():
+    W, r = 3, np.random.default_rng(1)
+    counts = {100: BS[0] * W * 7, 700: BS[1] * W * 4, 8000: BS[8] * W * 5}  # no tails: every bucket cuts exactly
+    dss = [fake(r.permutation(np.repeat(list(counts), list(counts.values())))), fake([100] * BS[0] * W * 3)]
+    args = dict(epoch=2, seed=7, length_ranges=RANGES)
+    ranks = [data.epoch_batches(dss, world_size=W, rank=k, batch_sizes=BS, **args) for k in range(W)]
+    glob = data.epoch_batches(dss, world_size=1, rank=0, batch_sizes=[b * W for b in BS], **args)
+    assert [len(b) for b in ranks] == [len(glob)] * W
+    for step, g in enumerate(glob):
+        assert sum((rb[step] for rb in ranks), []) == g  # rank k holds slice k of the same global batch
+    flat = [x for rb in ranks for b in rb for x in b]
+    assert len(flat) == len(set(flat)) == sum(len(d.lengths) for d in dss)  # disjoint, and every example once
+
+
+def test_epoch_batches_deterministic_per_epoch_and_seed():
+    dss = [fake(np.random.default_rng(2).integers(0, 3000, 500))]
+    run = lambda **kw: list(data.epoch_batches(dss, **{**dict(epoch=0, seed=0, world_size=2, rank=1,  # noqa: E731
+                                                             length_ranges=RANGES, batch_sizes=BS), **kw}))
+    a = run()
+    assert a == run() and a != run(epoch=1) and a != run(seed=1)
+    b = data.epoch_batches(dss, epoch=0, seed=0, world_size=2, rank=1, length_ranges=RANGES, batch_sizes=BS)
+    assert b[-1] == a[-1] and b[2:5] == a[2:5] and list(b) == a
+
+
+def padding_efficiency(ds, batches):
+    real = sum(int(ds.lengths[i]) for b in batches for _, i in b)
+    return real / sum(len(b) * max(int(ds.lengths[i]) for _, i in b) for b in batches)
+
+
+def test_group_by_length_cuts_padding_and_keeps_shuffling():
+    r = np.random.default_rng(3)
+    ds = fake(np.clip(r.lognormal(4.5, 0.8, BS[0] * 2 * 200), 8, 499).astype(int))  # all in range 0, no tail at W=2
+    kw = dict(seed=0, world_size=2, rank=0, length_ranges=RANGES, batch_sizes=BS)
+    plain = data.epoch_batches([ds], epoch=0, **kw)
+    grouped = data.epoch_batches([ds], epoch=0, group_by_length=True, sort_window=16, **kw)
+    assert padding_efficiency(ds, grouped) > 0.9 > padding_efficiency(ds, plain) + 0.2
+    everyone = [x for k in range(2) for b in data.epoch_batches([ds], epoch=0, group_by_length=True, sort_window=16,
+                                                                **{**kw, "rank": k}) for x in b]
+    assert sorted(everyone) == [(0, i) for i in range(len(ds.lengths))]  # grouping reorders, never drops
+    maxes = [max(ds.lengths[i] for _, i in b) for b in grouped]
+    assert maxes != sorted(maxes)  # batches are not served shortest first
+    again = data.epoch_batches([ds], epoch=1, group_by_length=True, sort_window=16, **kw)
+    assert {frozenset(b) for b in grouped} != {frozenset(b) for b in again}  # batch contents vary by epoch
+
+# ----------------------------------------------------------------------------- sampling and collation
+
+
+BATCH_KW = dict(epoch=0, step=0, seed=0, rank=0, query_max_len=16, passage_max_len=24)
+
+
+def test_collation_layout_padding_truncation_prompt(tmp_path):
+    rows = [{"query": "the cell", "pos": ["gene a"], "neg": [f"protein {w}" for w in WORDS[:5]], "prompt": "is a: "},
+            {"query": words(40, "of"), "pos": [words(50, "and")], "neg": [f"to {w}" for w in WORDS[:5]]},
+            {"query": "we", "pos": ["cells"], "neg": [f"by {w}" for w in WORDS[:5]], "prompt": None}]
+    path = write(tmp_path / "d.jsonl", [rows[0], "", rows[1], rows[2]])
+    dss = data.open_datasets(path, TOK)
+    G = 3
+    out = data.make_batch(dss, [(0, 0), (0, 1), (0, 2)], TOK, group_size=G, **BATCH_KW)
+    assert out["q_ids"].shape == (3, 16) and out["p_ids"].shape == (9, 24) and out["teacher"] is None
+    assert rows_of((out["q_ids"], out["q_mask"])) == [ids("is a: the cell"), ids(words(40, "of"), 16), ids("we")]
+    assert len(ids(words(40, "of"), 16)) == 16 and ids(words(40, "of"), 16)[-1] == TOK.eos_token_id
+    p = rows_of((out["p_ids"], out["p_mask"]))
+    for i, ex in enumerate(rows):
+        assert p[i * G] == ids(ex["pos"][0], 24)  # group-major: the positive of query i is row i*G
+        negs = {tuple(ids(t, 24)) for t in ex["neg"]}
+        assert {tuple(x) for x in p[i * G + 1:(i + 1) * G]} <= negs and len({tuple(x) for x in p[i * G + 1:(i + 1) * G]}) == 2
+    assert out["source"] == [(path, 1), (path, 3), (path, 4)]
+    for t, m in ((out["q_ids"], out["q_mask"]), (out["p_ids"], out["p_mask"])):
+        assert t.dtype == m.dtype == torch.long and torch.all(t[m == 0] == TOK.pad_token_id)
+    small = data.make_batch(dss, [(0, 0), (0, 2)], TOK, group_size=G, **BATCH_KW)
+    assert small["q_ids"].shape == (2, 8)  # longest query is 7 tokens -> padded to the next multiple of 8
+
+
+def scored_file(tmp_path, negs, scores, name="s.jsonl"):
+    row = {"query": "q", "pos": ["gene", "cell"], "pos_scores": [5.0, 6.0], "neg": negs, "neg_scores": scores}
+    return data.open_datasets(write(tmp_path / name, [row]), TOK, kd=True), row
+
+
+def picked(out, row):
+    """Negative indices of the passages in the single group of `out`, and the check that scores travel with them."""
+    text_of = {tuple(ids(t)): k for k, t in enumerate(row["neg"])}
+    p = rows_of((out["p_ids"], out["p_mask"]))
+    picks = [text_of[tuple(x)] for x in p[1:]]
+    pos = ["gene", "cell"].index(TOK.decode(p[0], skip_special_tokens=True))
+    want = torch.tensor([row["pos_scores"][pos]] + [row["neg_scores"][k] for k in picks], dtype=torch.float32)
+    assert out["teacher"].dtype == torch.float32 and torch.equal(out["teacher"][0], want)
+    return picks, pos
+
+
+def test_sampling_short_pool_replicates_balanced_and_sorts_by_teacher(tmp_path):
+    dss, row = scored_file(tmp_path, ["a", "of", "the"], [0.1, 0.9, 0.5])
+    positives = set()
+    for epoch in range(20):
+        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, kd=True, **{**BATCH_KW, "epoch": epoch})
+        picks, pos = picked(out, row)
+        positives.add(pos)
+        c = Counter(picks)
+        assert len(picks) == 7 and set(c) == {0, 1, 2} and max(c.values()) <= 3  # ceil(7/3) copies of each, sampled
+        t = out["teacher"][0, 1:].tolist()
+        assert t == sorted(t, reverse=True)  # negatives by teacher score, descending; positive first
+    assert positives == {0, 1}  # the positive is drawn from all of pos
+
+
+def test_sampling_large_pool_without_replacement(tmp_path):
+    negs = WORDS[:12]
+    dss, row = scored_file(tmp_path, negs, [float(k % 5) for k in range(12)])
+    subsets = set()
+    for epoch in range(10):
+        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, kd=True, **{**BATCH_KW, "epoch": epoch})
+        picks, _ = picked(out, row)
+        assert len(set(picks)) == 7
+        subsets.add(frozenset(picks))
+    assert len(subsets) > 1
+
+
+def test_empty_negative_pool_borrows_from_same_dataset_and_warns_once(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(data, "_warned", set())
+    rows = [{"query": "q", "pos": [f"cell {w}"]} for w in WORDS[:3]]  # no neg at all
+    rows += [{"query": "q", "pos": [f"gene {w}"], "neg": [f"protein {w}"]} for w in WORDS[3:6]]
+    rows[1]["neg"] = []
+    write(tmp_path / "a.jsonl", rows)
+    write(tmp_path / "b.jsonl", [{"query": "q", "pos": ["study"], "neg": ["mice"]}])
+    dss = data.open_datasets(str(tmp_path), TOK)
+    caplog.set_level(logging.WARNING)
+    for epoch in range(5):
+        out = data.make_batch(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
+        p = [tuple(x) for x in rows_of((out["p_ids"], out["p_mask"]))]
+        for q in (0, 1):
+            others = {tuple(ids(t)) for j, r in enumerate(rows) if j != q for t in r["pos"] + r.get("neg", [])}
+            assert p[q * 4] == tuple(ids(rows[q]["pos"][0])) and set(p[q * 4 + 1:q * 4 + 4]) <= others
+        again = data.make_batch(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
+        assert torch.equal(out["p_ids"], again["p_ids"])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "a.jsonl: 3 of 6 queries have no 'neg'" in warnings[0]
+
+
+def test_pretraining_pairs_group_size_one(tmp_path, caplog):
+    rows = [{"query": f"q {w}", "pos": [f"p {w}"]} for w in WORDS[:4]]
+    dss = data.open_datasets(write(tmp_path / "pairs.jsonl", rows), TOK)
+    caplog.set_level(logging.WARNING)
+    out = data.make_batch(dss, [(0, 3), (0, 1)], TOK, group_size=1, **BATCH_KW)
+    assert rows_of((out["p_ids"], out["p_mask"])) == [ids("p " + WORDS[3]), ids("p " + WORDS[1])]
+    assert out["teacher"] is None and not caplog.records  # in-batch negatives only: nothing borrowed, nothing to report
+
+
+def test_chunk_shuffle_of_positives(tmp_path):
+    r = random.Random(0)
+    text = "".join(r.choice("abcdefgh") for _ in range(150))
+    shuffled = [data._chunk_shuffle(text, np.random.default_rng(s)) for s in range(5)]
+    assert all(sorted(t.split(" ")) == sorted([text[:51], text[51:102], text[102:]]) for t in shuffled)
+    assert any(t.replace(" ", "") != text for t in shuffled)
+    rows = [{"query": "q", "pos": [text], "neg": ["the", "of"]}, {"query": "q", "pos": ["short"], "neg": ["a"]}]
+    dss = data.open_datasets(write(tmp_path / "d.jsonl", rows), TOK)
+    kw = dict(group_size=2, **{**BATCH_KW, "passage_max_len": 200})
+    plain = rows_of((lambda o: (o["p_ids"], o["p_mask"]))(data.make_batch(dss, [(0, 0), (0, 1)], TOK, **kw)))
+    shuf = rows_of((lambda o: (o["p_ids"], o["p_mask"]))(
+        data.make_batch(dss, [(0, 0), (0, 1)], TOK, shuffle_ratio=1.0, **kw)))
+    thirds = [text[:51], text[51:102], text[102:]]
+    assert shuf[0] in [ids(" ".join(p)) for p in permutations(thirds) if list(p) != thirds]
+    assert shuf[1:] == plain[1:]  # negatives and short (<= 100 chars) positives are never shuffled
+
+# ----------------------------------------------------------------------------- resume and rank independence
+
+
+def test_resume_at_step_equals_uninterrupted_run(tmp_path):
+    write(tmp_path / "a.jsonl", mixed_rows(40, seed=1))
+    write(tmp_path / "b.jsonl", [r for r in mixed_rows(30, seed=2) if r.get("neg")])
+    ranges, bss = [0, 20, 60, 8192], [3, 2, 2]
+    kw = dict(group_size=4, query_max_len=12, passage_max_len=40, shuffle_ratio=0.5, seed=5)
+
+    def run_step(dss, step):
+        batches = data.epoch_batches(dss, epoch=1, seed=5, world_size=2, rank=1, length_ranges=ranges,
+                                     batch_sizes=bss, group_by_length=True)
+        return data.make_batch(dss, batches[step], TOK, epoch=1, step=step, rank=1, **kw), len(batches)
+
+    dss = data.open_datasets(str(tmp_path), TOK)
+    first, n = run_step(dss, 0)
+    full = [first] + [run_step(dss, s)[0] for s in range(1, n)]
+    assert n >= 5
+    np.random.seed(123), torch.manual_seed(123), random.seed(123)  # a resumed process starts from other global RNG states
+    dss = data.open_datasets(str(tmp_path), TOK)
+    for step in (3, n - 1, 0):
+        resumed, _ = run_step(dss, step)
+        assert resumed["source"] == full[step]["source"]
+        for k in ("q_ids", "q_mask", "p_ids", "p_mask"):
+            assert torch.equal(resumed[k], full[step][k])
+
+
+def test_ranks_sample_like_one_process_on_the_global_batch(tmp_path):
+    dss = data.open_datasets(write(tmp_path / "a.jsonl", [r for r in mixed_rows(60) if r.get("neg")][:32]), TOK, kd=True)
+    kw = dict(epoch=0, seed=3, world_size=2, length_ranges=[0, 8192], batch_sizes=[4])
+    r0, r1 = (data.epoch_batches(dss, rank=k, **kw) for k in range(2))
+    glob = data.epoch_batches(dss, rank=0, **{**kw, "world_size": 1, "batch_sizes": [8]})
+    mk = dict(epoch=0, step=2, seed=3, group_size=5, query_max_len=32, passage_max_len=64, kd=True)
+    parts = [data.make_batch(dss, b[2], TOK, rank=k, **mk) for k, b in enumerate((r0, r1))]
+    whole = data.make_batch(dss, glob[2], TOK, rank=0, **mk)
+    assert rows_of((whole["p_ids"], whole["p_mask"])) == sum((rows_of((o["p_ids"], o["p_mask"])) for o in parts), [])
+    assert torch.equal(whole["teacher"], torch.cat([o["teacher"] for o in parts]))
