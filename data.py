@@ -1,4 +1,4 @@
-"""Data (SPEC 4): FlagEmbedding JSONL datasets read by offset, length-range batches per rank, negative sampling, collation."""
+"""Data (SPEC 4): JSONL datasets read by offset, length-range batches per rank, negative sampling, collation."""
 import hashlib
 import json
 import logging
@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 INDEX_VERSION = 1
-CHUNK_BYTES = 4 << 20  # bytes per indexing task: small enough to spread one file over the workers and bound their memory
+CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +65,7 @@ def _check(ex):
 
 
 def _query(ex):
-    """Query text = prompt + query (format "{}{}", SPEC 4.1); a missing or null prompt adds nothing (no "None" prefix, SPEC 7)."""
+    """Query text = prompt + query (format "{}{}", SPEC 4.1); no prompt adds nothing (no "None" prefix, SPEC 7)."""
     return (ex.get("prompt") or "") + ex["query"]
 
 
@@ -103,13 +103,11 @@ def _index_chunk(task, tok=None):
             continue
         try:
             ex = json.loads(raw)
-        except UnicodeDecodeError:
-            out["error"] = (k, "not valid UTF-8")
-            return out
+            err = _check(ex)
         except json.JSONDecodeError as e:
-            out["error"] = (k, f"malformed JSON: {e.msg} (column {e.colno})")
-            return out
-        err = _check(ex)
+            err = f"malformed JSON: {e.msg} (column {e.colno})"
+        except UnicodeDecodeError:
+            err = "not valid UTF-8"
         if err:
             out["error"] = (k, err)
             return out
@@ -121,12 +119,14 @@ def _index_chunk(task, tok=None):
             out["no_scores"] += 1
             out.setdefault("no_scores_at", (k, missing[0]))
         ex_texts = [_query(ex)] + ex["pos"] + ex.get("neg", [])
-        offsets.append(line_off), rel.append(k), texts.extend(ex_texts), n_texts.append(len(ex_texts))
-    tl = _token_lengths(tok or _TOK, texts) if texts else np.zeros(0, np.int32)
-    starts = np.cumsum([0] + n_texts[:-1])
-    out["offsets"] = np.array(offsets, np.int64)
-    out["rel_lines"] = np.array(rel, np.int64)
-    out["lengths"] = np.maximum.reduceat(tl, starts).astype(np.int32) if texts else np.zeros(0, np.int32)
+        offsets.append(line_off)
+        rel.append(k)
+        texts += ex_texts
+        n_texts.append(len(ex_texts))
+    # example length = max over its texts: reduce the flat token lengths over each example's slice
+    lengths = np.maximum.reduceat(_token_lengths(tok or _TOK, texts), np.cumsum([0] + n_texts[:-1])) if texts else []
+    out.update(offsets=np.array(offsets, np.int64), rel_lines=np.array(rel, np.int64),
+               lengths=np.array(lengths, np.int32))
     return out
 
 
@@ -136,29 +136,29 @@ def _set_tok(tok):
 
 
 def _length_tokenizer(tokenizer):
-    """A plain `tokenizers.Tokenizer` with truncation and padding off (HF leaves the last call's truncation set on it)."""
+    """A plain `tokenizers.Tokenizer` without truncation or padding (HF leaves the last call's truncation on it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer
     tok = Tokenizer.from_str(backend.to_str())
-    tok.no_truncation(), tok.no_padding()
+    tok.no_truncation()
+    tok.no_padding()
     return tok
 
 
 def _tokenizer_id(tokenizer):
-    """Hash of the tokenizer's definition (vocab, normalizer, template), not of its per-call truncation/padding state."""
+    """Hash of the tokenizer's definition (vocab, normalizer, template), not of its per-call truncation state."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         spec = f"{tokenizer.name_or_path}|{len(tokenizer)}"
     else:
         d = json.loads(backend.to_str())
-        d.pop("truncation", None), d.pop("padding", None)
-        spec = json.dumps(d, sort_keys=True)
+        spec = json.dumps({k: v for k, v in d.items() if k not in ("truncation", "padding")}, sort_keys=True)
     return hashlib.sha1(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()[:12]
 
 
 def _file_key(path):
-    """Content key: size, mtime and a hash of the first and last MB (reading a 10 GB file whole just to key it is too slow)."""
+    """Content key: size, mtime, hash of the first and last MB (hashing a 10 GB file whole is too slow)."""
     st = os.stat(path)
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -170,7 +170,7 @@ def _file_key(path):
 
 
 def _build_index(path, tokenizer, num_workers):
-    """Tokenize every line (in parallel over byte chunks) into offsets, line numbers and lengths; raise on the first bad line."""
+    """Check and tokenize every line (in parallel over byte chunks) into offsets, line numbers and lengths."""
     size = os.path.getsize(path)
     starts = [0]
     with open(path, "rb") as f:  # chunk boundaries at line starts, so each line belongs to exactly one chunk
@@ -233,7 +233,7 @@ def _open_one(path, tokenizer, tok_id, cache_dir, num_workers):
 
 
 def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, kd=False):
-    """One JsonlDataset per .jsonl/.json file under `path` (sorted); indexes are cached next to the data, or in cache_dir."""
+    """One JsonlDataset per .jsonl/.json file under `path` (sorted); index cached next to the data or in cache_dir."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".jsonl", ".json")))
         if not files:
@@ -250,9 +250,9 @@ def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, kd=False):
             raise ValueError(f"{f}: empty file, no examples")
         if kd and ds.meta["no_scores"]:
             line, fld = ds.meta["no_scores_at"]
-            raise ValueError(f"{f}, line {line}: field '{fld}': missing (kd=True needs pos_scores and neg_scores on every line)")
+            raise ValueError(f"{f}, line {line}: field '{fld}': missing (kd=True needs pos_scores and neg_scores)")
         if kd and ds.meta["empty_neg"]:  # borrowed negatives (below) would have no teacher score
-            raise ValueError(f"{f}, line {ds.meta['empty_neg_line']}: field 'neg': empty (kd=True needs scored negatives)")
+            raise ValueError(f"{f}, line {ds.meta['empty_neg_line']}: field 'neg': empty (kd=True needs scored negs)")
         datasets.append(ds)
     return datasets
 
@@ -260,7 +260,7 @@ def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, kd=False):
 
 
 class Batches(Sequence):
-    """This rank's batches as arrays (a Python tuple per example would cost GBs at pre-training scale); item = [(d, i), ...]."""
+    """This rank's batches as arrays (a tuple per example costs GBs at pre-training scale); item: [(d, i), ...]."""
 
     def __init__(self, ds, flat, starts):
         self.ds, self.flat, self.starts = ds, flat, starts  # (n_batches,), (n_examples,), (n_batches+1,)
@@ -277,7 +277,7 @@ class Batches(Sequence):
 
 def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, batch_sizes, group_by_length=False,
                   sort_window=64):
-    """This rank's batches for `epoch`: each from one dataset and one length range, bs = batch_sizes[range] (SPEC 4.4b-4.5).
+    """This rank's batches for `epoch`: one dataset and one length range each, bs = batch_sizes[range] (SPEC 4.4-4.5).
 
     All ranks use the same RNG (seed, epoch): each (dataset, range) bucket is shuffled and cut into global batches of
     bs*W, the global batches are shuffled, and rank r takes the contiguous slice [r*bs, (r+1)*bs) of each.
@@ -292,7 +292,7 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
     inner = np.asarray(length_ranges[1:-1])
     glob = []  # (dataset index, example indices of one global batch)
     for d, ds in enumerate(datasets):
-        bucket = np.searchsorted(inner, ds.lengths, side="right")  # range k = [r[k], r[k+1]); above the last edge -> last
+        bucket = np.searchsorted(inner, ds.lengths, side="right")  # range k = [r[k], r[k+1]); above the last: last
         for k, bs in enumerate(batch_sizes):
             idx, gbs = rng.permutation(np.flatnonzero(bucket == k)), bs * W
             if group_by_length:
@@ -327,7 +327,7 @@ def _borrow(ds, i, k, rng):
     """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
     n = len(ds.offsets)
     if n < 2:
-        raise ValueError(f"{ds.path}, line {ds.lines[i]}: field 'neg': empty and no other example to draw negatives from")
+        raise ValueError(f"{ds.path}, line {ds.lines[i]}: field 'neg': empty and no other example to borrow from")
     out = []
     for j in rng.integers(n - 1, size=k):
         other = _read(ds, j + (j >= i))  # any example but i
@@ -367,7 +367,7 @@ def _pad(seqs, pad_id, multiple):
 
 def make_batch(datasets, batch, tokenizer, *, epoch, step, seed, rank, group_size, query_max_len, passage_max_len,
                kd=False, shuffle_ratio=0.0, pad_multiple=8):
-    """Read, sample, tokenize and pad one batch of (dataset, example); passages group-major [q0 pos, q0 negs, q1 pos, ...].
+    """Read, sample, tokenize, pad one batch of (dataset, example); passages group-major [q0 pos, q0 negs, q1 pos, ..].
 
     Each example's RNG is seeded by (seed, epoch, dataset, example), so (seed, epoch, step, rank) fix the batch through
     `batch`, and a query gets the same group on whichever rank (or world size) holds it: a W-rank step equals one
