@@ -162,25 +162,41 @@ def build_index(x, spec="Flat", params=""):
     return index
 
 
-def sparse_index(P):
-    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w)."""
-    doc = np.repeat(np.arange(len(P["sp_ptr"]) - 1), np.diff(P["sp_ptr"]))
+def sparse_index(P, head_df=None, head_bytes=1 << 28):
+    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w), and the frequent
+    tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N) for one matmul."""
+    n = len(P["sp_ptr"]) - 1
     order = np.argsort(P["sp_ids"], kind="stable")
+    doc, w = np.repeat(np.arange(n), np.diff(P["sp_ptr"]))[order], P["sp_w"][order]
     toks, start = np.unique(P["sp_ids"][order], return_index=True)
-    return dict(toks=toks, ptr=np.append(start, len(order)), doc=doc[order], w=P["sp_w"][order], n=len(P["sp_ptr"]) - 1)
+    ptr = np.append(start, len(order))
+    df = np.diff(ptr)
+    heads = np.argsort(-df, kind="stable")[:head_bytes // (4 * max(n, 1))]  # positions in toks, most frequent first
+    heads = np.sort(heads[df[heads] >= (max(1, n // 32) if head_df is None else head_df)])
+    head_row = np.full(len(toks), -1)
+    head_row[heads] = np.arange(len(heads))
+    head = np.zeros((len(heads), n), np.float32)
+    pos, seg = segments(ptr, heads)
+    head[seg, doc[pos]] = w[pos]
+    return dict(toks=toks, ptr=ptr, doc=doc, w=w, n=n, head=head, head_row=head_row)
 
 
 def sparse_search(inv, Q, qrows, k):
-    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: one bincount over all their postings."""
+    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: frequent tokens by one matmul, the others
+    by one bincount over their postings (a stop-word piece's postings cover most of the corpus)."""
     n = inv["n"]
     pos, qseg = segments(Q["sp_ptr"], qrows)
     qi, qw = Q["sp_ids"][pos], Q["sp_w"][pos]
     t = np.searchsorted(inv["toks"], qi).clip(max=max(len(inv["toks"]) - 1, 0))
     hit = (inv["toks"][t] == qi) if len(inv["toks"]) else np.zeros(len(qi), bool)
-    t, qw, qseg = t[hit], qw[hit], qseg[hit]
-    ppos, tseg = segments(inv["ptr"], t)  # postings of every query token that occurs in the corpus
+    t, qw, qseg = t[hit], qw[hit], qseg[hit]  # query tokens that occur in the corpus
+    h = inv["head_row"][t] >= 0
+    q_head = np.zeros((len(qrows), len(inv["head"])), np.float32)
+    q_head[qseg[h], inv["head_row"][t[h]]] = qw[h]  # (nq, n_head) query weights of the frequent tokens
+    t, qw, qseg = t[~h], qw[~h], qseg[~h]
+    ppos, tseg = segments(inv["ptr"], t)  # postings of the other query tokens
     s = np.bincount(qseg[tseg] * n + inv["doc"][ppos], weights=qw[tseg] * inv["w"][ppos],
-                    minlength=len(qrows) * n).reshape(len(qrows), n)  # (nq, N) exact scores
+                    minlength=len(qrows) * n).reshape(len(qrows), n) + q_head @ inv["head"]  # (nq, N) exact scores
     k = min(k, n)
     top = np.argpartition(-s, k - 1, axis=1)[:, :k] if 0 < k < n else np.tile(np.arange(n), (len(qrows), 1))
     return [t[s[r, t] > 0] for r, t in enumerate(top)]  # passages sharing no token are not candidates
@@ -233,10 +249,11 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     """Per query (cand (n,), s (3, n), src (3, n)): union of dense top-depth, sparse top-depth and colbert token hits
     (each query token's colbert_k nearest passage tokens); s = exact scores of all heads; src = which heads found it."""
     nq, n = len(Q["dense"]), len(P["dense"])
-    dense_top = build_index(P["dense"], index, index_params).search(Q["dense"], min(depth, n))[1] if use[0] else None
+    params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
+    dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
     if use[2]:
-        tok_index = build_index(P["cb_vecs"], colbert_index, index_params)
+        tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
     results, empty = [], np.zeros(0, np.int64)
@@ -321,6 +338,7 @@ def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, ind
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
     P, Q = encode_both(model, [passage_text(r) for r in corpus], [r["text"] for r in queries], query_max_len,
                        passage_max_len, batch_size, mcls, cache_dir)
+    t1 = time.time()
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))  # rank of each doc id in string order
     results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
@@ -342,7 +360,7 @@ def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, ind
         grid = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
         res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(grid, desc="sweep")),
                               key=lambda r: -r["nDCG@10"])
-    res["time_s"] = round(time.time() - t0, 1)
+    res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
     if verbose:
         print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, depth {depth}; "
               f"qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
@@ -418,6 +436,8 @@ def main(argv=None):
     enc = dict(query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, batch_size=a.batch_size,
                index=a.index, colbert_k=a.colbert_k, cache_dir=a.cache_dir or None)
     if not mining:
+        if not a.data:
+            p.error("--data is required")
         name = lambda d: os.path.basename(os.path.normpath(d))
         out = a.out or os.path.join("runs", "eval", f"{name(a.ckpt)}-{name(a.data)}-{a.split}")
         return evaluate(a.ckpt, a.data, a.split, weights, a.depth, index_params=a.index_params,

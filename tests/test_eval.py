@@ -49,13 +49,15 @@ def test_sparse_index_equals_dict_overlap():
     qo, po = rand_out(rng, 12), rand_out(rng, 90)
     Q, P = ev.pack(qo), ev.pack(po)
     S = brute(qo, po)[1]
-    inv = ev.sparse_index(P)
     rows = np.arange(3, 12)  # a batch that does not start at query 0
-    for k in (5, 200):
-        for r, top in zip(rows, ev.sparse_search(inv, Q, rows, k)):
-            pos = np.flatnonzero(S[r] > 0)
-            want = pos[np.argsort(-S[r, pos])][:k]
-            assert set(top.tolist()) == set(want.tolist())
+    for head_df, n_head in ((None, 40), (10 ** 6, 0), (1, 40), (15, None)):  # default / postings only / matmul only / mix
+        inv = ev.sparse_index(P, head_df)
+        assert n_head is None and 0 < len(inv["head"]) < 40 or len(inv["head"]) == n_head
+        for k in (5, 200):
+            for r, top in zip(rows, ev.sparse_search(inv, Q, rows, k)):
+                pos = np.flatnonzero(S[r] > 0)
+                want = pos[np.argsort(-S[r, pos])][:k]
+                assert set(top.tolist()) == set(want.tolist())
     for i in range(12):
         np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.arange(90)), S[i], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.array([7, 3, 7])), S[i, [7, 3, 7]], rtol=1e-5, atol=1e-6)
