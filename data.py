@@ -242,7 +242,7 @@ def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, kd=False):
         files = [path]
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
-    tok_id = _tokenizer_id(tokenizer)
+    tok_id = _tokenizer_id(tokenizer)  # DDP: open on rank 0 first, then a barrier, or every rank builds the index
     datasets = []
     for f in files:
         ds = _open_one(f, tokenizer, tok_id, cache_dir, num_workers)
