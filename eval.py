@@ -219,21 +219,30 @@ def sparse_pairs(Q, i, P, cand):
     return np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
 
 
-def maxsim(Q, i, P, cand, max_tokens=1 << 17):
-    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; chunks of <= max_tokens."""
+def maxsim(Q, i, P, cand, max_tokens=1 << 16):
+    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of <= max_tokens
+    candidate tokens in passage order; a chunk that covers >= 1/3 of its token span multiplies the span in place."""
     q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
-    out = np.zeros(len(cand), np.float32)
-    nz = np.flatnonzero(P["cb_ptr"][cand + 1] > P["cb_ptr"][cand])  # an empty passage or query scores 0
+    ptr, out = P["cb_ptr"], np.zeros(len(cand), np.float32)
+    nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
     if len(q) == 0 or len(nz) == 0:
         return out
-    lens = (P["cb_ptr"][cand + 1] - P["cb_ptr"][cand])[nz]
+    nz = nz[np.argsort(cand[nz], kind="stable")]
+    c = cand[nz]
+    lens = ptr[c + 1] - ptr[c]
     end = np.cumsum(lens)
     a = 0
     while a < len(nz):
         b = max(a + 1, int(np.searchsorted(end, end[a] - lens[a] + max_tokens, "right")))
-        pos, _ = segments(P["cb_ptr"], cand[nz[a:b]])
-        sim = q @ P["cb_vecs"][pos].T  # (Lq, sum of the chunk's passage lengths)
-        out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
+        s0, s1 = ptr[c[a]], ptr[c[b - 1] + 1]
+        if 3 * (end[b - 1] - end[a] + lens[a]) >= s1 - s0:  # dense chunk: no copy, segments interleaved with gaps
+            sim = q @ P["cb_vecs"][s0:s1].T  # (Lq, span)
+            starts = np.stack([ptr[c[a:b]], ptr[c[a:b] + 1]], 1).ravel()[:-1] - s0
+            out[nz[a:b]] = np.maximum.reduceat(sim, starts, axis=1)[:, ::2].mean(0)
+        else:  # sparse chunk: gather the candidates' tokens
+            pos, _ = segments(ptr, c[a:b])
+            sim = q @ P["cb_vecs"][pos].T  # (Lq, sum of the chunk's passage lengths)
+            out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
         a = b
     return out
 

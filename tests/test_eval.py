@@ -79,8 +79,9 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive():
         near = np.argsort(-(qo["colbert"][i] @ P["cb_vecs"].T), axis=1)[:, :k]
         np.testing.assert_array_equal(cand, np.unique(tok2doc[near]))
         np.testing.assert_allclose(s[2], C[i, cand], rtol=1e-5, atol=1e-6)
-    cand = rng.permutation(50)  # chunking over candidates changes nothing
-    np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=5), C[0, cand], rtol=1e-5, atol=1e-6)
+    for cand in (rng.permutation(50), np.array([40, 2, 2, 17]), np.arange(0, 50, 3), np.arange(1, 50, 4)):
+        for mt in (5, 40, 1 << 16):  # chunking, order, duplicates, dense (span) and sparse (gather) chunks
+            np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=mt), C[0, cand], rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_hand_computed():
