@@ -102,8 +102,8 @@ def ckpt_key(path):
 
 
 def model_key(model):
-    """Identity of an in-memory model: hash of its weights."""
-    h = hashlib.sha256()
+    """Identity of an in-memory model: hash of its weights and pooling."""
+    h = hashlib.sha256(str(getattr(model, "pooling", "")).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())

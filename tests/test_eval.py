@@ -188,6 +188,9 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
         f.writelines(json.dumps({**r, "text": r["text"].upper()} if j == 5 else r) + "\n" for j, r in enumerate(docs))
     ev.evaluate(m, data, **kw)
     assert m.calls == 4
+    m.pooling = "mean"  # same weights, other pooling: another model
+    ev.evaluate(m, data, **kw)
+    assert m.calls == 6
     qo, po = m.encode([q["text"] for q in qs]), m.encode([ev.passage_text(r) for r in docs])
     S = brute(qo, po)
     ids = np.array([r["_id"] for r in docs])
