@@ -39,7 +39,7 @@ def passage_text(r):
 
 
 def load_beir(data_dir, split, max_corpus=None):
-    """corpus records, queries with >=1 relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files."""
+    """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files."""
     corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"))
     queries = {r["_id"]: r for r in read_jsonl(os.path.join(data_dir, "queries.jsonl"))}
     path = os.path.join(data_dir, "qrels", f"{split}.tsv")
@@ -64,7 +64,8 @@ def load_beir(data_dir, split, max_corpus=None):
 
 
 def pack(out):
-    """model.encode output -> flat arrays: dense (N, D); sparse CSR sp_ptr (N+1,), sp_ids, sp_w; colbert cb_ptr, cb_vecs."""
+    """model.encode output -> flat arrays: dense (N, D); sparse CSR sp_ptr (N+1,), sp_ids, sp_w; colbert cb_ptr,
+    cb_vecs (sum of L_i, D)."""
     sp = [sorted(d.items()) for d in out["sparse"]]
     sp_len = np.array([len(d) for d in sp], np.int64)
     cb_len = np.array([len(v) for v in out["colbert"]], np.int64)
@@ -125,7 +126,7 @@ def model_loader(model, need_key):
 
 
 def encode(get_model, texts, max_length, batch_size=32, mcls=False, cache_dir=None, key=None):
-    """pack(model.encode(texts)), cached as <cache_dir>/<sha256(checkpoint, texts, max_length, mcls)>.npz (no pickle)."""
+    """pack(model.encode(texts)), cached as <cache_dir>/<sha256(checkpoint, texts, max_length, mcls)>.npz, no pickle."""
     if cache_dir:
         h = hashlib.sha256(f"{key}|{max_length}|{mcls}|{len(texts)}".encode())
         h.update("\0".join(texts).encode())
@@ -151,7 +152,7 @@ def segments(ptr, rows):
 
 
 def build_index(x, spec="Flat", params=""):
-    """FAISS inner-product index over the rows of x (n, D) from an index_factory string, trained on <=256k rows if needed."""
+    """FAISS inner-product index over the rows of x (n, D) from an index_factory string; trained on <=256k rows."""
     x = np.ascontiguousarray(x, np.float32)
     index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -220,8 +221,8 @@ def sparse_pairs(Q, i, P, cand):
 
 
 def maxsim(Q, i, P, cand, max_tokens=1 << 16):
-    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of <= max_tokens
-    candidate tokens in passage order; a chunk that covers >= 1/3 of its token span multiplies the span in place."""
+    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of at most
+    max_tokens candidate tokens in passage order; a chunk covering >= 1/3 of its token span multiplies that span."""
     q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
     ptr, out = P["cb_ptr"], np.zeros(len(cand), np.float32)
     nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
@@ -256,12 +257,13 @@ def exact_scores(Q, i, P, cand, use=(True, True, True)):
 def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Flat", colbert_k=64,
              use=(True, True, True), qbatch=64):
     """Per query (cand (n,), s (3, n), src (3, n)): union of dense top-depth, sparse top-depth and colbert token hits
-    (each query token's colbert_k nearest passage tokens); s = exact scores of all heads; src = which heads found it."""
+    (each query token's colbert_k nearest passage tokens; all passages if colbert_k <= 0); s = exact scores of all
+    heads; src = which heads found it."""
     nq, n = len(Q["dense"]), len(P["dense"])
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
-    if use[2]:
+    if use[2] and colbert_k > 0:
         tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
@@ -269,7 +271,9 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=nq <= qbatch):
         rows = np.arange(a, min(a + qbatch, nq))
         sparse_top = sparse_search(inv, Q, rows, depth) if use[1] else [empty] * len(rows)
-        if use[2]:
+        if use[2] and colbert_k <= 0:  # exhaustive: every passage is a candidate
+            colbert_hits = [np.arange(n)] * len(rows)
+        elif use[2]:
             ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
             hits = tok_index.search(Q["cb_vecs"][ta:tb], min(colbert_k, len(tok2doc)))[1]  # (batch tokens, k')
             colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in np.split(hits, Q["cb_ptr"][rows[1:]] - ta)]
@@ -342,7 +346,7 @@ def encode_both(model, passages, queries, query_max_len, passage_max_len, batch_
 def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, verbose=True):
-    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model = M3 or checkpoint dir."""
+    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3 or checkpoint."""
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
     P, Q = encode_both(model, [passage_text(r) for r in corpus], [r["text"] for r in queries], query_max_len,
@@ -360,8 +364,8 @@ def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, ind
             "all": (wd, ws, wc)}
     scored = {name: score(w) for name, w in rows.items()}
     res = dict(rows={k: v[0] for k, v in scored.items()}, weights=list(weights), n_queries=len(queries),
-               n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir), depth=depth,
-               index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
+               n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir),
+               depth=depth, index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
                passage_max_len=passage_max_len, mcls=mcls)
     if any(l is not None for l in langs):
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
@@ -414,21 +418,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     mining = argv[:1] == ["mine"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint dir (release layout incl. colbert_linear.pt, sparse_linear.pt)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir (release layout: encoder, tokenizer, head .pt files)")
     p.add_argument("--data", help="BEIR-layout dir: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--split", default="train" if mining else "test")
     p.add_argument("--weights", default="1,0.3,1", help="dense,sparse,colbert fusion weights (SPEC 6.2)")
     p.add_argument("--index", default="Flat", help="FAISS index_factory string for dense, e.g. HNSW32, IVF1024,PQ64")
     p.add_argument("--index_params", default="", help="FAISS search parameters, e.g. nprobe=64 or efSearch=1024")
     p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors")
-    p.add_argument("--colbert_k", type=int, default=64, help="nearest passage tokens per query token (candidates)")
+    p.add_argument("--colbert_k", type=int, default=64, help="passage tokens per query token (candidates); 0 = all")
     p.add_argument("--query_max_len", type=int, default=64)
     p.add_argument("--passage_max_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--cache_dir", default=".cache/eval", help="encodings cache ('' = off)")
     if mining:
         p.add_argument("--jsonl", help="FlagEmbedding JSONL (query, pos[, neg]) instead of --data")
-        p.add_argument("--corpus", help="passage pool for --jsonl: JSONL with text (+title); default: its pos+neg texts")
+        p.add_argument("--corpus", help="passage pool for --jsonl: JSONL with text (+title); default: pos+neg texts")
         p.add_argument("--range", default="10-100", help="0-based fused ranks lo-hi (hi excluded) to sample from")
         p.add_argument("--n_neg", type=int, default=7)
         p.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,7 @@ def unit(x):
 
 
 def rand_out(rng, n, D=16, V=40, max_nnz=8, max_len=7):
-    """A random model.encode output: dense (n, D), sparse dicts (some empty), colbert (L_i, D) with L_i in 1..max_len-1."""
+    """A random model.encode output: dense (n, D), sparse dicts (some empty), colbert (L_i, D), 1 <= L_i < max_len."""
     sparse = [dict(zip(rng.choice(V, k, replace=False).tolist(), rng.uniform(0.1, 1, k).tolist()))
               for k in rng.integers(0, max_nnz, n)]
     colbert = [unit(rng.standard_normal((L, D))) for L in rng.integers(1, max_len, n)]
@@ -50,7 +50,7 @@ def test_sparse_index_equals_dict_overlap():
     Q, P = ev.pack(qo), ev.pack(po)
     S = brute(qo, po)[1]
     rows = np.arange(3, 12)  # a batch that does not start at query 0
-    for head_df, n_head in ((None, 40), (10 ** 6, 0), (1, 40), (15, None)):  # default / postings only / matmul only / mix
+    for head_df, n_head in ((None, 40), (10 ** 6, 0), (1, 40), (15, None)):  # default, postings, matmul only, mixed
         inv = ev.sparse_index(P, head_df)
         assert n_head is None and 0 < len(inv["head"]) < 40 or len(inv["head"]) == n_head
         for k in (5, 200):
@@ -69,10 +69,11 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive():
     Q, P = ev.pack(qo), ev.pack(po)
     C = brute(qo, po)[2]
     n_tok = len(P["cb_vecs"])
-    res = ev.retrieve(Q, P, depth=50, colbert_k=n_tok, use=(False, False, True), qbatch=4)
-    for i, (cand, s, src) in enumerate(res):  # candidate depth covers the corpus -> exhaustive MaxSim
-        np.testing.assert_array_equal(cand, np.arange(50))
-        np.testing.assert_allclose(s[2], C[i], rtol=1e-5, atol=1e-6)
+    for k in (n_tok, 0):  # candidate depth covers the corpus (0 = all passages) -> exhaustive MaxSim
+        res = ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=4)
+        for i, (cand, s, src) in enumerate(res):
+            np.testing.assert_array_equal(cand, np.arange(50))
+            np.testing.assert_allclose(s[2], C[i], rtol=1e-5, atol=1e-6)
     k = 3  # small k': candidates = passages owning one of each query token's 3 nearest passage tokens
     tok2doc = np.repeat(np.arange(50), np.diff(P["cb_ptr"]))
     for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=3)):
