@@ -48,23 +48,29 @@ def sparse_score(q_ids, q_w, p_ids, p_w):
     return sparse_vectors(q_ids, q_w, vocab) @ sparse_vectors(p_ids, p_w, vocab).T  # (Bq, K) @ (K, Np)
 
 
-def colbert_score(q, p, q_mask=None, p_mask=None, chunk_elems=2 ** 26):
+def colbert_score(q, p, q_mask=None, p_mask=None, chunk_elems=2 ** 24):
     """s[i, j] = mean over real query tokens a of max over real passage tokens b of q_ia . p_jb (SPEC 1.3).
 
     q (Bq, Tq, D), p (Np, Tp, D), masks (.., T) of real tokens; -> (Bq, Np). Unlike the reference, passage padding
     is masked out of the max (not scored as 0), so a score never depends on how much padding a batch has.
+    Works in (query, passage) blocks of at most chunk_elems token similarities, so memory is bounded at any length.
     2-D numpy arrays (one text each, real tokens only) give a float: the inference-time MaxSim."""
     if isinstance(q, np.ndarray):
         return float(colbert_score(torch.from_numpy(q)[None], torch.from_numpy(p)[None])[0, 0])
     q_mask = q.new_ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
     p_mask = p.new_ones(p.shape[:2], dtype=torch.bool) if p_mask is None else p_mask.bool()
-    step = max(1, chunk_elems // max(1, q.shape[0] * q.shape[1] * p.shape[1]))  # passages per chunk
-    cols = []
-    for s in range(0, p.shape[0], step):
-        sim = torch.einsum("qad,pbd->qpab", q, p[s:s + step])  # (Bq, n, Tq, Tp) token similarities
-        sim = sim.masked_fill(~p_mask[None, s:s + step, None, :], torch.finfo(sim.dtype).min)
-        cols.append((sim.max(-1).values * q_mask[:, None, :]).sum(-1))  # (Bq, n) sum of best matches
-    return torch.cat(cols, 1) / q_mask.sum(-1, keepdim=True)  # (Bq, Np)
+    # one extra coordinate puts the mask into the matmul: q_ia . p_jb - 1e4 at padded b, no masked copy of sim
+    q = torch.cat([q, q.new_ones(*q.shape[:2], 1)], -1)  # (Bq, Tq, D+1)
+    p = torch.cat([p, (~p_mask[..., None]).to(p.dtype) * -1e4], -1)  # (Np, Tp, D+1)
+    pair = q.shape[1] * p.shape[1]
+    nq = max(1, min(q.shape[0], chunk_elems // pair))  # queries per block
+    n_p = max(1, chunk_elems // (nq * pair))  # passages per block
+    rows = []
+    for a in range(0, q.shape[0], nq):
+        best = [torch.einsum("qad,pbd->qpab", q[a:a + nq], p[b:b + n_p]).max(-1).values  # (nq, n_p, Tq)
+                for b in range(0, p.shape[0], n_p)]
+        rows.append((torch.cat(best, 1) * q_mask[a:a + nq, None, :]).sum(-1))  # (nq, Np) sum of best matches
+    return torch.cat(rows, 0) / q_mask.sum(-1, keepdim=True)  # (Bq, Np)
 
 
 # ----------------------------------------------------------------------------------------------------------------

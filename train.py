@@ -168,6 +168,7 @@ def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
             rng.append(rng_state())
             reps[k].append(model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk]))
     cached = {k: {n: torch.cat([o[n] for o in outs]) for n in outs[0]} for k, outs in reps.items()}
+    del reps  # one copy of the representations (+ their gradients) is all the cache holds
     for outs in cached.values():
         for n, t in outs.items():
             if t.is_floating_point():
@@ -207,7 +208,7 @@ def make_optimizer(model, cfg, total_steps):
         lr = (cfg.head_lr or cfg.lr) if head else cfg.lr
         groups.setdefault((lr, decay), []).append(prm)
     opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
-                             for (lr, decay), ps in groups.items()], betas=(0.9, 0.999), eps=1e-8)
+                             for (lr, decay), ps in groups.items()], betas=(0.9, 0.999), eps=1e-8, fused=True)
     warm = int(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, warm) if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))

@@ -1,12 +1,12 @@
 """Peak memory of one training step, plain vs gradient cache, at 16 and 256 queries: does the cache stop the growth?
 
-Model: random BertModel, 2 layers, hidden 32, 2 heads, FFN 128, vocab 1000 (parameters ~0.2M, so activations dominate),
-colbert dim = hidden (the M3 default), dropout 0.1, fp32 on CPU. Batch: B queries x 32 tokens, G=8 passages per query x
-256 tokens (full length, random ids). All three heads + self-distillation. Both settings: gradient checkpointing OFF
-and sub_batch_size=16 (plain: chunks encoded with graph, all kept; cache: chunks encoded twice, one at a time), so
-grad_cache is the only difference. Hidden 32 keeps the plain step at 256 queries (2048 x 256 passage tokens) under
-~15 GB and each step within a minute or two on 2 cores; the colbert in-batch scores (256 x 2048 x 31 x 255 x 32)
-are the largest compute term there.
+Model: random BertModel, 4 layers, hidden 128, 2 heads, FFN 512, vocab 1000 (parameters ~1M, so activations dominate),
+colbert dim 4 (a reduced colbert_dim: the cached representations are the one part of the gradient cache that must grow
+with the batch, and at D = H they would measure the cache, not the activations), dropout 0.1, fp32 on CPU.
+Batch: B queries x 32 tokens, G=8 passages per query x 256 tokens (full length, random ids). All three heads +
+self-distillation. Both settings: gradient checkpointing ON and sub_batch_size=64 (plain = the paper's split-batch:
+chunks encoded with graph and checkpoints, all kept; cache: chunks encoded twice, one at a time), so grad_cache is the
+only difference. Checkpointing keeps the plain step at 256 queries (2048 x 256 passage tokens) near 2 GB.
 Each setting runs in a fresh subprocess: build model + AdamW, one warm-up step at 2 queries (optimizer states now
 exist), build the batch, then reset the peak (/proc/self/clear_refs <- 5) and read VmRSS as the baseline; peak =
 VmHWM after one step (train_step + clip + AdamW step + zero_grad) - baseline. Linux only.
@@ -31,7 +31,7 @@ from model import M3  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 G, TQ, TP, V = 8, 32, 256, 1000
-LAYERS, HIDDEN, N_HEADS, SUB = 2, 32, 2, 16
+LAYERS, HIDDEN, N_HEADS, SUB, COLBERT_DIM = 4, 128, 2, 64, 4
 HEADS = ["dense", "sparse", "colbert"]
 
 
@@ -59,9 +59,10 @@ def one_setting(B, grad_cache):
     enc = BertModel(BertConfig(vocab_size=V, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=N_HEADS,
                                intermediate_size=4 * HIDDEN, max_position_embeddings=TP,
                                pad_token_id=tok.pad_token_id), add_pooling_layer=False)
-    model = M3(enc, tok).train()
+    enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = M3(enc, tok, colbert_dim=COLBERT_DIM).train()
     cfg = train.Config(train_group_size=G, query_max_len=TQ, passage_max_len=TP, self_distill=True,
-                       gradient_checkpointing=False, sub_batch_size=SUB, grad_cache=grad_cache)
+                       sub_batch_size=SUB, grad_cache=grad_cache)
     opt, sched = train.make_optimizer(model, cfg, total_steps=100)
     amp, scaler = torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(0)
@@ -98,7 +99,7 @@ def main():
         print(json.dumps(one_setting(int(B), gcache == "1")))
         return
     print(f"model: BertModel {LAYERS} layers, hidden {HIDDEN}, {N_HEADS} heads, FFN {4 * HIDDEN}, vocab {V}, colbert "
-          f"dim {HIDDEN}; G={G}, {TQ}/{TP} tokens; gradient checkpointing off, sub_batch_size={SUB} in all settings")
+          f"dim {COLBERT_DIM}; G={G}, {TQ}/{TP} tokens; gradient checkpointing on, sub_batch_size={SUB} in all settings")
     res = {}
     for gcache in (False, True):
         for B in (16, 256):
@@ -108,7 +109,7 @@ def main():
                 raise SystemExit(f"setting B={B} grad_cache={gcache} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[B, gcache] = r
-            rep_mb = B * G * (TP - 1) * (HIDDEN + 1) * 4 / 2 ** 20  # one fp32 copy of the passages' colbert+sparse
+            rep_mb = B * G * (TP - 1) * (COLBERT_DIM + 1) * 4 / 2 ** 20  # one fp32 copy of the passages' colbert+sparse
             print(f"B={B:3d} grad_cache={str(gcache):5s} | peak {r['peak_mb']:8.1f} MB above baseline "
                   f"{r['base_mb']:.0f} MB | {r['peak_mb'] * 2 ** 20 / r['tokens']:7.0f} B/token | one copy of the "
                   f"passage colbert+sparse reps {rep_mb:6.1f} MB | step {r['seconds']:.1f} s | loss {r['loss']:.4f} | "
