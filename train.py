@@ -30,6 +30,7 @@ class Config:
     init_new_heads: bool = False  # start new random sparse/colbert heads when the checkpoint has none (SPEC 0, 1.5)
     pooling: str = "cls"  # dense pooling: cls (M3, SPEC 1.1) or mean (encoders trained that way, e.g. MiniLM)
     colbert_dim: int = -1  # multi-vector dim D; -1 = hidden size (SPEC 1.3)
+    freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings
     # data (SPEC 4)
     train_data: str = ""  # a .jsonl file or a directory of them; each file is one dataset
     query_max_len: int = 512  # SPEC 5.1
@@ -203,6 +204,8 @@ def make_optimizer(model, cfg, total_steps):
     """AdamW, no decay on biases and norms, heads at head_lr; linear warm-up then linear decay to 0 (SPEC 5.2)."""
     groups = {}
     for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
         head = name.startswith(("colbert_linear", "sparse_linear"))
         decay = prm.ndim >= 2  # biases and LayerNorm weights are 1-D
         lr = (cfg.head_lr or cfg.lr) if head else cfg.lr
@@ -262,6 +265,7 @@ def main(argv):
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
     resume = find_resume(cfg)
+    torch.manual_seed(cfg.seed)  # new heads start the same on every rank and in every rerun
     model = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
                                pooling=cfg.pooling, colbert_dim=cfg.colbert_dim)
     tok = model.tokenizer
@@ -274,6 +278,9 @@ def main(argv):
                     batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
     per_epoch = len(epoch_batches(datasets, **batch_kw))
     total = cfg.epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.epochs * per_epoch)
+    for name, prm in model.named_parameters():
+        if cfg.freeze and name.startswith(tuple(cfg.freeze.split(","))):
+            prm.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()

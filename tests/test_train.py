@@ -192,3 +192,15 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
                           f"--train_data={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'r'}"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
+
+
+def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):
+    args = [f"--model={setup / 'bare'}", "--init_new_heads=true", "--max_steps=1", "--batch_sizes=2",
+            "--head_schedule=dense,sparse,colbert", "--freeze=encoder.embeddings.word_embeddings"]
+    for run_dir in ("a", "b"):
+        run(common(setup, tmp_path / run_dir, *args[1:]) + [args[0]])
+    heads = [torch.load(tmp_path / d / "final/sparse_linear.pt", weights_only=True)["weight"] for d in "ab"]
+    assert torch.equal(heads[0], heads[1])  # two runs of the same config start (and end) with the same new heads
+    init, after = load_file(setup / "bare/model.safetensors"), load_file(tmp_path / "a/final/model.safetensors")
+    assert torch.equal(init["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
+    assert not torch.equal(init["embeddings.position_embeddings.weight"], after["embeddings.position_embeddings.weight"])
