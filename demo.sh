@@ -2,16 +2,29 @@
 # The embedded default: M3 fine-tuning curriculum (warm-up dense -> all heads -> unified with self-distillation)
 # on SciFact with all-MiniLM-L6-v2 on CPU, then eval.py's table on SciFact test. About 15 minutes on 2 cores.
 #   bash demo.sh                 # the full demo
+#   PRETRAIN=1 bash demo.sh      # first a pre-training stage on SciFact's (title -> abstract) pairs, all 3 stages
 #   QUICK=1 bash demo.sh         # a few steps and a small corpus slice: checks the pipeline in ~1 minute (CI)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
 if [ "${QUICK:-0}" = 1 ]; then
-    S1=2 S2=2 S3=2 EVAL=(--max_corpus=20 --passage_max_len=32)
+    S0=2 S1=2 S2=2 S3=2 EVAL=(--max_corpus=20 --passage_max_len=32)
 else
-    S1=25 S2=40 S3=40 EVAL=(--passage_max_len=256)
+    S0=60 S1=25 S2=40 S3=40 EVAL=(--passage_max_len=256)
 fi
-python train.py configs/demo.yaml --max_steps=$S1 --out_dir=$OUT/1_dense "$@"
+INIT=()
+if [ "${PRETRAIN:-0}" = 1 ]; then  # unsupervised pairs as the paper builds them: title -> body
+    mkdir -p $OUT
+    python -c 'import json, sys
+for line in open("data/scifact/corpus.jsonl"):
+    d = json.loads(line)
+    if d["title"].strip() and d["text"].strip():
+        print(json.dumps({"query": d["title"], "pos": [d["text"]]}))' > $OUT/pretrain_pairs.jsonl
+    python train.py configs/demo_pretrain.yaml --max_steps=$S0 --train_data=$OUT/pretrain_pairs.jsonl \
+        --out_dir=$OUT/0_pretrain "$@"
+    INIT=(--init_from=$OUT/0_pretrain/final)
+fi
+python train.py configs/demo.yaml --max_steps=$S1 --out_dir=$OUT/1_dense "${INIT[@]}" "$@"
 python train.py configs/demo.yaml --max_steps=$S2 --head_schedule=dense,sparse,colbert \
     --init_from=$OUT/1_dense/final --out_dir=$OUT/2_all_heads "$@"
 python train.py configs/demo.yaml --max_steps=$S3 --head_schedule=dense,sparse,colbert --self_distill=true \
