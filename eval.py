@@ -3,6 +3,7 @@
 python eval.py --ckpt DIR --data DIR [--split test] [--weights 1,0.3,1] [--sweep] [--index Flat]
 python eval.py mine --ckpt DIR --data DIR --split train --range 10-100 --n_neg 7 --out mined.jsonl [--scores]
 python eval.py mine --ckpt DIR --jsonl train.jsonl [--corpus corpus.jsonl] --range 10-100 --out mined.jsonl
+python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
 Each head retrieves on its own (dense: FAISS; sparse: exact inverted index; multi-vector: FAISS over passage tokens,
 then exact MaxSim). Every candidate of the union then gets the exact score of every head, so fusion never fills in 0
 for a passage that one head missed. Ranking ties everywhere: score descending, then doc id ascending (string order).
@@ -87,7 +88,8 @@ def ckpt_key(path):
     missing = [f for f in ("colbert_linear.pt", "sparse_linear.pt") if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "
-                                "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2)")
+                                "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2); "
+                                "for a bare encoder's zero-shot dense row pass --new_heads")
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         f = os.path.join(path, name)
@@ -431,6 +433,9 @@ def main(argv=None):
     p.add_argument("--passage_max_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--cache_dir", default=".cache/eval", help="encodings cache ('' = off)")
+    p.add_argument("--pooling", choices=("cls", "mean"), help="override the checkpoint's dense pooling")
+    p.add_argument("--new_heads", action="store_true",
+                   help="a bare encoder (e.g. zero-shot 'minilm'): seeded random sparse/colbert heads, only dense means much")
     if mining:
         p.add_argument("--jsonl", help="FlagEmbedding JSONL (query, pos[, neg]) instead of --data")
         p.add_argument("--corpus", help="passage pool for --jsonl: JSONL with text (+title); default: pos+neg texts")
@@ -446,6 +451,12 @@ def main(argv=None):
         p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
         p.add_argument("--out", help="dir for metrics.json (default runs/eval/<ckpt>-<data>-<split>)")
     a = p.parse_args(argv[1:] if mining else argv)
+    model = a.ckpt
+    if a.new_heads or a.pooling:  # loaded here: the encoding cache then keys on the weights themselves
+        import torch
+        from model import M3
+        torch.manual_seed(0)
+        model = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling)
     weights = tuple(float(x) for x in a.weights.split(","))
     enc = dict(query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, batch_size=a.batch_size,
                index=a.index, colbert_k=a.colbert_k, cache_dir=a.cache_dir or None)
@@ -454,7 +465,7 @@ def main(argv=None):
             p.error("--data is required")
         name = lambda d: os.path.basename(os.path.normpath(d))
         out = a.out or os.path.join("runs", "eval", f"{name(a.ckpt)}-{name(a.data)}-{a.split}")
-        return evaluate(a.ckpt, a.data, a.split, weights, a.depth, index_params=a.index_params,
+        return evaluate(model, a.data, a.split, weights, a.depth, index_params=a.index_params,
                         colbert_index=a.colbert_index, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, out_dir=out,
                         **enc)
     lo, hi = (int(x) for x in a.range.split("-"))
@@ -473,7 +484,7 @@ def main(argv=None):
         positives = [[at[d] for d, rel in qrels[r["_id"]].items() if rel > 0 and d in at] for r in qs]
     else:
         p.error("mine needs --data or --jsonl")
-    mined = mine(a.ckpt, queries, positives, pool, lo, hi, a.n_neg, weights, a.seed, a.scores, **enc)
+    mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, weights, a.seed, a.scores, **enc)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", encoding="utf-8") as f:
         for r, m in zip(recs, mined):

@@ -285,3 +285,23 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     os.remove(tmp_path / "ck" / "colbert_linear.pt")
     with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
         ev.main(["--ckpt", str(tmp_path / "ck"), "--data", data, "--cache_dir", ""])
+
+
+def test_cli_zero_shot_bare_encoder_with_new_heads_and_pooling(tmp_path):
+    tok = make_tokenizer("bert")
+    enc = make_encoder(tok, "bert")
+    enc.save_pretrained(tmp_path / "bare")
+    tok.save_pretrained(tmp_path / "bare")
+    data = str(tmp_path / "data")
+    write_beir(data, np.random.default_rng(2), n_docs=20, n_q=5)
+    with pytest.raises(FileNotFoundError, match="new_heads"):
+        ev.main(["--ckpt", str(tmp_path / "bare"), "--data", data, "--cache_dir", ""])
+    res = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--pooling", "mean", "--data", data,
+                   "--cache_dir", "", "--out", str(tmp_path / "out"), "--depth", "100"])
+    torch.manual_seed(0)
+    ref = ev.evaluate(M3.from_pretrained(str(tmp_path / "bare"), new_heads=True, pooling="mean"), data, depth=100,
+                      verbose=False)
+    assert res["rows"] == ref["rows"]  # the CLI loads exactly the seeded mean-pooling model
+    cls = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--data", data, "--cache_dir", "", "--depth", "100",
+                   "--out", str(tmp_path / "out_cls")])
+    assert cls["rows"]["dense"] != res["rows"]["dense"]  # pooling really changed

@@ -189,3 +189,23 @@ def test_mcls_inserts_cls_every_256_tokens_and_averages_their_states():
     assert len(out["colbert"][0]) == len(ids) - 3  # inserted CLS tokens are not multi-vectors
     short = m.encode(["the cell"], mcls=True)["dense"]  # a short text has one CLS: same as plain encoding
     assert np.allclose(short, m.encode(["the cell"])["dense"], atol=1e-6)
+
+
+def test_a_released_bge_m3_style_directory_loads_unchanged(tmp_path):
+    """The release layout as BGE-M3 ships it: XLMRobertaModel with its pooler, fp16 head files, no m3.json."""
+    tok = make_tokenizer("xlmr")
+    enc = make_encoder(tok)
+    from transformers import XLMRobertaModel
+    full = XLMRobertaModel(enc.config, add_pooling_layer=True)
+    full.load_state_dict(enc.state_dict(), strict=False)
+    full.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    torch.manual_seed(3)
+    colbert, sparse = torch.nn.Linear(32, 32).half(), torch.nn.Linear(32, 1).half()
+    torch.save(colbert.state_dict(), tmp_path / "colbert_linear.pt")
+    torch.save(sparse.state_dict(), tmp_path / "sparse_linear.pt")
+    m = M3.from_pretrained(str(tmp_path))
+    assert m.pooling == "cls" and m.colbert_linear.weight.dtype == torch.float32
+    assert torch.equal(m.colbert_linear.weight, colbert.weight.float())
+    assert torch.equal(m.sparse_linear.bias, sparse.bias.float())
+    assert torch.equal(m.encoder.embeddings.word_embeddings.weight, enc.embeddings.word_embeddings.weight)
