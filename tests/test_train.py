@@ -1,5 +1,6 @@
 """train.py: DDP == one process, gradient cache == plain path, resume == uninterrupted, head schedule, stage chain."""
 import json
+import pickle
 import os
 import random
 import shutil
@@ -204,3 +205,18 @@ def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):
     init, after = load_file(setup / "bare/model.safetensors"), load_file(tmp_path / "a/final/model.safetensors")
     assert torch.equal(init["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
     assert not torch.equal(init["embeddings.position_embeddings.weight"], after["embeddings.position_embeddings.weight"])
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/m3_train_state_pwned",))
+
+
+def test_train_state_with_a_pickled_payload_is_refused(tmp_path):
+    ck = tmp_path / "step-0000001"
+    ck.mkdir()
+    with open(ck / "train_state.pt", "wb") as f:
+        pickle.dump({"step": 1, "optimizer": Payload()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train.find_resume(train.Config(out_dir=str(tmp_path), resume="auto"))
+    assert not os.path.exists("/tmp/m3_train_state_pwned")
