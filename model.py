@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -65,12 +66,19 @@ def colbert_score(q, p, q_mask=None, p_mask=None, chunk_elems=2 ** 24):
     pair = q.shape[1] * p.shape[1]
     nq = max(1, min(q.shape[0], chunk_elems // pair))  # queries per block
     n_p = max(1, chunk_elems // (nq * pair))  # passages per block
-    rows = []
-    for a in range(0, q.shape[0], nq):
-        best = [torch.einsum("qad,pbd->qpab", q[a:a + nq], p[b:b + n_p]).max(-1).values  # (nq, n_p, Tq)
-                for b in range(0, p.shape[0], n_p)]
-        rows.append((torch.cat(best, 1) * q_mask[a:a + nq, None, :]).sum(-1))  # (nq, Np) sum of best matches
+    q_mask = q_mask.to(q.dtype)
+    grad = torch.is_grad_enabled() and (q.requires_grad or p.requires_grad)
+    block = (lambda *x: checkpoint(_maxsim_sum, *x, use_reentrant=False)) if grad else _maxsim_sum
+    rows = [torch.cat([block(q[a:a + nq], p[b:b + n_p], q_mask[a:a + nq]) for b in range(0, p.shape[0], n_p)], 1)
+            for a in range(0, q.shape[0], nq)]  # (nq, Np) blocks of summed best matches
     return torch.cat(rows, 0) / q_mask.sum(-1, keepdim=True)  # (Bq, Np)
+
+
+def _maxsim_sum(q, p, q_mask):
+    """sum over query tokens of the best passage-token similarity: (nq, Tq, D), (n_p, Tp, D) -> (nq, n_p).
+    Checkpointed in training: backward recomputes the block instead of keeping (nq, n_p, Tq) max indices alive,
+    which would grow with batch x batch*G and dominate the gradient cache's memory."""
+    return (torch.einsum("qad,pbd->qpab", q, p).max(-1).values * q_mask[:, None, :]).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
