@@ -6,10 +6,10 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from losses import gather, info_nce, kl_div_loss, m3_kd_loss, m3_loss, soft_ce
 from model import colbert_score, dense_score, sparse_score
+from tiny import spawn
 from train import Config
 
 
@@ -130,12 +130,13 @@ def _worker(rank, init_file, out_file):
         grads.append([prm.grad for prm in lin.parameters()])
     if rank == 0:
         torch.save(grads, out_file)
+    dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
 
 
 def test_cross_device_negatives_match_one_process_on_the_global_batch():
     tmp = tempfile.mkdtemp()
-    mp.spawn(_worker, args=(os.path.join(tmp, "init"), os.path.join(tmp, "g.pt")), nprocs=W)
+    spawn(_worker, (os.path.join(tmp, "g.pt"),), nprocs=W)
     ddp, ref_ddp = torch.load(os.path.join(tmp, "g.pt"), weights_only=True)
     lin, q_x, p_x, q_ids, p_ids = reps()
     # one process, global batch: every query sees all W*B*G dense columns; sparse/colbert in-batch per rank block

@@ -1,4 +1,5 @@
 """Tiny in-memory tokenizers and encoders for the tests: no files, no downloads, < 0.1 s each."""
+import os
 import string
 
 import torch
@@ -48,3 +49,19 @@ def make_encoder(tokenizer, style="xlmr", hidden=32, layers=2, seed=0, max_posit
                                eos_token_id=2, **common)
         return XLMRobertaModel(cfg, add_pooling_layer=False)
     return BertModel(BertConfig(max_position_embeddings=max_positions, **common), add_pooling_layer=False)
+
+
+def spawn(fn, args, nprocs=2, tries=3):
+    """torch.multiprocessing.spawn, retried when a worker dies by a signal: gloo on a loaded 2-core machine very
+    occasionally aborts a process at start-up or teardown ("terminate called without an active exception", ~1 in 15
+    runs here). A wrong result is an assertion in the parent, never a signal, so retrying hides no product bug."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    for attempt in range(tries):
+        init = os.path.join(tempfile.mkdtemp(), "init")  # a fresh rendezvous file per try
+        try:
+            return mp.spawn(fn, args=(init,) + tuple(args), nprocs=nprocs)
+        except mp.ProcessExitedException:
+            if attempt == tries - 1:
+                raise
