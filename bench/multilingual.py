@@ -10,11 +10,11 @@ SciFact train (English only: the question is whether 30 English steps keep or hu
 Steps: build the model into ~/.cache/m3/me5-small-xlmr if missing (needs the two PyPI packages of bench/me5.py);
 write "query: "/"passage: "-prefixed copies (e5's input format) of XQuAD-R and of data/scifact/train_mined.jsonl under
 --out; evaluate the zero-shot model with new random sparse/colbert heads (only its dense head is trained); train.py
-configs/me5.yaml in a subprocess (init_new_heads, mean pooling, unified loss with self-distillation; word embeddings
-are trained too: train.py has no freeze option); evaluate the fine-tuned checkpoint. Prints eval.py's tables, then
+configs/me5.yaml in a subprocess (init_new_heads, mean pooling, unified loss with self-distillation; the 96M word
+embeddings are trained too, `-- --freeze=encoder.embeddings.word_embeddings` keeps them fixed); evaluate the fine-tuned
+checkpoint. Prints eval.py's tables, then
 per-language nDCG@10 before/after. Query language = row; relevant sentences are in all 11 languages.
-train.py does not seed the new heads' initialisation, so reruns differ; e5's hidden states share one dominant
-direction, so a random ReLU sparse head can start (or be pushed) with every input < 0 and never learn: the
+The new heads are seeded from the config's seed; e5's hidden states share one dominant direction, so a random ReLU sparse head can start (or be pushed) with every input < 0 and never learn: the
 "sparse head" line reports it.
 
 Scaling, to stay under 25 minutes on a 2-core CPU (one encoding of the full 13,014-sentence pool: 5-18 min there):
