@@ -12,10 +12,10 @@ write "query: "/"passage: "-prefixed copies (e5's input format) of XQuAD-R and o
 --out; evaluate the zero-shot model with new random sparse/colbert heads (only its dense head is trained); train.py
 configs/me5.yaml in a subprocess (init_new_heads, mean pooling, unified loss with self-distillation; the 96M word
 embeddings are trained too, `-- --freeze=encoder.embeddings.word_embeddings` keeps them fixed); evaluate the fine-tuned
-checkpoint. Prints eval.py's tables, then
-per-language nDCG@10 before/after. Query language = row; relevant sentences are in all 11 languages.
-The new heads are seeded from the config's seed; e5's hidden states share one dominant direction, so a random ReLU sparse head can start (or be pushed) with every input < 0 and never learn: the
-"sparse head" line reports it.
+checkpoint. Prints eval.py's tables, then per-language nDCG@10 before/after. Query language = row; relevant
+sentences are in all 11 languages. The new heads are seeded from the config's seed; e5's hidden states share one
+dominant direction, so a random ReLU sparse head can start (or be pushed) with every input < 0 and never learn:
+the "sparse head" line reports it.
 
 Scaling, to stay under 25 minutes on a 2-core CPU (one encoding of the full 13,014-sentence pool: 5-18 min there):
 by default the pool is the sentences of 60 of the 240 paragraphs (random, seed 0) in all 11 languages (~3.3k of
