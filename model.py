@@ -127,9 +127,9 @@ class M3(nn.Module):
         if not mcls:
             return self.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         end = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None else self.tokenizer.eos_token_id
+        n_windows = -(-(max_length - 1) // MCLS_WINDOW)  # ceil: windows that fit before the end token
         out = []
         for body in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-            n_windows = -(-(max_length - 1) // MCLS_WINDOW)  # ceil: windows that fit before the end token
             body = body[:max_length - 1 - n_windows]  # room for one CLS per window and the end token
             ids = []
             for s in range(0, len(body), MCLS_WINDOW - 1):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data import epoch_batches, make_batch, open_datasets
 from losses import gather, m3_loss
-from model import M3, colbert_score, dense_score, sparse_score
+from model import HEADS, M3, colbert_score, dense_score, sparse_score
 
 
 @dataclass
@@ -182,8 +182,8 @@ def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
             set_rng_state(state)
             with amp:
                 out = model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk])
-            torch.autograd.backward([out[n] for n in out if out[n].is_floating_point()],
-                                    [cached[k][n].grad[s:s + chunk] for n in out if out[n].is_floating_point()])
+            names = [n for n in out if out[n].is_floating_point()]  # colbert_mask carries no gradient
+            torch.autograd.backward([out[n] for n in names], [cached[k][n].grad[s:s + chunk] for n in names])
     return loss.detach(), parts
 
 
@@ -206,7 +206,7 @@ def make_optimizer(model, cfg, total_steps):
     for name, prm in model.named_parameters():
         if not prm.requires_grad:
             continue
-        head = name.startswith(("colbert_linear", "sparse_linear"))
+        head = name.startswith(tuple(HEADS))  # colbert_linear, sparse_linear
         decay = prm.ndim >= 2  # biases and LayerNorm weights are 1-D
         lr = (cfg.head_lr or cfg.lr) if head else cfg.lr
         groups.setdefault((lr, decay), []).append(prm)
