@@ -5,6 +5,7 @@ Shapes: N texts, T tokens, H hidden, D colbert dim, V vocab (never materialised:
 """
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -198,10 +199,7 @@ class M3(nn.Module):
         meta = _find(path, "m3.json")
         saved = json.load(open(meta)) if meta else {}
         tokenizer = AutoTokenizer.from_pretrained(path)
-        try:  # BERT/XLM-R pooler layers are unused by M3; other encoders may not take the argument
-            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False, **encoder_kwargs)
-        except TypeError:
-            encoder = AutoModel.from_pretrained(path, **encoder_kwargs)
+        encoder = _load_encoder(path, **encoder_kwargs)
         heads = {n: _load_head(f) for n, f in head_files.items() if f is not None}
         if "colbert_linear" in heads:
             colbert_dim = heads["colbert_linear"]["weight"].shape[0]
@@ -242,6 +240,26 @@ def _find(path, fname):
         return hf_hub_download(path, fname)
     except EntryNotFoundError:
         return None
+
+
+def _load_encoder(path, **kwargs):
+    """AutoModel without its pooler (unused by M3). transformers' load report is replaced by one warning that names
+    encoder weights missing from the checkpoint (they would start random); an unused pooler is expected."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:  # BERT/XLM-R take add_pooling_layer; other encoders may not
+        try:
+            encoder, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True, **kwargs)
+        except TypeError:
+            encoder, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(set(info["missing_keys"]) | {str(k) for k in info["mismatched_keys"]})
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith("pooler."))
+    if missing or unused:
+        warnings.warn(f"{path}: encoder weights not in the checkpoint (randomly initialised): {missing or 'none'}; "
+                      f"checkpoint weights left unused: {unused or 'none'}")
+    return encoder
 
 
 def _load_head(fname):

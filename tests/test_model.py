@@ -1,6 +1,7 @@
 """model.py: the three heads and their scores against brute-force definitions; checkpoints; MCLS."""
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -204,8 +205,22 @@ def test_a_released_bge_m3_style_directory_loads_unchanged(tmp_path):
     colbert, sparse = torch.nn.Linear(32, 32).half(), torch.nn.Linear(32, 1).half()
     torch.save(colbert.state_dict(), tmp_path / "colbert_linear.pt")
     torch.save(sparse.state_dict(), tmp_path / "sparse_linear.pt")
-    m = M3.from_pretrained(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unused pooler is expected: no warning
+        m = M3.from_pretrained(str(tmp_path))
     assert m.pooling == "cls" and m.colbert_linear.weight.dtype == torch.float32
     assert torch.equal(m.colbert_linear.weight, colbert.weight.float())
     assert torch.equal(m.sparse_linear.bias, sparse.bias.float())
     assert torch.equal(m.encoder.embeddings.word_embeddings.weight, enc.embeddings.word_embeddings.weight)
+
+
+def test_encoder_weights_missing_from_a_checkpoint_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    m = tiny_m3()
+    m.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = next(k for k in state if k.endswith("layer.1.output.dense.weight"))
+    del state[key]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"randomly initialised.*layer\.1\.output\.dense\.weight"):
+        M3.from_pretrained(str(tmp_path))
