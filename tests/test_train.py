@@ -205,7 +205,7 @@ def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):
             "--head_schedule=dense,sparse,colbert", "--freeze=encoder.embeddings.word_embeddings"]
     for run_dir in ("a", "b"):
         run(common(setup, tmp_path / run_dir, *args[1:]) + [args[0]])
-    heads = [torch.load(tmp_path / d / "final/sparse_linear.pt", weights_only=True)["weight"] for d in "ab"]
+    heads = [torch.load(tmp_path / d / "final/colbert_linear.pt", weights_only=True)["weight"] for d in "ab"]
     assert torch.equal(heads[0], heads[1])  # two runs of the same config start (and end) with the same new heads
     init, after = load_file(setup / "bare/model.safetensors"), load_file(tmp_path / "a/final/model.safetensors")
     assert torch.equal(init["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
