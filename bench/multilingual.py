@@ -3,7 +3,7 @@
 its answer sentence in each of the 11 languages in one shared pool) before and after a short unified M3 fine-tune on
 SciFact train (English only: the question is whether 30 English steps keep or hurt the other 10 languages).
 
-    python bench/multilingual.py                       # 16 min on 2 shared CPU cores (eval 3-6 min x 2, train 7)
+    python bench/multilingual.py                       # 7 min on 2 idle CPU cores (16 when shared)
     python bench/multilingual.py --paragraphs 0 --per_lang 0 --colbert_index Flat    # full XQuAD-R, exact
     python bench/multilingual.py --steps 100 -- --head_lr=1e-4 # --key=value flags after `--` go to train.py
 
