@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded default: M3 fine-tuning curriculum (warm-up dense -> all heads -> unified with self-distillation)
-# on SciFact with all-MiniLM-L6-v2 on CPU, then eval.py's table on SciFact test. About 15 minutes on 2 cores.
+# on SciFact with all-MiniLM-L6-v2 on CPU, then eval.py's table on SciFact test. About 7 minutes on 2 idle cores.
 # Stages chain checkpoint to checkpoint; each has its own seed so it draws new batches rather than the first ones again.
 #   bash demo.sh                 # the full demo
 #   PRETRAIN=1 bash demo.sh      # first a pre-training stage on SciFact's (title -> abstract) pairs, all 3 stages
