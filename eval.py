@@ -435,7 +435,8 @@ def main(argv=None):
     p.add_argument("--cache_dir", default=".cache/eval", help="encodings cache ('' = off)")
     p.add_argument("--pooling", choices=("cls", "mean"), help="override the checkpoint's dense pooling")
     p.add_argument("--new_heads", action="store_true",
-                   help="a bare encoder (e.g. zero-shot 'minilm'): seeded random sparse/colbert heads, only dense means much")
+                   help="a bare encoder (e.g. zero-shot 'minilm'): new heads (sparse: term matching, colbert: "
+                        "seeded random)")
     if mining:
         p.add_argument("--jsonl", help="FlagEmbedding JSONL (query, pos[, neg]) instead of --data")
         p.add_argument("--corpus", help="passage pool for --jsonl: JSONL with text (+title); default: pos+neg texts")

@@ -27,7 +27,7 @@ from model import HEADS, M3, colbert_score, dense_score, sparse_score
 class Config:
     # model
     model: str = "BAAI/bge-m3-unsupervised"  # hub name, local dir, or "minilm" (the bundled demo encoder)
-    init_new_heads: bool = False  # start new random sparse/colbert heads when the checkpoint has none (SPEC 0, 1.5)
+    init_new_heads: bool = False  # start new heads (sparse: term matching, colbert: random) if the checkpoint has none
     pooling: str = "cls"  # dense pooling: cls (M3, SPEC 1.1) or mean (encoders trained that way, e.g. MiniLM)
     colbert_dim: int = -1  # multi-vector dim D; -1 = hidden size (SPEC 1.3)
     freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings

@@ -90,7 +90,8 @@ def test_a_new_sparse_head_starts_as_term_matching():
     tok = make_tokenizer("xlmr")
     m = M3(make_encoder(tok), tok)
     ids, mask = batch(m, TEXTS)
-    s = sparse_score(ids, m(ids, mask)["sparse"], ids, m(ids, mask)["sparse"])
+    w = m(ids, mask)["sparse"]  # (N, T)
+    s = sparse_score(ids, w, ids, w)
     special = set(m.special_ids.tolist())
     sets = [set(row[msk.bool()].tolist()) - special for row, msk in zip(ids, mask)]
     ref = torch.tensor([[len(a & b) * SPARSE_INIT ** 2 for b in sets] for a in sets])
