@@ -109,6 +109,62 @@ def test_index_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert len(built) == 4 and len(os.listdir(cache_dir)) == 1
 
 
+def edit_in_place(path, old, new):
+    """Replace bytes old by new (same length) in the middle of the file and give it back its mtime, as cp -p,
+    rsync -a or tar leave a file that changed: size and mtime say nothing changed."""
+    st, raw = os.stat(path), open(path, "rb").read()
+    assert len(old) == len(new) and raw.count(old) == 1
+    open(path, "wb").write(raw.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_same_size_edit_with_preserved_mtime_is_indexed_again(tmp_path, monkeypatch):
+    built = []
+    real = data._build_index
+    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    rows = [{"query": f"q{i}", "pos": [words(20_000, WORDS[i % 20])]} for i in range(60)]  # ~6 MB: a middle
+    rows[30]["query"] = "the marked query"  # that neither its first nor its last megabyte covers
+    path = write(tmp_path / "d.jsonl", rows)
+    stale = data.open_datasets(path, TOK)[0]
+    edit_in_place(path, b'{"query": "the marked', b'{"qxery": "the marked')  # line 31 now lacks 'query'
+    with pytest.raises(ValueError, match=r"d.jsonl, line 31: field 'query': missing"):
+        data.open_datasets(path, TOK)
+    assert len(built) == 2  # the cache was not trusted
+    # an index held from before the edit (a long run) stops at the line instead of training on a garbage text
+    with pytest.raises(ValueError, match=r"d.jsonl, line 31: field 'query': missing \(did the file change"):
+        data._read(stale, 30)
+    assert data._read(stale, 29) == rows[29]
+
+
+def test_index_cache_survives_a_new_mtime_and_trusting_ranks_reuse_it(tmp_path, monkeypatch):
+    built = []
+    real = data._build_index
+    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    path = write(tmp_path / "d.jsonl", mixed_rows(10))
+    data.open_datasets(path, TOK)
+    os.utime(path, ns=(1, 10 ** 18))  # a fresh clone or a copy: same content, new mtime
+    data.open_datasets(path, TOK, verify=False)  # a trusting rank does not hash: the cheap key differs -> rebuild
+    assert len(built) == 2
+    os.utime(path, ns=(1, 2 * 10 ** 18))
+    a = data.open_datasets(path, TOK)[0]  # the content hash matches: reused, the new mtime recorded
+    b = data.open_datasets(path, TOK, verify=False)[0]  # so the other ranks trust it without hashing
+    assert len(built) == 2 and np.array_equal(a.offsets, b.offsets) and a.meta == b.meta
+
+
+def test_read_refuses_a_line_that_moved_since_indexing(tmp_path):
+    rows = mixed_rows(8)
+    path = write(tmp_path / "d.jsonl", rows)
+    ds = data.open_datasets(path, TOK)[0]
+    write(path, [{"query": "x"}] + rows)  # a line inserted before: every offset now points into another line
+    errs = []
+    for i in range(1, 8):
+        try:
+            data._read(ds, i)
+        except ValueError as e:
+            errs.append(str(e))
+    assert len(errs) == 7 and all(re.search(r"d.jsonl, line \d+: ", e) for e in errs)
+
+
 def test_directory_gives_one_dataset_per_file(tmp_path):
     (tmp_path / "sub").mkdir()
     write(tmp_path / "b.jsonl", mixed_rows(3))
