@@ -53,7 +53,7 @@ def soft_ce(s, p_t):
 def m3_kd_loss(s, teacher, G, offset=0):
     """Teacher distillation, m3 variant (SPEC 3.5): each group member k in turn is the positive, weighted by the
     teacher's softmax, competing with all in-batch columns except the members 0..k-1 before it. teacher (B, G)."""
-    p_t = torch.softmax(teacher.float(), dim=-1)  # (B, G)
+    p_t = torch.softmax(teacher.to(s.dtype), dim=-1)  # (B, G), in the scores' fp32 (or fp64)
     first = targets(s, G, offset)  # (B,) column of each row's group member 0
     loss, used = 0.0, torch.zeros_like(s, dtype=torch.bool)  # used: (B, M) members already taken as targets
     for k in range(G):
@@ -66,7 +66,7 @@ def m3_kd_loss(s, teacher, G, offset=0):
 def kl_div_loss(s, teacher, G, offset=0):
     """Teacher distillation, kl_div variant (SPEC 3.5): soft CE over each row's own G columns + in-batch CE."""
     own = targets(s, G, offset)[:, None] + torch.arange(G, device=s.device)  # (B, G) columns of the own group
-    return soft_ce(s.gather(1, own), torch.softmax(teacher.float(), dim=-1)) + info_nce(s, G, offset)
+    return soft_ce(s.gather(1, own), torch.softmax(teacher.to(s.dtype), dim=-1)) + info_nce(s, G, offset)
 
 
 def contrastive(s, G, offset, teacher, kd_loss_type):

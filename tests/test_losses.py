@@ -19,38 +19,38 @@ def ce_row(row, t):
 
 
 def test_info_nce_matches_hand_computed():
-    s = torch.tensor([[2.0, 0.5, 1.0, -1.0], [0.0, 0.3, 1.5, 0.2]])  # B=2, G=2: positives at columns 0 and 2
+    s = torch.tensor([[2.0, 0.5, 1.0, -1.0], [0.0, 0.3, 1.5, 0.2]], dtype=torch.float64)  # B=2, G=2: pos at 0, 2
     ref = (ce_row([2.0, 0.5, 1.0, -1.0], 0) + ce_row([0.0, 0.3, 1.5, 0.2], 2)) / 2
-    assert info_nce(s, G=2).item() == pytest.approx(ref, rel=1e-6)
-    s4 = torch.cat([torch.zeros(2, 4), s], 1)  # the same rows as the second rank's block of gathered columns
+    assert info_nce(s, G=2).item() == pytest.approx(ref, rel=1e-12)  # float64: exact up to rounding
+    s4 = torch.cat([torch.zeros(2, 4, dtype=torch.float64), s], 1)  # the same rows as the second rank's block of gathered columns
     ref4 = (ce_row([0.0] * 4 + [2.0, 0.5, 1.0, -1.0], 4) + ce_row([0.0] * 4 + [0.0, 0.3, 1.5, 0.2], 6)) / 2
-    assert info_nce(s4, G=2, offset=4).item() == pytest.approx(ref4, rel=1e-6)
+    assert info_nce(s4, G=2, offset=4).item() == pytest.approx(ref4, rel=1e-12)
 
 
 def test_m3_loss_matches_hand_computed_recipe():
     cfg = Config()
     torch.manual_seed(0)
     B, G = 2, 3
-    d, sp, co = torch.randn(B, B * G), torch.randn(B, B * G), torch.randn(B, B * G)
+    d, sp, co = (torch.randn(B, B * G, dtype=torch.float64) for _ in range(3))  # float64: exact up to rounding
     loss, parts = m3_loss(d, sp, co, cfg, G)
     rows = lambda m: m.tolist()
     ce = lambda m: sum(ce_row(r, i * G) for i, r in enumerate(rows(m))) / B
     tau = 0.02
     ens = d / tau + 0.3 * sp / tau + co / tau
     L = (ce(d / tau) + ce(ens) + 0.1 * ce(sp / tau) + ce(co / tau)) / 4
-    assert loss.item() == pytest.approx(L, rel=1e-5)
-    assert parts["sparse"].item() == pytest.approx(ce(sp / tau), rel=1e-5)
+    assert loss.item() == pytest.approx(L, rel=1e-12)
+    assert parts["sparse"].item() == pytest.approx(ce(sp / tau), rel=1e-12)
     # self-distillation: soft CE against softmax(ens) over the full row, (d + 0.1 s + c)/3, final (L + L')/2
     p = torch.softmax(ens, -1)
     soft = lambda m: (-(p * torch.log_softmax(m, -1)).sum(-1).mean()).item()
     Lp = (soft(d / tau) + 0.1 * soft(sp / tau) + soft(co / tau)) / 3
     loss, parts = m3_loss(d, sp, co, cfg, G, self_distill=True)
-    assert loss.item() == pytest.approx((L + Lp) / 2, rel=1e-5)
-    assert parts["kd"].item() == pytest.approx(Lp, rel=1e-5)
+    assert loss.item() == pytest.approx((L + Lp) / 2, rel=1e-12)
+    assert parts["kd"].item() == pytest.approx(Lp, rel=1e-12)
     # heads switched off contribute nothing: dense alone is plain CE; without sparse the sparse terms vanish
-    assert m3_loss(d, None, None, cfg, G)[0].item() == pytest.approx(ce(d / tau), rel=1e-5)
+    assert m3_loss(d, None, None, cfg, G)[0].item() == pytest.approx(ce(d / tau), rel=1e-12)
     L_dc = (ce(d / tau) + ce(d / tau + co / tau) + ce(co / tau)) / 4
-    assert m3_loss(d, None, co, cfg, G)[0].item() == pytest.approx(L_dc, rel=1e-5)
+    assert m3_loss(d, None, co, cfg, G)[0].item() == pytest.approx(L_dc, rel=1e-12)
 
 
 def test_self_distillation_with_student_equal_to_teacher_has_zero_gradient():
@@ -65,7 +65,7 @@ def test_self_distillation_with_student_equal_to_teacher_has_zero_gradient():
 def test_teacher_kd_losses():
     torch.manual_seed(1)
     B, G = 2, 3
-    s, teacher = torch.randn(B, B * G), torch.randn(B, G)
+    s, teacher = torch.randn(B, B * G, dtype=torch.float64), torch.randn(B, G, dtype=torch.float64)
     p = torch.softmax(teacher, -1)
     # m3_kd_loss by its definition: member k is the positive, members 0..k-1 removed from the row
     ref = 0.0
@@ -73,14 +73,14 @@ def test_teacher_kd_losses():
         for i in range(B):
             row = [x for j, x in enumerate(s[i].tolist()) if not (i * G <= j < i * G + k)]
             ref += p[i, k].item() * ce_row(row, i * G) / B  # after removing k columns, member k sits at i*G
-    assert m3_kd_loss(s, teacher, G).item() == pytest.approx(ref, rel=1e-5)
-    one_hot = torch.tensor([[30.0, -30, -30], [30, -30, -30]])  # a one-hot teacher gives plain CE
-    assert m3_kd_loss(s, one_hot, G).item() == pytest.approx(info_nce(s, G).item(), rel=1e-5)
+    assert m3_kd_loss(s, teacher, G).item() == pytest.approx(ref, rel=1e-12)
+    one_hot = torch.tensor([[60.0, -60, -60], [60, -60, -60]], dtype=torch.float64)  # one-hot teacher: plain CE
+    assert m3_kd_loss(s, one_hot, G).item() == pytest.approx(info_nce(s, G).item(), rel=1e-12)
     own = torch.stack([s[i, i * G:(i + 1) * G] for i in range(B)])
     ref_kl = (-(p * torch.log_softmax(own, -1)).sum(-1).mean() + info_nce(s, G)).item()
-    assert kl_div_loss(s, teacher, G).item() == pytest.approx(ref_kl, rel=1e-6)
+    assert kl_div_loss(s, teacher, G).item() == pytest.approx(ref_kl, rel=1e-12)
     cfg = Config(kd_loss_type="kl_div")
-    assert m3_loss(s * cfg.temperature, None, None, cfg, G, teacher=teacher)[0].item() == pytest.approx(ref_kl, rel=1e-5)
+    assert m3_loss(s * cfg.temperature, None, None, cfg, G, teacher=teacher)[0].item() == pytest.approx(ref_kl, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,8 +92,8 @@ W, B, G, T, H = 2, 2, 3, 6, 8
 def reps(seed=0):
     """A tiny differentiable 'encoder' (one linear layer over random token features) and a global batch."""
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(H, H)
-    q_x, p_x = torch.randn(W * B, T, H), torch.randn(W * B * G, T, H)
+    lin = torch.nn.Linear(H, H).double()  # float64: one process and two agree to rounding on any CPU
+    q_x, p_x = torch.randn(W * B, T, H).double(), torch.randn(W * B * G, T, H).double()
     q_ids, p_ids = torch.randint(0, 20, (W * B, T)), torch.randint(0, 20, (W * B * G, T))
     return lin, q_x, p_x, q_ids, p_ids
 
@@ -148,6 +148,6 @@ def test_cross_device_negatives_match_one_process_on_the_global_batch():
                                    lambda _: p_all) / W
     total.backward()
     for a, b in zip(ddp, [prm.grad for prm in lin.parameters()]):
-        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
     # the reference's no-grad gather gives the dense term less gradient: this test would catch it
     assert max((a - b).abs().max() for a, b in zip(ref_ddp, ddp)) > 1e-4
