@@ -5,6 +5,7 @@
 #   bash demo.sh                 # the full demo
 #   PRETRAIN=1 bash demo.sh      # first a pre-training stage on SciFact's (title -> abstract) pairs, all 3 stages
 #   QUICK=1 bash demo.sh         # a few steps and a small corpus slice: checks the pipeline in ~1 minute (CI)
+# A rerun replaces the previous demo's runs (train.py --overwrite=true); OUT=DIR keeps them apart.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/demo}
@@ -29,13 +30,14 @@ for line in open("data/scifact/corpus.jsonl"):
     if d["title"].strip() and d["text"].strip():
         print(json.dumps({"query": d["title"], "pos": [d["text"]]}))' > $OUT/pretrain_pairs.jsonl
     stage 0_pretrain python train.py configs/demo_pretrain.yaml --max_steps=$S0 --train_data=$OUT/pretrain_pairs.jsonl \
-        --out_dir=$OUT/0_pretrain "$@"
+        --out_dir=$OUT/0_pretrain --overwrite=true "$@"
     INIT=(--init_from=$OUT/0_pretrain/final)
 fi
-stage 1_dense python train.py configs/demo.yaml --max_steps=$S1 --out_dir=$OUT/1_dense "${INIT[@]}" "$@"
+stage 1_dense python train.py configs/demo.yaml --max_steps=$S1 --out_dir=$OUT/1_dense --overwrite=true \
+    "${INIT[@]}" "$@"
 stage 2_all_heads python train.py configs/demo.yaml --max_steps=$S2 --head_schedule=dense,sparse,colbert --seed=43 \
-    --init_from=$OUT/1_dense/final --out_dir=$OUT/2_all_heads "$@"
+    --init_from=$OUT/1_dense/final --out_dir=$OUT/2_all_heads --overwrite=true "$@"
 stage 3_unified python train.py configs/demo.yaml --max_steps=$S3 --head_schedule=dense,sparse,colbert --seed=44 \
-    --self_distill=true --init_from=$OUT/2_all_heads/final --out_dir=$OUT/3_unified "$@"
+    --self_distill=true --init_from=$OUT/2_all_heads/final --out_dir=$OUT/3_unified --overwrite=true "$@"
 stage eval python eval.py --ckpt $OUT/3_unified/final --data data/scifact --split test "${EVAL[@]}" --out $OUT/eval
 echo "wall time per stage: ${TIMES[*]}" | tee $OUT/wall_times.txt

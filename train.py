@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from data import epoch_batches, make_batch, open_datasets
 from losses import gather, m3_loss
-from model import HEADS, M3, colbert_score, dense_score, sparse_score
+from model import HEADS, M3, TOKENIZER_FILES, check_weights, colbert_score, dense_score, load_head, sparse_score
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Config:
     # model
     model: str = "BAAI/bge-m3-unsupervised"  # hub name, local dir, or "minilm" (the bundled demo encoder)
     init_new_heads: bool = False  # start new heads (sparse: term matching, colbert: random) if the checkpoint has none
-    pooling: str = "cls"  # dense pooling: cls (M3, SPEC 1.1) or mean (encoders trained that way, e.g. MiniLM)
+    pooling: str = ""  # dense pooling: cls (M3, SPEC 1.1) or mean (e.g. MiniLM); "" = the checkpoint's (else cls)
     colbert_dim: int = -1  # multi-vector dim D; -1 = hidden size (SPEC 1.3)
     freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings
     # data (SPEC 4)
@@ -75,33 +77,99 @@ class Config:
     # run
     out_dir: str = "runs/m3"
     init_from: str = ""  # start from this stage's checkpoint instead of `model` (e.g. runs/warmup/final)
-    resume: str = ""  # "auto" = newest checkpoint in out_dir, or a checkpoint dir
+    resume: str = ""  # "auto" = newest intact checkpoint in out_dir, or a checkpoint dir
+    overwrite: bool = False  # start over in an out_dir that holds a run: its checkpoints, log and config are deleted
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
 
 
 def load_config(argv):
-    """Config from defaults <- YAML files (flat diffs) <- --key=value overrides; unknown keys and bad types raise."""
-    cfg, types = Config(), {f.name: f.type for f in dataclasses.fields(Config)}
+    """Config from defaults <- YAML files (flat diffs) <- --key=value overrides; unknown keys, bad types and bad
+    values stop with the key and where it was set."""
+    cfg, types, where = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, val = arg[2:].partition("=")
             if not eq:
-                raise SystemExit(f"config: {arg!r} must be --key=value")
-            items, where = {key: yaml.safe_load(val)}, "command line"
+                stop(f"config: {arg!r} must be --key=value")
+            items, src = {key: yaml.safe_load(val)}, "command line"
         else:
             if not os.path.isfile(arg):
-                raise SystemExit(f"config: no such file {arg!r}")
-            items, where = yaml.safe_load(open(arg)) or {}, arg
+                stop(f"config: no such file {arg!r}")
+            try:
+                items, src = yaml.safe_load(open(arg)) or {}, arg
+            except yaml.YAMLError as e:
+                stop(f"config: {arg}: not valid YAML: {e}")
+            if not isinstance(items, dict):
+                stop(f"config: {arg}: expected key: value lines, got {type(items).__name__}")
         for key, val in items.items():
             if key not in types:
-                raise SystemExit(f"config: unknown key {key!r} ({where})")
-            setattr(cfg, key, _coerce(key, val, types[key], where))
-    if len(cfg.batch_sizes) != len(cfg.length_ranges) - 1:
-        raise SystemExit(f"config: batch_sizes has {len(cfg.batch_sizes)} values but length_ranges "
-                         f"{cfg.length_ranges} has {len(cfg.length_ranges) - 1} ranges")
+                stop(f"config: unknown key {key!r} ({src})")
+            setattr(cfg, key, _coerce(key, val, types[key], src))
+            where[key] = src
+    for key, problem in config_problems(cfg):
+        stop(f"config: {key}={getattr(cfg, key)!r} ({where.get(key, 'default')}): {problem}")
     return cfg
+
+
+def config_problems(cfg):
+    """(key, problem) for every value that would crash later or train something silently wrong."""
+    rules = [("temperature", cfg.temperature > 0, "must be > 0 (tau divides every score)"),
+             ("train_group_size", cfg.train_group_size >= 1, "must be >= 1 (1 positive + G-1 negatives)"),
+             ("kd_loss_type", cfg.kd_loss_type in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),
+             ("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
+             ("epochs", cfg.epochs >= 1, "must be >= 1"),
+             ("keep_last", cfg.keep_last >= 1, "must be >= 1 (checkpoints kept in out_dir)"),
+             ("save_every", cfg.save_every >= 1, "must be >= 1"), ("log_every", cfg.log_every >= 1, "must be >= 1"),
+             ("lr", cfg.lr > 0, "must be > 0"), ("head_lr", cfg.head_lr >= 0, "must be >= 0 (0 = lr)"),
+             ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"), ("grad_clip", cfg.grad_clip > 0, "must be > 0"),
+             ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1, "must be in [0, 1]"),
+             ("shuffle_ratio", 0 <= cfg.shuffle_ratio <= 1, "must be in [0, 1]"),
+             ("query_max_len", cfg.query_max_len >= 2, "must be >= 2 (CLS + end token)"),
+             ("passage_max_len", cfg.passage_max_len >= 2, "must be >= 2 (CLS + end token)"),
+             ("sub_batch_size", cfg.sub_batch_size >= 0, "must be >= 0 (0 = the whole batch at once)"),
+             ("self_distill_start", cfg.self_distill_start >= 0, "must be >= 0"),
+             ("colbert_dim", cfg.colbert_dim == -1 or cfg.colbert_dim >= 1, "must be >= 1, or -1 for the hidden size"),
+             ("dtype", cfg.dtype in ("bf16", "fp16", "fp32"), "must be bf16, fp16 or fp32"),
+             ("pooling", cfg.pooling in ("", "cls", "mean"), "must be cls, mean, or empty for the checkpoint's"),
+             ("batch_sizes", all(b >= 1 for b in cfg.batch_sizes), "every batch size must be >= 1"),
+             ("length_ranges", len(cfg.length_ranges) >= 2 and cfg.length_ranges[0] >= 0 and
+              all(a < b for a, b in zip(cfg.length_ranges, cfg.length_ranges[1:])),
+              "must be >= 2 increasing token lengths starting at >= 0"),
+             ("batch_sizes", len(cfg.batch_sizes) == len(cfg.length_ranges) - 1,
+              f"{len(cfg.batch_sizes)} values but length_ranges {cfg.length_ranges} has "
+              f"{len(cfg.length_ranges) - 1} ranges"),
+             ("loss_norm", cfg.loss_norm > 0, "must be > 0"), ("kd_norm", cfg.kd_norm > 0, "must be > 0"),
+             ("final_norm", cfg.final_norm > 0, "must be > 0")]
+    problems = [(key, why) for key, ok, why in rules if not ok]
+    try:
+        parse_schedule(cfg.head_schedule)
+    except ValueError as e:
+        problems.append(("head_schedule", str(e)))
+    if cfg.resume and cfg.overwrite:
+        problems.append(("overwrite", "and resume exclude each other: continue the run or replace it"))
+    return problems
+
+
+def parse_schedule(text):
+    """head_schedule "dense;dense,sparse,colbert" -> [["dense"], ["dense", "sparse", "colbert"]] (epoch by epoch,
+    the last repeats); spaces are ignored, an unknown or missing head raises (a typo would switch a head off)."""
+    epochs = [[h.strip() for h in part.split(",") if h.strip()] for part in text.split(";")]
+    for heads in epochs:
+        unknown = [h for h in heads if h not in ("dense", "sparse", "colbert")]
+        if unknown:
+            raise ValueError(f"unknown head {unknown[0]!r}: heads are dense, sparse, colbert")
+        if "dense" not in heads:
+            raise ValueError(f"every epoch trains dense (the loss is built on it, SPEC 3.4): got {heads}")
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"a head is listed twice in {heads}")
+    return epochs
+
+
+def stop(msg):
+    """Exit with msg, printed once (by rank 0) however many processes torchrun started."""
+    raise SystemExit(msg if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
 def _coerce(key, val, typ, where):
@@ -116,7 +184,7 @@ def _coerce(key, val, typ, where):
             raise ValueError("expected an integer")
         return typ(val) if val is not None or typ is str else ""
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"config: {key}={val!r} ({where}) is not a {typ.__name__}: {e}") from None
+        stop(f"config: {key}={val!r} ({where}) is not a {typ.__name__}: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,12 +287,15 @@ def make_optimizer(model, cfg, total_steps):
 
 
 def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
-    """Release layout + train_state.pt + config.yaml, written under a temporary name and renamed."""
+    """Release layout + train_state.pt (+ its position as train_state.json) + config.yaml, written under a
+    temporary name and renamed; the oldest step checkpoints beyond keep_last are deleted."""
     final, tmp = os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 **position}, os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump(position, f)  # the step, readable without loading the optimizer state
     with open(os.path.join(tmp, "config.yaml"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     shutil.rmtree(final, ignore_errors=True)
@@ -234,14 +305,126 @@ def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
         shutil.rmtree(os.path.join(cfg.out_dir, old))
 
 
+def checkpoint_state(path):
+    """(train_state, None) if every file a resume reads is there and readable, else (None, why)."""
+    try:
+        have = lambda f: os.path.isfile(os.path.join(path, f))
+        missing = [f for f in ("train_state.pt", "config.json", *HEADS.values()) if not have(f)]
+        if missing or not any(have(f) for f in TOKENIZER_FILES):
+            return None, f"missing {', '.join(missing) or 'tokenizer files'}"
+        check_weights(path)
+        for fname in HEADS.values():
+            load_head(os.path.join(path, fname))
+        state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+        if not {"optimizer", "scheduler", "scaler", "step", "epoch", "index"} <= set(state):
+            return None, "train_state.pt lacks the optimizer/scheduler state or the data position"
+        return state, None
+    except Exception as e:  # truncated or foreign files; weights_only refuses pickled code
+        return None, f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def checkpoint_step(path):
+    """The step a checkpoint was saved at, for ordering: train_state.json, else the step-N name, else train_state.pt."""
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    name = os.path.basename(path)
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    try:  # a final checkpoint written before train_state.json existed
+        return int(torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)["step"])
+    except Exception:
+        return -1
+
+
 def find_resume(cfg):
-    """The checkpoint to resume from: --resume=DIR, or with --resume=auto the newest one in out_dir (or None)."""
+    """(checkpoint dir, its train_state) to resume from, or (None, None) for a fresh start. --resume=auto takes the
+    newest intact checkpoint in out_dir and says which broken ones it skipped; --resume=DIR must be intact."""
+    if not cfg.resume:
+        return None, None
     if cfg.resume != "auto":
-        return cfg.resume or None
-    found = [os.path.join(cfg.out_dir, d) for d in os.listdir(cfg.out_dir) if d.startswith("step-") or d == "final"]
-    found = [d for d in found if os.path.isfile(os.path.join(d, "train_state.pt"))]
-    return max(found, key=lambda d: torch.load(os.path.join(d, "train_state.pt"), weights_only=True)["step"],
-               default=None)
+        if not os.path.isdir(cfg.resume):
+            stop(f"config: resume={cfg.resume!r}: no such checkpoint directory (--resume=auto picks the newest in "
+                 f"out_dir {cfg.out_dir})")
+        state, why = checkpoint_state(cfg.resume)
+        if state is None:
+            stop(f"config: resume={cfg.resume!r}: not a usable checkpoint: {why}")
+        return cfg.resume, state
+    names = os.listdir(cfg.out_dir) if os.path.isdir(cfg.out_dir) else []
+    found = [os.path.join(cfg.out_dir, d) for d in names if d == "final" or d.startswith("step-")]
+    broken = []
+    for path in sorted(found, key=checkpoint_step, reverse=True):
+        state, why = checkpoint_state(path)
+        if state is not None:
+            for bad, why in broken:
+                print0(f"resume: skipped {bad}, newer but broken ({why})")
+            return path, state
+        broken.append((path, why))
+    if broken:
+        stop(f"resume=auto: no intact checkpoint in {cfg.out_dir}: " + "; ".join(f"{p}: {w}" for p, w in broken))
+    return None, None
+
+
+def check_start(cfg, resume):
+    """Before any process does work: never mix two runs in one out_dir, and the checkpoint to start from exists."""
+    out = cfg.out_dir
+    if not cfg.train_data:
+        stop("config: train_data is empty: pass --train_data=FILE_OR_DIR")
+    if os.path.exists(out) and not os.path.isdir(out):
+        stop(f"config: out_dir={out!r} is a file, not a directory")
+    inside = cfg.resume == "auto" or os.path.abspath(cfg.resume).startswith(os.path.abspath(out) + os.sep)
+    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if held and not cfg.overwrite and not (cfg.resume and inside):
+        stop(f"config: out_dir={out!r} already holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}: "
+             f"--resume=auto continues that run, --overwrite=true replaces it (deletes its checkpoints and log), "
+             f"or choose another --out_dir")
+    key = "init_from" if cfg.init_from else "model"
+    path = getattr(cfg, key)
+    local = path.startswith(("/", ".", "~")) or path.count("/") >= 2 or \
+        (path.count("/") == 1 and os.path.isdir(path.split("/")[0]))  # else a hub name "org/name" or a bundled one
+    if resume is None and local and not os.path.isdir(os.path.expanduser(path)):
+        made_by = [f"configs/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith(".yaml")
+                   and (yaml.safe_load(open(os.path.join(ROOT, "configs", f))) or {}).get("out_dir") ==
+                   os.path.normpath(os.path.dirname(os.path.normpath(path)))]
+        hint = f" It is written by {made_by[0]}: run that stage first." if made_by else ""
+        stop(f"config: {key}={path!r}: no such checkpoint directory.{hint}" +
+             (f" Or start from `model` ({cfg.model}) with --init_from=" if key == "init_from" else ""))
+
+
+def start_run_dir(cfg, step):
+    """Rank 0, once the model and the data loaded: clear a run being overwritten, keep log.jsonl to the steps
+    before `step` (a resume re-runs the others; their records move to log.superseded.jsonl), write config.yaml."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.overwrite:  # the earlier run's files only; anything else the user keeps there stays
+        for f in os.listdir(cfg.out_dir):
+            path = os.path.join(cfg.out_dir, f)
+            if f in ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final") or f.startswith(("step-", ".tmp-")):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    log = os.path.join(cfg.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        keep, drop = [], []
+        for line in open(log):
+            try:
+                (keep if json.loads(line)["step"] < step else drop).append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                drop.append(line if line.endswith("\n") else line + "\n")
+        if drop:
+            with open(os.path.join(cfg.out_dir, "log.superseded.jsonl"), "a") as f:
+                f.writelines(drop)
+            print0(f"log.jsonl: {len(drop)} records from step {step} on moved to log.superseded.jsonl (re-run now)")
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
+    with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))
+
+
+def print0(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +432,8 @@ def find_resume(cfg):
 
 def main(argv):
     cfg = load_config(argv)
+    resume, state = find_resume(cfg)  # every rank checks the same files before any process group work
+    check_start(cfg, resume)
     ddp = "RANK" in os.environ  # launched by torchrun
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -258,21 +443,17 @@ def main(argv):
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{local_rank}" if ddp else "cuda") if torch.cuda.is_available() else torch.device("cpu")
     master = rank == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if master:
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, width=120))
-        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    print0(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, width=120))
 
-    resume = find_resume(cfg)
     torch.manual_seed(cfg.seed)  # new heads start the same on every rank and in every rerun
     model = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
-                               pooling=cfg.pooling, colbert_dim=cfg.colbert_dim)
+                               pooling=cfg.pooling or None, colbert_dim=cfg.colbert_dim)
     tok = model.tokenizer
-    if ddp and rank != 0:
-        dist.barrier()  # rank 0 builds the offset/length index once, the others then read it from the cache
-    datasets = open_datasets(cfg.train_data, tok, kd=cfg.kd)
-    if ddp and rank == 0:
+    local_first = ddp and int(os.environ.get("LOCAL_RANK", 0)) != 0
+    if local_first:
+        dist.barrier()  # each node's local rank 0 checks (and builds) the index, the others then trust its cache
+    datasets = open_datasets(cfg.train_data, tok, kd=cfg.kd, verify=not local_first)
+    if ddp and not local_first:
         dist.barrier()
     batch_kw = dict(epoch=0, seed=cfg.seed, world_size=world, rank=rank, length_ranges=cfg.length_ranges,
                     batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
@@ -293,14 +474,17 @@ def main(argv):
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
     step, epoch, index = 0, 0, 0
     if resume:
-        state = torch.load(os.path.join(resume, "train_state.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, index = state["step"], state["epoch"], state["index"]
-        if master:
-            print(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})")
-    schedule = [h.split(",") for h in cfg.head_schedule.split(";")]
+        done = f": nothing to do, the run has {total} steps (raise max_steps or epochs to go on)"
+        print0(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})" + (done if step >= total else ""))
+    if master:  # model and data are good: only now is anything in out_dir changed
+        start_run_dir(cfg, step)
+    if ddp:
+        dist.barrier()
+    schedule = parse_schedule(cfg.head_schedule)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
     bar = tqdm(total=total, initial=step, disable=not (master and sys.stderr.isatty()), desc="train")
     while step < total:

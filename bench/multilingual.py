@@ -140,7 +140,7 @@ def main():
     t = time.time()
     run_dir = os.path.join(a.out, "train")
     cmd = [sys.executable, "train.py", "configs/me5.yaml", f"--model={a.model_dir}", f"--train_data={train_file}",
-           f"--out_dir={run_dir}", f"--max_steps={a.steps}", *train_args]
+           f"--out_dir={run_dir}", f"--max_steps={a.steps}", "--overwrite=true", *train_args]
     print(f"\n== fine-tune ({n_train} SciFact train queries, English): {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     times["fine-tune"] = time.time() - t

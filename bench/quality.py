@@ -36,7 +36,7 @@ def train(out, steps, stage, *extra):
     has its own seed (42 + stage, as demo.sh) so that it draws new batches instead of replaying the first ones."""
     t = time.time()
     cmd = [sys.executable, "train.py", "configs/demo.yaml", "--train_group_size=8", "--passage_max_len=256",
-           f"--max_steps={steps}", f"--out_dir={out}", f"--seed={42 + stage}", *extra]
+           f"--max_steps={steps}", f"--out_dir={out}", f"--seed={42 + stage}", "--overwrite=true", *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return time.time() - t
 
