@@ -26,12 +26,53 @@ METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # ----------------------------------------------------------------------------- data
 
 
-def read_jsonl(path):
-    """List of JSON records, one per non-empty line."""
+def read_jsonl(path, fields=(), unique=None):
+    """List of JSON objects, one per non-empty line, each with a string value for every key in fields and, for the key
+    unique, a value no other line has. Errors name the file and the 1-based line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+    recs, seen = [], {}  # seen: id -> line
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(r).__name__}")
+            for k in fields:
+                if not isinstance(r.get(k), str):
+                    got = f"expected a string, got {json.dumps(r[k])[:40]}" if k in r else "missing"
+                    raise ValueError(f"{path}, line {n}: field '{k}': {got}")
+            if unique:  # a repeated corpus id scores its relevant doc twice (nDCG@10 above 1)
+                if r[unique] in seen:
+                    raise ValueError(f"{path}, line {n}: field '{unique}': duplicate id {r[unique]!r} "
+                                     f"(first at line {seen[r[unique]]})")
+                seen[r[unique]] = n
+            recs.append(r)
+    return recs
+
+
+def read_qrels(path):
+    """{query_id: {doc_id: rel}} from a BEIR qrels TSV (query-id, corpus-id, integer score); line 1 may be a header."""
+    qrels = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        for row in rows:
+            if not "".join(row).strip():
+                continue  # blank line
+            try:
+                rel = int(row[-1]) if len(row) >= 3 and row[0] and row[1] else None
+            except ValueError:
+                rel = None
+            if rel is not None:
+                qrels.setdefault(row[0], {})[row[1]] = rel
+            elif rows.line_num > 1:  # only line 1 may be a header
+                raise ValueError(f"{path}, line {rows.line_num}: expected query-id<TAB>corpus-id<TAB>integer score, "
+                                 f"got {row}")
+    return qrels
 
 
 def passage_text(r):
@@ -39,27 +80,40 @@ def passage_text(r):
     return f"{r['title']} {r['text']}" if r.get("title") else r["text"]
 
 
+def data_error(data_dir, split):
+    """Why data_dir is not a BEIR dir with this split, naming the missing files; None when it is."""
+    if not os.path.isdir(data_dir):
+        return f"{data_dir}: no such directory"
+    files = ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")
+    gone = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
+    qdir = os.path.join(data_dir, "qrels")
+    splits = f" (splits there: {sorted(os.listdir(qdir))})" if files[2] in gone and os.path.isdir(qdir) else ""
+    return f"{data_dir}: no {', '.join(gone)}{splits}" if gone else None
+
+
 def load_beir(data_dir, split, max_corpus=None):
     """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files."""
-    corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"))
-    queries = {r["_id"]: r for r in read_jsonl(os.path.join(data_dir, "queries.jsonl"))}
-    path = os.path.join(data_dir, "qrels", f"{split}.tsv")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (splits there: {os.listdir(os.path.dirname(path))})")
-    qrels = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for row in csv.reader(f, delimiter="\t"):
-            if len(row) >= 3 and row[-1].lstrip("-").isdigit():  # skips the header line
-                qrels.setdefault(row[0], {})[row[1]] = int(row[-1])
+    error = data_error(data_dir, split)
+    if error:
+        raise FileNotFoundError(error)
+    qpath, path = os.path.join(data_dir, "queries.jsonl"), os.path.join(data_dir, "qrels", f"{split}.tsv")
+    queries = {r["_id"]: r for r in read_jsonl(qpath, ("_id", "text"), "_id")}
+    qrels = read_qrels(path)
+    # queries without a relevant doc are skipped, as BEIR does; missing docs stay in qrels (they count as not found)
+    usable = {q: rels for q, rels in qrels.items() if q in queries and max(rels.values()) > 0}
+    if not usable:  # checked before the corpus is read and anything is encoded
+        found = sum(q in queries for q in qrels)
+        why = ("no rows" if not qrels else f"0 of {len(qrels)} query ids in qrels are in {qpath}" if not found else
+               f"none of its {found} queries that are in {qpath} has a relevance > 0")
+        raise ValueError(f"{path}: no query to evaluate: {why}")
+    corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text"), "_id")
     doc_ids = {r["_id"] for r in corpus}
     missing = {"queries": sum(q not in queries for q in qrels),
                "docs": sum(d not in doc_ids for rels in qrels.values() for d in rels)}
-    # queries without a relevant doc are skipped, as BEIR does; missing docs stay in qrels (they count as not found)
-    qrels = {q: rels for q, rels in qrels.items() if q in queries and max(rels.values()) > 0}
     if max_corpus is not None:  # quick runs: every relevant doc plus the first max_corpus others
-        rel = {d for rels in qrels.values() for d in rels}
+        rel = {d for rels in usable.values() for d in rels}
         corpus = [r for i, r in enumerate(corpus) if r["_id"] in rel or i < max_corpus]
-    return corpus, [queries[q] for q in qrels], qrels, missing
+    return corpus, [queries[q] for q in usable], usable, missing
 
 # ----------------------------------------------------------------------------- encoding + on-disk cache
 
@@ -114,10 +168,15 @@ def model_key(model):
 
 
 def model_loader(model, need_key):
-    """(get_model, key) for a checkpoint path (loaded lazily, only on a cache miss) or an in-memory M3."""
+    """(get_model, key, ckpt) for a checkpoint path (loaded lazily, only on a cache miss), an in-memory M3 or a function
+    returning one (main's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records."""
     if not isinstance(model, str):
-        return (lambda: model), (model_key(model) if need_key else None)
+        model = model if hasattr(model, "encode") else model()
+        key = model_key(model) if need_key else None
+        return (lambda: model), key, {"ckpt": getattr(model, "source", "<in-memory model>"), "ckpt_abspath": None,
+                                      "ckpt_key": key}
     key, box = ckpt_key(model), []
+    ckpt = {"ckpt": model, "ckpt_abspath": os.path.abspath(model) if os.path.isdir(model) else None, "ckpt_key": key}
 
     def get():
         if not box:
@@ -125,7 +184,7 @@ def model_loader(model, need_key):
             import torch
             box.append(M3.from_pretrained(model).to("cuda" if torch.cuda.is_available() else "cpu").eval())
         return box[0]
-    return get, key
+    return get, key, ckpt
 
 
 def encode(get_model, texts, max_length, batch_size=32, mcls=False, cache_dir=None, key=None):
@@ -338,21 +397,81 @@ def print_table(rows):
 # ----------------------------------------------------------------------------- evaluate and mine
 
 
-def encode_both(model, passages, queries, query_max_len, passage_max_len, batch_size, mcls, cache_dir):
+def encode_both(get_model, key, passages, queries, query_max_len, passage_max_len, batch_size, mcls, cache_dir):
     """(P, Q) packed encodings; mcls applies to passages only (long documents, SPEC 5.3)."""
-    get_model, key = model_loader(model, need_key=bool(cache_dir))
     P = encode(get_model, passages, passage_max_len, batch_size, mcls, cache_dir, key)
     Q = encode(get_model, queries, query_max_len, batch_size, False, cache_dir, key)
     return P, Q
 
 
+MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1)
+
+
+def option_error(weights, prefix="", ranks=None, **ints):
+    """What is wrong with the options, naming the option (prefix "--" on the command line), or None: weights are 3
+    finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi", 0 <= lo < hi."""
+    try:
+        w = [float(x) for x in (weights.split(",") if isinstance(weights, str) else weights)]
+    except (TypeError, ValueError):
+        w = []
+    if len(w) != 3 or not np.isfinite(w).all() or not any(w):
+        return f"{prefix}weights: expected 3 numbers dense,sparse,colbert, not all 0; got {weights!r}"
+    for k, v in ints.items():
+        if not isinstance(v, (int, np.integer)) or v < MINIMUM[k]:
+            return f"{prefix}{k}: expected an integer >= {MINIMUM[k]}; got {v!r}"
+    lo_hi = ranks.split("-") if isinstance(ranks, str) else ranks
+    if ranks is not None and not (len(lo_hi) == 2 and all(str(x).isdecimal() for x in lo_hi)
+                                  and int(lo_hi[0]) < int(lo_hi[1])):
+        return f"{prefix}range: expected fused ranks lo-hi, integers with 0 <= lo < hi (e.g. 10-100); got {ranks!r}"
+    return None
+
+
+def check_out(out_dir, ckpt):
+    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
+    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError:
+        old = None
+    old = old if isinstance(old, dict) else {}
+    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
+    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
+        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
+        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
+                              "(out_dir), --overwrite, or remove that file")
+
+
+def write_atomic(path, lines):
+    """Write the strings lines to path through a temporary file: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
-             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, verbose=True):
-    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3 or checkpoint."""
+             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True):
+    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint or a
+    function returning an M3. out_dir/metrics.json records the checkpoint and replaces another's only on overwrite."""
+    error = option_error(weights, depth=depth, colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
+                         passage_max_len=passage_max_len)
+    if error:
+        raise ValueError(error)
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
-    P, Q = encode_both(model, [passage_text(r) for r in corpus], [r["text"] for r in queries], query_max_len,
+    get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir))
+    if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
+        check_out(out_dir, ckpt)
+    P, Q = encode_both(get_model, key, [passage_text(r) for r in corpus], [r["text"] for r in queries], query_max_len,
                        passage_max_len, batch_size, mcls, cache_dir)
     t1 = time.time()
     ids = np.array([r["_id"] for r in corpus])
@@ -366,7 +485,7 @@ def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, ind
     rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": (wd, ws, 0),
             "all": (wd, ws, wc)}
     scored = {name: score(w) for name, w in rows.items()}
-    res = dict(rows={k: v[0] for k, v in scored.items()}, weights=list(weights), n_queries=len(queries),
+    res = dict(rows={k: v[0] for k, v in scored.items()}, **ckpt, weights=list(weights), n_queries=len(queries),
                n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir),
                depth=depth, index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
                passage_max_len=passage_max_len, mcls=mcls)
@@ -387,19 +506,28 @@ def evaluate(model, data_dir, split="test", weights=(1, 0.3, 1), depth=1000, ind
             print(f"sweep {r['weights']}: nDCG@10 {r['nDCG@10']:.4f} Recall@100 {r['Recall@100']:.4f}")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        if not overwrite:
+            check_out(out_dir, ckpt)  # again: another run may have written there meanwhile
+        write_atomic(os.path.join(out_dir, "metrics.json"), [json.dumps(res, indent=1)])
+        if verbose:
+            print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return res
 
 
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights=(1, 0.3, 1), seed=0, scores=False,
-         query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", colbert_k=64, cache_dir=None):
+         query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", index_params="", colbert_index="Flat",
+         colbert_k=64, cache_dir=None):
     """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
     ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query."""
-    P, Q = encode_both(model, passages, queries, query_max_len, passage_max_len, batch_size, False, cache_dir)
+    error = option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
+                         query_max_len=query_max_len, passage_max_len=passage_max_len)
+    if error:
+        raise ValueError(error)
+    get_model, key, _ = model_loader(model, need_key=bool(cache_dir))
+    P, Q = encode_both(get_model, key, passages, queries, query_max_len, passage_max_len, batch_size, False, cache_dir)
     use = tuple(w != 0 for w in weights)
     tie = np.arange(len(passages))  # passages have no ids here: ties by position
-    fused = fuse(retrieve(Q, P, hi, index, "", "Flat", colbert_k, use), weights, hi, tie)
+    fused = fuse(retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
     rng, w, out = np.random.default_rng(seed), np.asarray(weights, np.float32), []
     for i, (q, pos) in enumerate(zip(queries, positives)):
         pos = np.asarray(pos, np.int64)
@@ -415,6 +543,14 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights=(1
     return out
 
 # ----------------------------------------------------------------------------- command line
+
+
+def default_out(ckpt, data_dir, split):
+    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
+    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
+    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
+    name = "_".join(x for x in parts if x)
+    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
 
 
 def main(argv=None):
@@ -450,47 +586,59 @@ def main(argv=None):
         p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
         p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
         p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
-        p.add_argument("--out", help="dir for metrics.json (default runs/eval/<ckpt>-<data>-<split>)")
+        p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
+                                     "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
     a = p.parse_args(argv[1:] if mining else argv)
+    error = option_error(a.weights, "--", a.range if mining else None, colbert_k=a.colbert_k, batch_size=a.batch_size,
+                         query_max_len=a.query_max_len, passage_max_len=a.passage_max_len,
+                         **(dict(n_neg=a.n_neg) if mining else dict(depth=a.depth)))
+    if error:
+        p.error(error)
+    if not (a.data or mining and a.jsonl):
+        p.error("mine needs --data or --jsonl" if mining else "--data is required")
+    error = data_error(a.data, a.split) if a.data and not (mining and a.jsonl) else None
+    if error:
+        p.error(f"--data: {error}")
+    for opt in ("jsonl", "corpus") if mining else ():
+        if getattr(a, opt) and os.path.abspath(getattr(a, opt)) == os.path.abspath(a.out):
+            p.error(f"--out {a.out} is the --{opt} input: the mined records would replace it")
     model = a.ckpt
-    if a.new_heads or a.pooling:  # loaded here: the encoding cache then keys on the weights themselves
-        import torch
-        from model import M3
-        torch.manual_seed(0)
-        model = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling)
+    if a.new_heads or a.pooling:  # in memory (the cache then keys on the weights), loaded after the data checks
+
+        def load():
+            import torch
+            from model import M3
+            torch.manual_seed(0)
+            m = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling)
+            m.source = f"{a.ckpt} (new_heads={a.new_heads}, pooling={a.pooling})"  # what metrics.json records
+            return m
+        model = load
     weights = tuple(float(x) for x in a.weights.split(","))
     enc = dict(query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, batch_size=a.batch_size,
-               index=a.index, colbert_k=a.colbert_k, cache_dir=a.cache_dir or None)
+               index=a.index, index_params=a.index_params, colbert_index=a.colbert_index, colbert_k=a.colbert_k,
+               cache_dir=a.cache_dir or None)
     if not mining:
-        if not a.data:
-            p.error("--data is required")
-        name = lambda d: os.path.basename(os.path.normpath(d))
-        out = a.out or os.path.join("runs", "eval", f"{name(a.ckpt)}-{name(a.data)}-{a.split}")
-        return evaluate(model, a.data, a.split, weights, a.depth, index_params=a.index_params,
-                        colbert_index=a.colbert_index, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, out_dir=out,
-                        **enc)
+        return evaluate(model, a.data, a.split, weights, a.depth, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep,
+                        out_dir=a.out or default_out(a.ckpt, a.data, a.split), overwrite=a.overwrite, **enc)
     lo, hi = (int(x) for x in a.range.split("-"))
     if a.jsonl:
         recs = read_jsonl(a.jsonl)
-        pool = ([passage_text(r) for r in read_jsonl(a.corpus)] if a.corpus else
+        pool = ([passage_text(r) for r in read_jsonl(a.corpus, ("text",))] if a.corpus else
                 [t for r in recs for t in r["pos"] + r.get("neg", [])])
         pool = list(dict.fromkeys(pool + [t for r in recs for t in r["pos"]]))  # dedup, keep order; positives included
         at = {t: j for j, t in enumerate(pool)}
         queries, positives = [r["query"] for r in recs], [[at[t] for t in r["pos"]] for r in recs]
-    elif a.data:
+    else:
         corpus, qs, qrels, _ = load_beir(a.data, a.split)
         pool, at = [passage_text(r) for r in corpus], {r["_id"]: j for j, r in enumerate(corpus)}
         recs = [{} for _ in qs]
         queries = [r["text"] for r in qs]
         positives = [[at[d] for d, rel in qrels[r["_id"]].items() if rel > 0 and d in at] for r in qs]
-    else:
-        p.error("mine needs --data or --jsonl")
     mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, weights, a.seed, a.scores, **enc)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f:
-        for r, m in zip(recs, mined):
-            f.write(json.dumps({**{k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")}, **m},
-                               ensure_ascii=False) + "\n")
+    write_atomic(a.out, (json.dumps({**{k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")}, **m},
+                                    ensure_ascii=False) + "\n" for r, m in zip(recs, mined)))
     print(f"wrote {len(mined)} records to {a.out}; ranks {lo}-{hi}, {a.n_neg} negatives each")
     return mined
 

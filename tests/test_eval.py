@@ -2,6 +2,7 @@
 MaxSim, metrics vs hand-computed values, fusion with exact scores, mining ranks, the encoding cache."""
 import json
 import os
+import shutil
 import zlib
 
 import numpy as np
@@ -38,6 +39,7 @@ def test_dense_faiss_equals_numpy():
     P, Q = unit(rng.standard_normal((600, 24))), unit(rng.standard_normal((20, 24)))
     S = Q @ P.T
     ref = np.argsort(-S, axis=1)[:, :10]
+    assert np.diff(np.sort(S, 1)[:, -11:]).min() > 1e-5  # no near-ties: the fp32 top-10 order is defined
     for spec, params in [("Flat", ""), ("IVF4,Flat", "nprobe=4")]:  # all 4 lists probed -> exact
         scores, idx = ev.build_index(P, spec, params).search(Q, 10)
         np.testing.assert_array_equal(idx, ref)
@@ -50,6 +52,8 @@ def test_sparse_index_equals_dict_overlap():
     Q, P = ev.pack(qo), ev.pack(po)
     S = brute(qo, po)[1]
     rows = np.arange(3, 12)  # a batch that does not start at query 0
+    top = np.sort(S[rows], 1)[:, ::-1]
+    assert ((top[:, 4] - top[:, 5] > 1e-4) | (top[:, 4] == 0)).all()  # no near-tie at k=5: top-5 sets are defined
     for head_df, n_head in ((None, 40), (10 ** 6, 0), (1, 40), (15, None)):  # default, postings, matmul only, mixed
         inv = ev.sparse_index(P, head_df)
         assert n_head is None and 0 < len(inv["head"]) < 40 or len(inv["head"]) == n_head
@@ -77,7 +81,9 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive():
     k = 3  # small k': candidates = passages owning one of each query token's 3 nearest passage tokens
     tok2doc = np.repeat(np.arange(50), np.diff(P["cb_ptr"]))
     for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=3)):
-        near = np.argsort(-(qo["colbert"][i] @ P["cb_vecs"].T), axis=1)[:, :k]
+        sim = qo["colbert"][i] @ P["cb_vecs"].T
+        near = np.argsort(-sim, axis=1)[:, :k]
+        assert (-np.diff(np.sort(sim, 1)[:, ::-1][:, k - 1:k + 1])).min() > 1e-5  # no near-tie at the k boundary
         np.testing.assert_array_equal(cand, np.unique(tok2doc[near]))
         np.testing.assert_allclose(s[2], C[i, cand], rtol=1e-5, atol=1e-6)
     for cand in (rng.permutation(50), np.array([40, 2, 2, 17]), np.arange(0, 50, 3), np.arange(1, 50, 4)):
@@ -128,6 +134,7 @@ def test_fusion_uses_exact_scores_of_missed_passages():
     for i, (top, f) in enumerate(ev.fuse(full, w, 10, tie)):
         F = np.tensordot(w, S[:, i], 1)
         want = np.lexsort((tie, -F))[:10]
+        assert -np.diff(F[np.lexsort((tie, -F))[:11]]).min() > 1e-5  # no near-ties: the fp32 top-10 order is defined
         np.testing.assert_array_equal(top, want)
         np.testing.assert_allclose(f, F[want], rtol=1e-5, atol=1e-5)
 
@@ -200,6 +207,7 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
         qrels.setdefault(q, {})[d] = r
     for name, w in (("dense", (1, 0, 0)), ("all", (1, 0.3, 1))):
         F = np.tensordot(np.array(w, np.float32), S, 1)
+        assert np.diff(np.sort(F, 1)).min() > 1e-5  # no near-ties anywhere: the fp32 rankings are defined
         ranked = [ids[np.lexsort((ids, -F[i]))] for i in range(len(qs))]
         want = [ev.query_metrics(r, qrels[q["_id"]], 1000) for r, q in zip(ranked, qs)]
         for k in ev.METRICS:
@@ -222,13 +230,15 @@ def test_mine_range_positives_scores(tmp_path):
     S = np.tensordot(np.array(w, np.float32), brute(m.encode(queries), m.encode(passages)), 1)
     for i, rec in enumerate(mined):
         ranking = np.lexsort((np.arange(len(passages)), -S[i]))
+        assert S[i, ranking[2]] - S[i, ranking[3]] > 1e-4 and S[i, ranking[19]] - S[i, ranking[20]] > 1e-4  # lo, hi
         rank_of = {passages[j]: r for r, j in reversed(list(enumerate(ranking)))}  # best rank of each text
         pos_text = {passages[j] for j in positives[i]}
         assert len(rec["neg"]) == 5 and len(set(rec["neg"])) == 5
         assert not set(rec["neg"]) & pos_text and rec["pos"] == [passages[j] for j in positives[i]]
         assert all(3 <= rank_of[t] < 20 for t in rec["neg"])
-        np.testing.assert_allclose(rec["neg_scores"], [S[i, passages.index(t)] for t in rec["neg"]], atol=1e-5)
-        np.testing.assert_allclose(rec["pos_scores"], S[i, positives[i]], atol=1e-5)
+        np.testing.assert_allclose(rec["neg_scores"], [S[i, passages.index(t)] for t in rec["neg"]], rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(rec["pos_scores"], S[i, positives[i]], rtol=1e-5, atol=1e-5)
     again = ev.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, colbert_k=10 ** 4)
     assert [r["neg"] for r in again] == [r["neg"] for r in mined]  # seeded
     every = ev.mine(m, queries, positives, passages, lo=0, hi=len(passages), n_neg=1000, weights=w, colbert_k=10 ** 4)
@@ -253,7 +263,7 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     torch.manual_seed(1)
     torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)  # clearly non-zero lexical weights
     torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
-    m.save_pretrained(str(tmp_path / "ck"))
+    tiny_m3().save_pretrained(str(tmp_path / "ck"))
     data = str(tmp_path / "data")
     docs, qs, _ = write_beir(data, np.random.default_rng(6), n_docs=25, n_q=4)
     out = str(tmp_path / "out")
@@ -268,10 +278,11 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     Q, P = ev.pack(qo), ev.pack(po)
     for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=25, colbert_k=1000)):
         assert len(cand) == 25
-        np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], atol=1e-5)
+        np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s[1], [sum(w * p.get(t, 0) for t, w in qo["sparse"][i].items())
                                           for p in po["sparse"]], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(s[2], [colbert_score(qo["colbert"][i], p) for p in po["colbert"]], atol=1e-5)
+        np.testing.assert_allclose(s[2], [colbert_score(qo["colbert"][i], p) for p in po["colbert"]], rtol=1e-5,
+                                   atol=1e-5)
     mined = str(tmp_path / "mined.jsonl")
     ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--data", data, "--split", "test", "--range", "2-10",
              "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
@@ -299,9 +310,222 @@ def test_cli_zero_shot_bare_encoder_with_new_heads_and_pooling(tmp_path):
     res = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--pooling", "mean", "--data", data,
                    "--cache_dir", "", "--out", str(tmp_path / "out"), "--depth", "100"])
     torch.manual_seed(0)
-    ref = ev.evaluate(M3.from_pretrained(str(tmp_path / "bare"), new_heads=True, pooling="mean"), data, depth=100,
-                      verbose=False)
+    loaded = M3.from_pretrained(str(tmp_path / "bare"), new_heads=True, pooling="mean")
+    ref = ev.evaluate(loaded, data, depth=100, verbose=False)
     assert res["rows"] == ref["rows"]  # the CLI loads exactly the seeded mean-pooling model
+    assert res["ckpt"].startswith(str(tmp_path / "bare")) and res["ckpt_key"] == ev.model_key(loaded)  # and records it
     cls = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--data", data, "--cache_dir", "", "--depth", "100",
                    "--out", str(tmp_path / "out_cls")])
     assert cls["rows"]["dense"] != res["rows"]["dense"]  # pooling really changed
+
+
+def tiny_m3(seed=1):
+    """A tiny random M3 with clearly non-zero lexical weights."""
+    tok = make_tokenizer("xlmr")
+    m = M3(make_encoder(tok, "xlmr"), tok)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)
+    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
+    return m
+
+
+def variant(root, name, file, text):
+    """A copy of the BEIR dir root/good with one file's content replaced by text."""
+    d = os.path.join(root, name)
+    shutil.copytree(os.path.join(root, "good"), d)
+    with open(os.path.join(d, file), "w") as f:
+        f.write(text)
+    return d
+
+
+def test_beir_input_errors_name_file_line_and_field(tmp_path):
+    docs, qs, _ = write_beir(str(tmp_path / "good"), np.random.default_rng(7), n_docs=10, n_q=3)
+    corpus, queries = ([json.dumps(r) + "\n" for r in recs] for recs in (docs, qs))
+    qrels = open(tmp_path / "good" / "qrels" / "test.tsv").read().splitlines(keepends=True)
+    line = lambda lines, i, text: "".join(lines[:i - 1] + [text + "\n"] + lines[i:])  # replace 1-based line i
+    cases = [  # (file, content, error): line numbers are 1-based physical lines, blank ones included
+        ("corpus.jsonl", "\n" + "".join(corpus) + json.dumps({**docs[3], "text": "x"}) + "\n",
+         rf"corpus.jsonl, line {len(docs) + 2}: field '_id': duplicate id 'd3' \(first at line 5\)"),
+        ("queries.jsonl", "".join(queries) + json.dumps({"_id": "q1", "text": "y"}) + "\n",
+         rf"queries.jsonl, line {len(qs) + 1}: field '_id': duplicate id 'q1' \(first at line 2\)"),
+        ("corpus.jsonl", line(corpus, 3, '{"_id": "d2", "text": '), "corpus.jsonl, line 3: invalid JSON"),
+        ("corpus.jsonl", line(corpus, 2, '{"_id": "d1", "title": "T"}'), "corpus.jsonl, line 2: field 'text': missing"),
+        ("corpus.jsonl", line(corpus, 1, '{"_id": 0, "text": "a"}'), "corpus.jsonl, line 1: field '_id': expected"),
+        ("queries.jsonl", line(queries, 2, '{"text": "q"}'), "queries.jsonl, line 2: field '_id': missing"),
+        ("queries.jsonl", line(queries, 3, '{"_id": "q2", "text": null}'), "queries.jsonl, line 3: field 'text'"),
+        ("queries.jsonl", line(queries, 1, '["q0", "text"]'), "queries.jsonl, line 1: expected a JSON object"),
+        ("qrels/test.tsv", line(qrels, 3, "q1\td2"), "test.tsv, line 3:"),
+        ("qrels/test.tsv", line(qrels, 2, "q0\td1\t0.5"), "test.tsv, line 2:"),
+        ("qrels/test.tsv", line(qrels, 4, "query-id\tcorpus-id\tscore"), "test.tsv, line 4:"),  # a 2nd header
+        ("qrels/test.tsv", line(qrels, 5, "q1\t\t1"), "test.tsv, line 5:"),
+    ]
+    for n, (file, text, error) in enumerate(cases):
+        with pytest.raises(ValueError, match=error):
+            ev.load_beir(variant(tmp_path, f"bad{n}", file, text), "test")
+    # legal: no header, blank lines anywhere -> the same data as the good dir
+    same = variant(tmp_path, "same", "qrels/test.tsv", "\n" + "".join(qrels[1:3]) + "\n" + "".join(qrels[3:]) + "\n\n")
+    assert ev.load_beir(same, "test") == ev.load_beir(str(tmp_path / "good"), "test")
+
+
+def test_qrels_without_a_usable_query_fail_before_model_and_encoding(tmp_path):
+    write_beir(str(tmp_path / "good"), np.random.default_rng(8), n_docs=10, n_q=3)
+    head = "query-id\tcorpus-id\tscore\n"
+    cases = {"unknown": (head + "".join(f"x{i}\td{i}\t1\n" for i in range(4)), r"0 of 4 query ids in qrels are in "),
+             "zero": (head + "q0\td1\t0\nq1\td2\t-1\nx\td3\t1\n", r"relevance > 0"),
+             "empty": (head, r"no rows")}
+    for name, (text, why) in cases.items():
+        data = variant(tmp_path, name, "qrels/test.tsv", text)
+        m = FakeM3()
+        with pytest.raises(ValueError, match=r"test.tsv: .*" + why):
+            ev.evaluate(m, data, verbose=False)
+        assert m.calls == 0
+    nope = str(tmp_path / "no_such_ckpt")  # the data are checked before any model is loaded
+    for argv in ([], ["mine", "--split", "test", "--out", str(tmp_path / "m.jsonl")]):
+        with pytest.raises(ValueError, match="0 of 4 query ids"):
+            ev.main(argv + ["--ckpt", nope, "--new_heads", "--data", str(tmp_path / "unknown"), "--cache_dir", ""])
+
+
+def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_m3(1).save_pretrained("runs/a/final")
+    tiny_m3(2).save_pretrained("runs/b/final")
+    write_beir("data", np.random.default_rng(6), n_docs=12, n_q=3)
+    cli = ["--data", "data", "--depth", "100", "--cache_dir", ""]
+    for run in ("a", "b"):  # same folder name 'final': distinct default out dirs, each recording its checkpoint
+        res = ev.main(["--ckpt", f"runs/{run}/final"] + cli)
+        saved = json.load(open(f"runs/eval/{run}_final-data-test/metrics.json"))
+        assert saved == json.loads(json.dumps(res))
+        assert (saved["ckpt"], saved["ckpt_abspath"]) == (f"runs/{run}/final", str(tmp_path / "runs" / run / "final"))
+        assert saved["ckpt_key"] == ev.ckpt_key(f"runs/{run}/final")
+    assert ev.default_out("BAAI/bge-m3", "data/", "dev") == os.path.join("runs", "eval", "BAAI_bge-m3-data-dev")
+    a_dir = "runs/eval/a_final-data-test"
+    before = open(f"{a_dir}/metrics.json").read()
+    monkeypatch.setattr(ev, "encode", lambda *a, **k: pytest.fail("encoded before refusing"))
+    with pytest.raises(FileExistsError, match=rf"{a_dir}.*runs/a/final.*runs/b/final.*--out"):
+        ev.main(["--ckpt", "runs/b/final", "--out", a_dir] + cli)
+    with pytest.raises(FileExistsError, match="runs/b/final"):
+        ev.evaluate("runs/b/final", "data", out_dir=a_dir, verbose=False)
+    assert open(f"{a_dir}/metrics.json").read() == before
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    again = ev.main(["--ckpt", "runs/a/final", "--weights", "1,1,1"] + cli)  # the same checkpoint replaces its own
+    assert json.load(open(f"{a_dir}/metrics.json"))["weights"] == again["weights"] == [1, 1, 1]
+    tiny_m3(3).save_pretrained("runs/a/final")  # retrained in place: the same run, its metrics are replaced
+    assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == ev.ckpt_key("runs/a/final") != again["ckpt_key"]
+    ev.main(["--ckpt", "runs/b/final", "--out", a_dir, "--overwrite"] + cli)  # on purpose
+    assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == ev.ckpt_key("runs/b/final")
+    m = FakeM3()  # in memory: the weights' hash is the identity
+    res = ev.evaluate(m, "data", out_dir="mem", verbose=False)
+    assert (res["ckpt"], res["ckpt_key"]) == ("<in-memory model>", ev.model_key(m))
+    ev.evaluate(m, "data", out_dir="mem", verbose=False)
+    m.pooling = "mean"
+    with pytest.raises(FileExistsError, match="mem"):
+        ev.evaluate(m, "data", out_dir="mem", verbose=False)
+    before = open("mem/metrics.json").read()
+
+    def crash(obj, fp=None, **kw):  # a crash while writing: half a file, then an error
+        if fp is not None:
+            fp.write('{"rows": ')
+        raise OSError("disk full")
+    monkeypatch.setattr(json, "dump", crash)
+    monkeypatch.setattr(json, "dumps", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ev.evaluate(FakeM3(), "data", out_dir="mem", verbose=False)
+    monkeypatch.undo()
+    assert open(tmp_path / "mem" / "metrics.json").read() == before and os.listdir(tmp_path / "mem") == ["metrics.json"]
+
+
+class NoisyTokens(FakeM3):
+    """FakeM3 whose token vectors also depend on the text: a word's tokens in two passages do not tie."""
+
+    def encode(self, texts, **kw):
+        out = super().encode(texts, **kw)
+        rngs = [np.random.default_rng(zlib.crc32(t.encode())) for t in texts]
+        out["colbert"] = [unit(v + 0.3 * g.standard_normal(v.shape)) for v, g in zip(out["colbert"], rngs)]
+        return out
+
+
+def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monkeypatch):
+    rng = np.random.default_rng(10)
+    passages = list(dict.fromkeys(" ".join(rng.choice(WORDS, 6)) for _ in range(60)))
+    queries = [" ".join(rng.choice(WORDS, 3)) for _ in range(5)]
+    positives = [[i] for i in range(5)]
+    m = NoisyTokens()
+    P, Q = ev.pack(m.encode(passages)), ev.pack(m.encode(queries))
+    kw = dict(lo=2, hi=12, n_neg=4, scores=True, colbert_k=3, weights=(1, 0.3, 1))
+    # no near-ties at the dense top-hi and token top-colbert_k boundaries: IVF and Flat find the same candidates
+    top = np.sort(Q["dense"] @ P["dense"].T, 1)[:, ::-1]
+    assert (top[:, kw["hi"] - 1] - top[:, kw["hi"]]).min() > 1e-4
+    tok = np.sort(Q["cb_vecs"] @ P["cb_vecs"].T, 1)[:, ::-1]
+    assert (tok[:, kw["colbert_k"] - 1] - tok[:, kw["colbert_k"]]).min() > 1e-5
+    flat = ev.mine(m, queries, positives, passages, **kw)
+    calls, build = [], ev.build_index
+    monkeypatch.setattr(ev, "build_index", lambda x, spec="Flat", params="": calls.append((spec, params)) or
+                        build(x, spec, params))
+    ivf = ev.mine(m, queries, positives, passages, index="IVF4,Flat", index_params="nprobe=4",
+                  colbert_index="IVF4,Flat", **kw)  # all 4 lists probed: exact
+    assert calls == [("IVF4,Flat", "nprobe=4")] * 2  # dense, then passage tokens
+    assert [r["neg"] for r in ivf] == [r["neg"] for r in flat]
+    for a, b in zip(ivf, flat):
+        np.testing.assert_allclose(a["neg_scores"], b["neg_scores"], rtol=1e-5, atol=1e-6)
+    tiny_m3().save_pretrained(str(tmp_path / "ck"))
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps({"query": q, "pos": [passages[p[0]]]}) + "\n" for q, p in zip(queries, positives))
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in passages)
+    calls.clear()
+    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", str(tmp_path / "train.jsonl"), "--corpus",
+             str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "mined.jsonl"), "--cache_dir", "", "--index",
+             "IVF4,Flat", "--index_params", "nprobe=4", "--colbert_index", "IVF2,Flat", "--range", "0-4"])
+    assert calls == [("IVF4,Flat", "nprobe=4"), ("IVF2,Flat", "nprobe=4")]
+
+
+def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    write_beir(data, np.random.default_rng(11), n_docs=10, n_q=3)
+    nope = str(tmp_path / "no_such_ckpt")  # option errors come before the checkpoint is even looked at
+    mine = ["mine", "--ckpt", nope, "--data", data, "--split", "test", "--out", str(tmp_path / "m.jsonl")]
+    evals = ["--ckpt", nope, "--data", data]
+    cases = [(evals, "--weights", "1,0.3"), (evals, "--weights", "1,a,1"), (evals, "--weights", "0,0,0"),
+             (mine, "--weights", "1,nan,1"), (evals, "--depth", "0"), (evals, "--colbert_k", "-1"),
+             (mine, "--batch_size", "0"), (evals, "--query_max_len", "1"), (mine, "--passage_max_len", "0"),
+             (mine, "--range", "10"), (mine, "--range", "100-10"), (mine, "--range", "a-b"), (mine, "--n_neg", "0")]
+    for argv, opt, value in cases:
+        with pytest.raises(SystemExit):
+            ev.main(argv + [opt, value])
+        err = capsys.readouterr().err.splitlines()[-1]  # the error line, not the usage
+        assert opt in err and (f"got {value}" in err or f"got {value!r}" in err), err
+    os.remove(os.path.join(data, "queries.jsonl"))
+    for argv in (evals, mine):
+        with pytest.raises(SystemExit):
+            ev.main(argv)
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert "--data" in err and "queries.jsonl" in err and "corpus" not in err, err
+    with pytest.raises(SystemExit):
+        ev.main(["--ckpt", nope, "--data", str(tmp_path / "nowhere")])
+    assert "--data" in (err := capsys.readouterr().err.splitlines()[-1]) and "nowhere: no such dir" in err
+    jsonl = str(tmp_path / "train.jsonl")
+    with open(jsonl, "w") as f:
+        f.write(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
+    corpus = str(tmp_path / "corpus.jsonl")
+    with open(corpus, "w") as f:
+        f.write(json.dumps({"text": "p"}) + "\n")
+    for extra in (["--out", jsonl], ["--corpus", corpus, "--out", corpus]):  # mined output over its own input
+        with pytest.raises(SystemExit):
+            ev.main(["mine", "--ckpt", nope, "--jsonl", jsonl] + extra)
+        assert "--out" in (err := capsys.readouterr().err.splitlines()[-1]) and extra[-1] in err, err
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"title": "t"}) + "\n")
+    with pytest.raises(ValueError, match="corpus.jsonl, line 2: field 'text': missing"):
+        ev.main(["mine", "--ckpt", nope, "--jsonl", jsonl, "--corpus", corpus, "--out", str(tmp_path / "m.jsonl")])
+    write_beir(str(tmp_path / "d2"), np.random.default_rng(11), n_docs=10, n_q=3)
+    m = FakeM3()  # from Python: ValueError before any encoding
+    for kw, opt in ((dict(weights=(1, 0.3)), "weights"), (dict(weights=(1, "x", 1)), "weights"),
+                    (dict(depth=0), "depth"), (dict(colbert_k=-2), "colbert_k"), (dict(batch_size=0), "batch_size")):
+        with pytest.raises(ValueError, match=opt):
+            ev.evaluate(m, str(tmp_path / "d2"), verbose=False, **kw)
+    for kw, opt in ((dict(weights=(1, 1)), "weights"), (dict(lo=10, hi=5), "range"), (dict(lo=-1, hi=5), "range"),
+                    (dict(n_neg=0), "n_neg"), (dict(query_max_len=1), "query_max_len")):
+        with pytest.raises(ValueError, match=opt):
+            ev.mine(m, ["q"], [[0]], ["p", "r"], **kw)
+    assert m.calls == 0
