@@ -69,11 +69,11 @@ def kl_div_loss(s, teacher, G, offset=0):
     return soft_ce(s.gather(1, own), torch.softmax(teacher.to(s.dtype), dim=-1)) + info_nce(s, G, offset)
 
 
-def contrastive(s, G, offset, teacher, kd_loss_type):
+def contrastive(s, G, offset, teacher, teacher_kd_loss):
     """Plain InfoNCE without teacher scores, else the configured teacher-distillation loss."""
     if teacher is None:
         return info_nce(s, G, offset)
-    return {"m3_kd_loss": m3_kd_loss, "kl_div": kl_div_loss}[kd_loss_type](s, teacher, G, offset)
+    return {"m3_kd_loss": m3_kd_loss, "kl_div": kl_div_loss}[teacher_kd_loss](s, teacher, G, offset)
 
 
 def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_distill=False):
@@ -83,7 +83,8 @@ def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_d
     s_sparse, s_colbert (B, B*G) local, or None for a head that is switched off (it then contributes nothing).
     Dense alone: L = CE_dense. With more heads: L = (w_dense CE_dense + w_ens CE_ens + w_sparse CE_sparse
     + w_colbert CE_colbert) / loss_norm, s_ens = ens_dense s_dense + ens_sparse s_sparse + ens_colbert s_colbert.
-    Self-distillation: L' = (sum_x w_x soft_ce(s_x, softmax(stop-grad s_ens))) / kd_norm; final (L + L') / final_norm.
+    Self-distillation: L' = (sum_x w_x soft_ce(s_x, softmax(stop-grad s_ens))) / self_distill_norm;
+    final (L + L') / final_norm.
     """
     tau, N = cfg.temperature, s_dense.shape[0] * G
     d = s_dense / tau  # (B, M)
@@ -93,21 +94,21 @@ def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_d
     if s_colbert is not None:
         local["colbert"] = s_colbert / tau
     w = {"dense": cfg.w_dense, "sparse": cfg.w_sparse, "colbert": cfg.w_colbert}
-    ce = {"dense": contrastive(d, G, offset, teacher, cfg.kd_loss_type)}
-    ce.update({x: contrastive(local[x], G, 0, teacher, cfg.kd_loss_type) for x in local if x != "dense"})
+    ce = {"dense": contrastive(d, G, offset, teacher, cfg.teacher_kd_loss)}
+    ce.update({x: contrastive(local[x], G, 0, teacher, cfg.teacher_kd_loss) for x in local if x != "dense"})
     parts = {x: v.detach() for x, v in ce.items()}
-    if len(local) == 1:  # dense only: pre-training and the first warm-up epoch
+    if len(local) == 1:  # dense only (the others off: train.off_heads): pre-training, the first warm-up epoch
         loss, s_ens = w["dense"] * ce["dense"], local["dense"]
     else:
         ens_w = {"dense": cfg.ens_dense, "sparse": cfg.ens_sparse, "colbert": cfg.ens_colbert}
         s_ens = sum(ens_w[x] * local[x] for x in local)  # (B, B*G)
-        ce["ens"] = contrastive(s_ens, G, 0, teacher, cfg.kd_loss_type)
+        ce["ens"] = contrastive(s_ens, G, 0, teacher, cfg.teacher_kd_loss)
         parts["ens"] = ce["ens"].detach()
         loss = (sum(w[x] * ce[x] for x in local) + cfg.w_ens * ce["ens"]) / cfg.loss_norm
         if self_distill:
             p_t = torch.softmax(s_ens.detach(), dim=-1)  # (B, B*G) teacher over the full local row
-            kd = sum(w[x] * soft_ce(local[x], p_t) for x in local) / cfg.kd_norm
-            parts["kd"] = kd.detach()
-            loss = (loss + kd) / cfg.final_norm
+            self_kd = sum(w[x] * soft_ce(local[x], p_t) for x in local) / cfg.self_distill_norm
+            parts["self_kd"] = self_kd.detach()
+            loss = (loss + self_kd) / cfg.final_norm
     parts["acc"] = (s_ens.argmax(-1) == targets(s_ens, G, 0)).float().mean()  # in-batch top-1 of the ensemble
     return loss, parts

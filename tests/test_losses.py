@@ -46,7 +46,7 @@ def test_m3_loss_matches_hand_computed_recipe():
     Lp = (soft(d / tau) + 0.1 * soft(sp / tau) + soft(co / tau)) / 3
     loss, parts = m3_loss(d, sp, co, cfg, G, self_distill=True)
     assert loss.item() == pytest.approx((L + Lp) / 2, rel=1e-12)
-    assert parts["kd"].item() == pytest.approx(Lp, rel=1e-12)
+    assert parts["self_kd"].item() == pytest.approx(Lp, rel=1e-12)
     # heads switched off contribute nothing: dense alone is plain CE; without sparse the sparse terms vanish
     assert m3_loss(d, None, None, cfg, G)[0].item() == pytest.approx(ce(d / tau), rel=1e-12)
     L_dc = (ce(d / tau) + ce(d / tau + co / tau) + ce(co / tau)) / 4
@@ -79,7 +79,7 @@ def test_teacher_kd_losses():
     own = torch.stack([s[i, i * G:(i + 1) * G] for i in range(B)])
     ref_kl = (-(p * torch.log_softmax(own, -1)).sum(-1).mean() + info_nce(s, G)).item()
     assert kl_div_loss(s, teacher, G).item() == pytest.approx(ref_kl, rel=1e-12)
-    cfg = Config(kd_loss_type="kl_div")
+    cfg = Config(teacher_kd_loss="kl_div")
     assert m3_loss(s * cfg.temperature, None, None, cfg, G, teacher=teacher)[0].item() == pytest.approx(ref_kl, rel=1e-12)
 
 

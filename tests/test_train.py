@@ -1,4 +1,5 @@
 """train.py: DDP == one process, gradient cache == plain path, resume == uninterrupted, head schedule, stage chain."""
+import dataclasses
 import json
 import pickle
 import os
@@ -97,7 +98,7 @@ def grads_after_step(setup, heads=("dense", "sparse", "colbert"), world_size=1, 
     ds = open_datasets(str(setup / "train.jsonl"), tok)
     batches = epoch_batches(ds, epoch=0, seed=0, world_size=world_size, rank=rank, length_ranges=[0, 64],
                             batch_sizes=[4 // world_size])
-    batch = make_batch(ds, batches[0], tok, epoch=0, step=0, seed=0, rank=rank, group_size=3, query_max_len=16,
+    batch = make_batch(ds, batches[0], tok, epoch=0, seed=0, group_size=3, query_max_len=16,
                        passage_max_len=32)
     batch.pop("source")
     amp = torch.autocast("cpu", enabled=False)
@@ -199,7 +200,7 @@ def test_warmup_head_schedule_switches_on_sparse_and_colbert_in_epoch_two(setup,
     first, second = [r for r in log if r["epoch"] == 0], [r for r in log if r["epoch"] == 1]
     assert len(first) == len(second) == 6
     assert all(r["sparse"] == 0 and r["colbert"] == 0 and r["ens"] == 0 for r in first)
-    assert all(r["sparse"] > 0 and r["colbert"] > 0 and r["ens"] > 0 and r["kd"] > 0 for r in second)
+    assert all(r["sparse"] > 0 and r["colbert"] > 0 and r["ens"] > 0 and r["self_kd"] > 0 for r in second)
     init, after = setup / "model", tmp_path / "w/step-0000006"  # heads untouched while off, trained after
     for head in ("sparse_linear.pt", "colbert_linear.pt"):
         a, b = torch.load(init / head, weights_only=True), torch.load(after / head, weights_only=True)
@@ -220,7 +221,7 @@ def test_pretrain_warmup_unified_chain(setup, tmp_path):
     m = M3.from_pretrained(str(tmp_path / "unified/final"))
     assert m.encode(["the cell"])["dense"].shape == (1, 32)
     logs = {n: [json.loads(x) for x in open(tmp_path / n / "log.jsonl")] for n, _ in stages}
-    assert logs["pretrain"][0]["sparse"] == 0 and logs["unified"][0]["kd"] > 0
+    assert logs["pretrain"][0]["sparse"] == 0 and logs["unified"][0]["self_kd"] > 0
     assert m.pooling == "mean"  # chained stages keep the pooling the first one trained with
 
 
@@ -247,7 +248,7 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
     with pytest.raises(SystemExit, match=r"batch_sizes=\[8, 4\] \(command line\): 2 values but length_ranges .* has 9 ranges"):
         train.load_config(["--batch_sizes=8,4"])
     bad_values = {"temperature=0": "must be > 0", "temperature=-0.02": "must be > 0",
-                  "train_group_size=0": "must be >= 1", "kd_loss_type=kl": "must be m3_kd_loss or kl_div",
+                  "train_group_size=0": "must be >= 1", "teacher_kd_loss=kl": "must be m3_kd_loss or kl_div",
                   "max_steps=0": "must be >= 1, or -1", "keep_last=0": "must be >= 1", "save_every=0": "must be >= 1",
                   "epochs=0": "must be >= 1", "pooling=max": "must be cls, mean", "dtype=fp8": "must be bf16",
                   "warmup_ratio=2": r"must be in \[0, 1\]", "length_ranges=0,64,32": "increasing",
@@ -270,6 +271,17 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
                           f"--train_data={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'r'}"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
+
+
+def test_stage_configs_are_minimal_diffs_without_ignored_keys():
+    defaults = dataclasses.asdict(train.Config())
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        path = os.path.join(ROOT, "configs", name)
+        keys, cfg = yaml.safe_load(open(path)), train.load_config([path])  # every key known, every value valid
+        assert [k for k in keys if getattr(cfg, k) == defaults[k]] == [], name  # no restated default
+        assert not ("model" in keys and keys.get("init_from")), name  # init_from would silently override model
+    with pytest.raises(SystemExit, match="unknown key 'kd' \\(command line\\): now called 'teacher_kd'"):
+        train.load_config(["--kd=true"])
 
 
 def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):

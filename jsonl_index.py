@@ -1,0 +1,243 @@
+"""The offset/length index of a JSONL training file (SPEC 4.1, 4.3): every line checked, its byte offset, line number
+and token length, built in parallel over byte chunks and cached next to the data under a content key. data.py reads
+examples by these offsets and batches them by these lengths; nothing else of a file is held in memory.
+"""
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+INDEX_VERSION = 2  # 2: the key hashes the whole file
+CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
+log = logging.getLogger("data")
+
+
+@dataclass
+class JsonlDataset:
+    """One JSONL file: example i is the JSON line at byte offsets[i]; nothing else of the file is held in memory."""
+    path: str
+    offsets: np.ndarray  # (n,) int64 byte offset of each example's line
+    lines: np.ndarray  # (n,) int64 1-based line number, for error messages
+    lengths: np.ndarray  # (n,) int32 max token length (with special tokens) over query, pos and neg texts
+    meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of each)
+
+
+# ----------------------------------------------------------------------------- checking one line
+
+
+def check_example(ex):
+    """The error for a parsed line ("field 'x': problem"), or None if it is a valid SPEC 4.1 example."""
+    strs = lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)  # noqa: E731
+    nums = lambda v: isinstance(v, list) and all(type(x) in (int, float) for x in v)  # noqa: E731 (no bools)
+    if not isinstance(ex, dict):
+        return f"expected a JSON object, got {type(ex).__name__}"
+    if "query" not in ex:
+        return "field 'query': missing"
+    if not isinstance(ex["query"], str):
+        return f"field 'query': expected a string, got {type(ex['query']).__name__}"
+    if not ex["query"].strip():
+        return "field 'query': empty"
+    if "pos" not in ex:
+        return "field 'pos': missing"
+    for f in ("pos", "neg"):
+        if f in ex and not strs(ex[f]):
+            return f"field '{f}': expected a list of strings, got {json.dumps(ex[f])[:60]}"
+    if not ex["pos"]:
+        return "field 'pos': empty list"
+    for f, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        if f in ex and not nums(ex[f]):
+            return f"field '{f}': expected a list of numbers"
+        if f in ex and len(ex[f]) != len(ex.get(texts, [])):
+            return f"field '{f}': {len(ex[f])} scores for {len(ex.get(texts, []))} '{texts}' texts"
+    if ex.get("prompt") is not None and not isinstance(ex["prompt"], str):
+        return "field 'prompt': expected a string"
+    return None
+
+
+def query_text(ex):
+    """Query text = prompt + query (format "{}{}", SPEC 4.1); no prompt adds nothing (no "None" prefix, SPEC 7)."""
+    return (ex.get("prompt") or "") + ex["query"]
+
+
+def parse_line(raw):
+    """(example, None) for a valid line (bytes), else (None, the error)."""
+    try:
+        ex = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} (column {e.colno})"
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    return ex, check_example(ex)
+
+
+# ----------------------------------------------------------------------------- building the index, in parallel
+
+
+_TOK = None  # length tokenizer of the forked index workers
+
+
+def _token_lengths(tok, texts):
+    if isinstance(tok, Tokenizer):
+        return np.array([len(e) for e in getattr(tok, "encode_batch_fast", tok.encode_batch)(texts)], np.int32)
+    return np.array([len(x) for x in tok(texts, add_special_tokens=True)["input_ids"]], np.int32)
+
+
+def _index_chunk(task, tok=None):
+    """Check and measure the lines starting in [start, end) of one file; line numbers are relative to the chunk."""
+    path, start, end = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw_lines = f.read(end - start).split(b"\n")
+    if raw_lines[-1] == b"":  # the chunk ends with a newline: no line after it
+        raw_lines.pop()
+    out = dict(nbytes=end - start, n_lines=len(raw_lines), blank=0, empty_neg=0, no_scores=0, error=None)
+    offsets, rel, texts, n_texts, off = [], [], [], [], start
+    for k, raw in enumerate(raw_lines):
+        line_off, off = off, off + len(raw) + 1
+        if not raw.strip():
+            out["blank"] += 1
+            continue
+        ex, err = parse_line(raw)
+        if err:
+            out["error"] = (k, err)
+            return out
+        if not ex.get("neg"):
+            out["empty_neg"] += 1
+            out.setdefault("empty_neg_line", k)
+        missing = [f for f in ("pos_scores", "neg_scores") if f not in ex]
+        if missing:
+            out["no_scores"] += 1
+            out.setdefault("no_scores_at", (k, missing[0]))
+        ex_texts = [query_text(ex)] + ex["pos"] + ex.get("neg", [])
+        offsets.append(line_off)
+        rel.append(k)
+        texts += ex_texts
+        n_texts.append(len(ex_texts))
+    # example length = max over its texts: reduce the flat token lengths over each example's slice
+    lengths = np.maximum.reduceat(_token_lengths(tok or _TOK, texts), np.cumsum([0] + n_texts[:-1])) if texts else []
+    out.update(offsets=np.array(offsets, np.int64), rel_lines=np.array(rel, np.int64),
+               lengths=np.array(lengths, np.int32))
+    return out
+
+
+def _set_tok(tok):
+    global _TOK
+    _TOK = tok
+
+
+def _length_tokenizer(tokenizer):
+    """A plain `tokenizers.Tokenizer` without truncation or padding (HF leaves the last call's truncation on it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer
+    tok = Tokenizer.from_str(backend.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def tokenizer_id(tokenizer):
+    """Hash of the tokenizer's definition (vocab, normalizer, template), not of its per-call truncation state."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        spec = f"{tokenizer.name_or_path}|{len(tokenizer)}"
+    else:
+        d = json.loads(backend.to_str())
+        spec = json.dumps({k: v for k, v in d.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    return hashlib.sha1(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- its cache
+
+
+def _file_key(path, verify=True):
+    """Cache key: size, mtime and the SHA-1 of the whole file. The hash makes the key sound (a same-size edit whose
+    mtime was preserved by cp -p, rsync -a or tar is caught); it reads at ~0.8 GB/s, against ~50 MB/s for indexing.
+    verify=False leaves the hash out (ranks that trust an index their node's local rank 0 has just checked)."""
+    st = os.stat(path)
+    key = dict(version=INDEX_VERSION, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if verify:
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(16 << 20), b""):
+                h.update(block)
+        key["sha1"] = h.hexdigest()
+    return key
+
+
+def build_index(path, tokenizer, num_workers):
+    """Check and tokenize every line (in parallel over byte chunks) into offsets, line numbers and lengths."""
+    size = os.path.getsize(path)
+    starts = [0]
+    with open(path, "rb") as f:  # chunk boundaries at line starts, so each line belongs to exactly one chunk
+        while starts[-1] + CHUNK_BYTES < size:
+            f.seek(starts[-1] + CHUNK_BYTES)
+            f.readline()
+            if f.tell() >= size:
+                break
+            starts.append(f.tell())
+    tasks = [(path, s, e) for s, e in zip(starts, starts[1:] + [size])]
+    tok = _length_tokenizer(tokenizer)
+    pool = mp.get_context("fork").Pool(num_workers, _set_tok, (tok,)) if num_workers > 1 and len(tasks) > 1 else None
+    results = pool.imap(_index_chunk, tasks) if pool else (_index_chunk(t, tok) for t in tasks)
+    parts, meta, lines_before = [], dict(blank=0, empty_neg=0, no_scores=0), 0
+    try:
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"index {os.path.basename(path)}", disable=None) as bar:
+            for r in results:
+                if r["error"]:
+                    raise ValueError(f"{path}, line {lines_before + r['error'][0] + 1}: {r['error'][1]}")
+                for k in ("blank", "empty_neg", "no_scores"):
+                    meta[k] += r[k]
+                if "empty_neg_line" in r:
+                    meta.setdefault("empty_neg_line", lines_before + r["empty_neg_line"] + 1)
+                if "no_scores_at" in r:
+                    meta.setdefault("no_scores_at", [lines_before + r["no_scores_at"][0] + 1, r["no_scores_at"][1]])
+                parts.append((r["offsets"], r["rel_lines"] + lines_before + 1, r["lengths"]))
+                lines_before += r["n_lines"]
+                bar.update(r["nbytes"])
+    finally:
+        if pool:
+            pool.terminate()
+    if meta["blank"]:
+        log.warning(f"{path}: skipped {meta['blank']} blank lines")
+    offsets, lines, lengths = (np.concatenate(p) for p in zip(*parts)) if parts else [np.zeros(0, np.int64)] * 3
+    return JsonlDataset(path, offsets, lines, lengths.astype(np.int32), meta)
+
+
+def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
+    """Reuse the cached index if its key (file content + tokenizer) matches, else build it and write it atomically."""
+    if cache_dir is None and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "m3_index")  # read-only data directory
+    if cache_dir is None:
+        cache = f"{path}.{tok_id}.idx.npz"
+    else:
+        os.makedirs(cache_dir, exist_ok=True)
+        where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+        cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{where}.{tok_id}.idx.npz")
+    key = dict(_file_key(path, verify), tokenizer=tok_id)
+    same = ("version", "size", "tokenizer", "sha1" if verify else "mtime_ns")  # content, or the trusted cheap part
+    if os.path.exists(cache):
+        with np.load(cache) as z:
+            saved = json.loads(str(z["key"]))
+            ds = JsonlDataset(path, z["offsets"], z["lines"], z["lengths"], json.loads(str(z["meta"])))
+        if all(saved.get(k) == key[k] for k in same):
+            if verify and saved != key:  # same content, new mtime (a fresh clone, cp): record it for trusting ranks
+                _save_index(cache, key, ds)
+            return ds
+    ds = build_index(path, tokenizer, num_workers)
+    _save_index(cache, key if verify else dict(_file_key(path), tokenizer=tok_id), ds)
+    return ds
+
+
+def _save_index(cache, key, ds):
+    tmp = f"{cache}.tmp{os.getpid()}"  # temp + rename: concurrent ranks or a crash never leave a half-written index
+    with open(tmp, "wb") as f:
+        np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), meta=np.array(json.dumps(ds.meta)),
+                 offsets=ds.offsets, lines=ds.lines, lengths=ds.lengths)
+    os.replace(tmp, cache)
