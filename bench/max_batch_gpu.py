@@ -2,8 +2,8 @@
 
 24-layer XLM-R-large-shaped random encoder (hidden 1024, 16 heads, FFN 4096, vocab 250002, 8194 positions, sdpa
 attention), queries 512 / passages 8192 tokens (full length), G=8, all three heads + self-distillation, bf16 autocast,
-gradient checkpointing ON, gradient cache ON (sub_batch_size texts per chunk). A try = train.train_step + clip + AdamW
-step + zero_grad (optimizer states exist: one warm-up step at 1 query first); a try fits unless it raises
+gradient checkpointing ON, gradient cache ON (sub_batch_size texts per chunk). A try = train.train_step +
+train.optimizer_step (optimizer states exist: one warm-up step at 1 query first); a try fits unless it raises
 torch.cuda.OutOfMemoryError; the cache is emptied between tries. PYTORCH_CUDA_ALLOC_CONF defaults to
 expandable_segments:True (less fragmentation); fp32 matmuls (the scores, computed in fp32) may use TF32 to keep the
 in-batch colbert scores (B x B*G x 511 x 8191 x 1024) fast; neither changes what is allocated.
@@ -26,21 +26,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import XLMRobertaConfig, XLMRobertaModel  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ALL_HEADS, random_batch, reset_peak_rss, rss_mb  # noqa: E402  (puts the repository on sys.path)
 import train  # noqa: E402
 from model import M3  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 PAPER = 130  # Table 10: max batch size per device at 8192 tokens with split-batch (A800 80GB), SPEC 4.6
-HEADS = ["dense", "sparse", "colbert"]
-
-
-def rss_bytes(field):
-    """VmRSS or VmHWM of this process in bytes (the --tiny memory meter)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
 
 
 def main():
@@ -83,15 +75,6 @@ def main():
           f"{shape['vocab_size']}, {n_params / 1e6:.0f}M parameters | queries {TQ} / passages {TP} tokens, G={G} | "
           f"bf16={dev.type == 'cuda'}, checkpointing on, grad cache on, sub_batch_size={args.sub_batch}", flush=True)
 
-    def batch_of(B):
-        """B queries, B*G passages, full length, random ids in [5, V), CLS first and SEP last."""
-        out = {"teacher": None}
-        for k, n, T in (("q", B, TQ), ("p", B * G, TP)):
-            ids = torch.randint(5, shape["vocab_size"], (n, T), device=dev)
-            ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
-            out[f"{k}_ids"], out[f"{k}_mask"] = ids, torch.ones(n, T, dtype=torch.long, device=dev)
-        return out
-
     def free():
         gc.collect()
         if dev.type == "cuda":
@@ -104,24 +87,21 @@ def main():
     def attempt(B):
         """One training step at B queries -> (fits, seconds, peak bytes or None)."""
         free()
-        batch = batch_of(B)
+        batch = random_batch(B, G, TQ, TP, tok, shape["vocab_size"], device=dev)  # full length
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            base = rss_bytes("VmRSS")
+            reset_peak_rss()
+            base = rss_mb("VmRSS") * 2 ** 20
         t0 = time.perf_counter()
         try:
-            train.train_step(model, batch, cfg, HEADS, True, amp, scaler)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
+            train.train_step(model, batch, cfg, ALL_HEADS, True, amp, scaler)
+            train.optimizer_step(model, opt, sched, scaler, cfg, ALL_HEADS)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated()
             else:
-                peak = rss_bytes("VmHWM") - base
+                peak = rss_mb("VmHWM") * 2 ** 20 - base
                 if capacity[0] is not None and peak > capacity[0]:
                     raise torch.cuda.OutOfMemoryError(f"simulated: peak {peak / 2 ** 20:.0f} MB > cap")
             ok = True
@@ -129,7 +109,7 @@ def main():
             ok, peak = False, None
             msg = str(e).splitlines()[0][:120]
         dt = time.perf_counter() - t0
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # after an OOM: the partial gradients go
         del batch
         free()
         print(f"  B={B:4d} ({B * G} passages): {'fits' if ok else 'OOM '} {dt:7.1f} s"

@@ -3,7 +3,7 @@
 MiniLM-sized random encoder (BertModel: 6 layers, hidden 384, 12 heads, FFN 1536, vocab 30522), B=4 queries x G=8
 passages at 64 / 256 tokens (random lengths from half to full, padded), all three heads + self-distillation, fp32,
 gradient checkpointing off, dropout on (both sides). Interleaved repetitions after warm-up, medians.
-(a) step: train.train_step + clip_grad_norm_ + AdamW step + scheduler step + zero_grad, as train.main does it.
+(a) step: train.train_step + train.optimizer_step (clip, AdamW, schedule, zero_grad), as train.main does it.
 (b) encoder: model.encoder on the same padded q and p tensors, loss = sum(last_hidden_state * fixed random), backward.
 Then a breakdown of where the extra time goes: the optimizer part of (a), and the heads + scores + loss (forward and
 backward of compute_loss on detached representations; the rest of (a) - (b) is the heads inside M3.forward).
@@ -19,25 +19,13 @@ import time
 import torch
 from transformers import BertConfig, BertModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ALL_HEADS, random_batch  # noqa: E402  (puts the repository on sys.path)
 import train  # noqa: E402
 from model import M3  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 B, G, TQ, TP, V = 4, 8, 64, 256, 30522
-HEADS = ["dense", "sparse", "colbert"]
-
-
-def padded(n, T, tok, gen):
-    """(n, T) random ids in [5, V) with CLS first, SEP last, lengths uniform in [T/2, T], pad after -> ids, mask."""
-    ids = torch.randint(5, V, (n, T), generator=gen)
-    lens = torch.randint(T // 2, T + 1, (n,), generator=gen)
-    lens[0] = T  # the batch's padded length is T
-    mask = (torch.arange(T)[None] < lens[:, None]).long()  # (n, T)
-    ids[:, 0] = tok.cls_token_id
-    ids[torch.arange(n), lens - 1] = tok.sep_token_id
-    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
 
 
 def main():
@@ -57,9 +45,8 @@ def main():
     amp = torch.autocast("cpu", enabled=False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     gen = torch.Generator().manual_seed(0)
-    q_ids, q_mask = padded(B, TQ, tok, gen)
-    p_ids, p_mask = padded(B * G, TP, tok, gen)
-    batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask, "teacher": None}
+    batch = random_batch(B, G, TQ, TP, tok, V, gen, ragged=True)
+    q_ids, q_mask, p_ids, p_mask = batch["q_ids"], batch["q_mask"], batch["p_ids"], batch["p_mask"]
     r_q, r_p = torch.randn(B, TQ, 384, generator=gen), torch.randn(B * G, TP, 384, generator=gen)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"encoder: 6 layers, hidden 384, vocab {V}, {n_params / 1e6:.1f}M parameters (M3 total); "
@@ -71,14 +58,9 @@ def main():
     def step():
         """One training step as in train.main -> (seconds for train_step, seconds for clip + AdamW + zero_grad)."""
         t0 = time.perf_counter()
-        loss, parts = train.train_step(model, batch, cfg, HEADS, True, amp, scaler)
+        loss, parts = train.train_step(model, batch, cfg, ALL_HEADS, True, amp, scaler)
         t1 = time.perf_counter()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        train.optimizer_step(model, opt, sched, scaler, cfg, ALL_HEADS)
         return t1 - t0, time.perf_counter() - t1
 
     def encoder_only():
@@ -98,7 +80,7 @@ def main():
         q = {k: v.requires_grad_(v.is_floating_point()) for k, v in q.items()}
         p = {k: v.requires_grad_(v.is_floating_point()) for k, v in p.items()}
         t0 = time.perf_counter()
-        loss, _ = train.compute_loss(q, p, batch, cfg, HEADS, True)
+        loss, _ = train.compute_loss(q, p, batch, cfg, ALL_HEADS, True)
         loss.backward()
         return time.perf_counter() - t0
 
