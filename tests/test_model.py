@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from model import SPARSE_INIT, M3, colbert_score, dense_score, sparse_score, sparse_vectors
-from tiny import make_encoder, make_tokenizer
+from tiny import Payload, make_encoder, make_tokenizer, tiny_m3
 
 TEXTS = ["the cell protein of the cell", "cancer risk in human patients and mice", "a dense sparse vector",
          "gene expression increased in cells treated with protein", "query"]
-
-
-def tiny_m3(style="xlmr", seed=0, **kw):
-    tok = make_tokenizer(style)
-    m = M3(make_encoder(tok, style, seed=seed), tok, **kw)
-    torch.manual_seed(seed + 1)  # the heads' default init is near zero after ReLU; make weights clearly non-zero
-    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)
-    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
-    return m
 
 
 def batch(m, texts, extra_pad=0):
@@ -198,21 +189,16 @@ def test_pooling_comes_from_the_checkpoint_unless_overridden(tmp_path):
         assert M3.from_pretrained(str(tmp_path), pooling="cls").pooling == "cls"
 
 
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("touch /tmp/m3_pwned",))
-
-
 def test_pickled_payload_in_head_file_is_refused(tmp_path):
     m = tiny_m3()
     m.save_pretrained(tmp_path)
     with open(tmp_path / "sparse_linear.pt", "wb") as f:
         pickle.dump({"weight": Payload(), "bias": torch.zeros(1)}, f)
-    if os.path.exists("/tmp/m3_pwned"):
-        os.remove("/tmp/m3_pwned")
+    if os.path.exists(Payload.MARKER):
+        os.remove(Payload.MARKER)
     with pytest.raises(ValueError, match="sparse_linear.pt: not a plain tensor file"):
         M3.from_pretrained(str(tmp_path))
-    assert not os.path.exists("/tmp/m3_pwned")
+    assert not os.path.exists(Payload.MARKER)
 
 
 def test_mcls_inserts_cls_every_256_tokens_and_averages_their_states():

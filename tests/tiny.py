@@ -1,10 +1,14 @@
-"""Tiny in-memory tokenizers and encoders for the tests: no files, no downloads, < 0.1 s each."""
+"""What the tests share: tiny in-memory tokenizers, encoders and M3 models (no files, no downloads, < 0.1 s each),
+unit vectors, a word list, a pickled payload, and a retrying process spawner."""
 import os
 import string
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
+
+from model import M3
 
 WORDS = ("the a of and to in is for on with that by as are from be this we cell cells protein gene "
          "patients cancer study results risk treatment disease expression increased reduced mice human "
@@ -65,3 +69,27 @@ def spawn(fn, args, nprocs=2, tries=3):
         except mp.ProcessExitedException:
             if attempt == tries - 1:
                 raise
+
+
+def tiny_m3(style="xlmr", seed=0, **kw):
+    """A tiny M3 whose sparse head gives clearly non-zero, token-dependent weights (a new head's term-matching start,
+    weight 0, would make every sparse test about uniform weights)."""
+    tok = make_tokenizer(style)
+    m = M3(make_encoder(tok, style, seed=seed), tok, **kw)
+    torch.manual_seed(seed + 1)
+    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)
+    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
+    return m
+
+
+def unit(x):
+    """Rows of x scaled to unit length, float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+class Payload:
+    """Pickled, it runs `touch MARKER` when unpickled: a loader that refuses pickled code leaves no MARKER."""
+    MARKER = "/tmp/m3_pickled_payload_ran"
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.MARKER}",))
