@@ -1,5 +1,6 @@
 """Checkpoints and run directories (SPEC 2, STYLE "Logs and checkpoints"): save, pick and check checkpoints, and
-keep one run per out_dir. A checkpoint is the BGE-M3 release layout (model.save_pretrained) + train_state.pt
+keep one run per out_dir; evaluation folders that never mix two checkpoints' metrics.
+A checkpoint is the BGE-M3 release layout (model.save_pretrained) + train_state.pt
 (optimizer, scheduler, scaler, data position) + train_state.json (the position alone) + config.yaml.
 """
 import dataclasses
@@ -159,3 +160,45 @@ def stop(msg):
 def print0(*args):
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation output (eval.py): one folder per checkpoint
+
+def default_out(ckpt, data_dir, split):
+    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
+    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
+    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
+    name = "_".join(x for x in parts if x)
+    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
+
+
+def check_out(out_dir, ckpt):
+    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
+    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError:
+        old = None
+    old = old if isinstance(old, dict) else {}
+    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
+    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
+        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
+        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
+                              "(out_dir), --overwrite, or remove that file")
+
+
+def write_atomic(path, lines):
+    """Write the strings lines to path through a temporary file: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,8 +1,11 @@
 """Data (SPEC 4): JSONL datasets read by offset, length-range batches per rank, negative sampling, collation.
 
 Read in this order: open_datasets (one checked, indexed dataset per file: jsonl_index.py), epoch_batches (this rank's
-batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad).
+batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad). Last, the
+evaluation data: BEIR-layout corpus, queries and qrels, checked with file, line and field.
 """
+import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -195,3 +198,95 @@ def _read(ds, i):
         raise ValueError(f"{ds.path}, line {ds.lines[i]}: {err} (did the file change after its index was built? "
                          "a changed file is indexed again on the next start)")
     return ex
+
+# ----------------------------------------------------------------------------- evaluation data in BEIR layout
+
+
+def load_beir(data_dir, split, max_corpus=None):
+    """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files."""
+    error = data_error(data_dir, split)
+    if error:
+        raise FileNotFoundError(error)
+    qpath, path = os.path.join(data_dir, "queries.jsonl"), os.path.join(data_dir, "qrels", f"{split}.tsv")
+    queries = {r["_id"]: r for r in read_jsonl(qpath, ("_id", "text"), "_id")}
+    qrels = read_qrels(path)
+    # queries without a relevant doc are skipped, as BEIR does; missing docs stay in qrels (they count as not found)
+    usable = {q: rels for q, rels in qrels.items() if q in queries and max(rels.values()) > 0}
+    if not usable:  # checked before the corpus is read and anything is encoded
+        found = sum(q in queries for q in qrels)
+        why = ("no rows" if not qrels else f"0 of {len(qrels)} query ids in qrels are in {qpath}" if not found else
+               f"none of its {found} queries that are in {qpath} has a relevance > 0")
+        raise ValueError(f"{path}: no query to evaluate: {why}")
+    corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text"), "_id")
+    doc_ids = {r["_id"] for r in corpus}
+    missing = {"queries": sum(q not in queries for q in qrels),
+               "docs": sum(d not in doc_ids for rels in qrels.values() for d in rels)}
+    if max_corpus is not None:  # quick runs: every relevant doc plus the first max_corpus others
+        rel = {d for rels in usable.values() for d in rels}
+        corpus = [r for i, r in enumerate(corpus) if r["_id"] in rel or i < max_corpus]
+    return corpus, [queries[q] for q in usable], usable, missing
+
+
+def data_error(data_dir, split):
+    """Why data_dir is not a BEIR dir with this split, naming the missing files; None when it is."""
+    if not os.path.isdir(data_dir):
+        return f"{data_dir}: no such directory"
+    files = ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")
+    gone = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
+    qdir = os.path.join(data_dir, "qrels")
+    splits = f" (splits there: {sorted(os.listdir(qdir))})" if files[2] in gone and os.path.isdir(qdir) else ""
+    return f"{data_dir}: no {', '.join(gone)}{splits}" if gone else None
+
+
+def read_jsonl(path, fields=(), unique=None):
+    """JSON objects, one per non-empty line, each with a string value for every key in fields and, for the key unique,
+    a value no other line has. Errors name the file and the 1-based line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    recs, seen = [], {}  # seen: id -> line
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(r).__name__}")
+            for k in fields:
+                if not isinstance(r.get(k), str):
+                    got = f"expected a string, got {json.dumps(r[k])[:40]}" if k in r else "missing"
+                    raise ValueError(f"{path}, line {n}: field '{k}': {got}")
+            if unique:  # a repeated corpus id scores its relevant doc twice (nDCG@10 above 1)
+                if r[unique] in seen:
+                    raise ValueError(f"{path}, line {n}: field '{unique}': duplicate id {r[unique]!r} "
+                                     f"(first at line {seen[r[unique]]})")
+                seen[r[unique]] = n
+            recs.append(r)
+    return recs
+
+
+def read_qrels(path):
+    """{query_id: {doc_id: rel}} from a BEIR qrels TSV (query-id, corpus-id, integer score); line 1 may be a header."""
+    qrels = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        for row in rows:
+            if not "".join(row).strip():
+                continue  # blank line
+            try:
+                rel = int(row[-1]) if len(row) >= 3 and row[0] and row[1] else None
+            except ValueError:
+                rel = None
+            if rel is not None:
+                qrels.setdefault(row[0], {})[row[1]] = rel
+            elif rows.line_num > 1:  # only line 1 may be a header
+                raise ValueError(f"{path}, line {rows.line_num}: expected query-id<TAB>corpus-id<TAB>integer score, "
+                                 f"got {row}")
+    return qrels
+
+
+def passage_text(r):
+    """title + " " + text when the title is non-empty (the convention of scifact/train_mined.jsonl)."""
+    return f"{r['title']} {r['text']}" if r.get("title") else r["text"]

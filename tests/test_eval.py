@@ -1,5 +1,6 @@
-"""eval.py against brute force: FAISS vs numpy, inverted index vs dict overlap, token candidates + MaxSim vs exhaustive
-MaxSim, metrics vs hand-computed values, fusion with exact scores, mining ranks, the encoding cache."""
+"""eval.py and mine.py against brute force: FAISS vs numpy, inverted index vs dict overlap, token candidates + MaxSim vs
+exhaustive MaxSim, metrics vs hand-computed values, fusion with exact scores, named fusion weights, mining ranks, the
+encoding cache."""
 import json
 import os
 import shutil
@@ -10,12 +11,9 @@ import pytest
 import torch
 
 import eval as ev
+import mine
 from model import M3, colbert_score
-from tiny import make_encoder, make_tokenizer
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+from tiny import make_encoder, make_tokenizer, tiny_m3, unit
 
 
 def rand_out(rng, n, D=16, V=40, max_nnz=8, max_len=7):
@@ -218,6 +216,37 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
     assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
 
 
+def test_named_fusion_weights_equal_explicit_weights(tmp_path):
+    data = str(tmp_path / "data")
+    write_beir(data, np.random.default_rng(12))
+    m = FakeM3()
+    kw = dict(depth=100, colbert_k=1000, verbose=False)
+    res = ev.evaluate(m, data, weights="mldr", out_dir=str(tmp_path / "out"), **kw)
+    corpus, queries, qrels, _ = ev.load_beir(data, "test")  # expected: retrieve + fuse + run_metrics, SPEC 6.2's MLDR
+    P = ev.pack(m.encode([ev.passage_text(r) for r in corpus], max_length=512))
+    Q = ev.pack(m.encode([r["text"] for r in queries], max_length=64))
+    ids = np.array([r["_id"] for r in corpus])
+    results = ev.retrieve(Q, P, depth=100, colbert_k=1000)
+    for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
+        ranked = [ids[c] for c, _ in ev.fuse(results, w, 100, np.argsort(np.argsort(ids, kind="stable")))]
+        mean, by_lang = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries], 100)
+        assert res["rows"][row] == mean and res["per_lang"]["de"][row] == by_lang["de"]
+    saved = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert saved["weights"] == res["weights"] == [0.15, 0.5, 0.35] and saved["fusion"] == res["fusion"] == "mldr"
+    m3 = ev.evaluate(m, data, **kw)  # the default: the training ensemble's weights (SPEC 1.4)
+    assert m3["fusion"] == "m3" and m3["rows"]["dense+sparse"] != res["rows"]["dense+sparse"]
+    numbers = ev.evaluate(m, data, weights=(1, 0.3, 1), **kw)  # 3 numbers: dense+sparse row (w_d, w_s, 0), no name
+    assert numbers["rows"] == m3["rows"] and "fusion" not in numbers and numbers["weights"] == m3["weights"]
+    from train import Config
+    c = Config()
+    assert ev.FUSION["m3"] == ((c.ens_dense, c.ens_sparse, 0), (c.ens_dense, c.ens_sparse, c.ens_colbert))
+    assert ev.FUSION["miracl"] == ev.FUSION["mkqa"] == ev.FUSION["m3"]
+    passages = [ev.passage_text(r) for r in corpus]
+    named, explicit = (mine.mine(m, [r["text"] for r in queries], [[0]] * len(queries), passages, lo=1, hi=30, n_neg=4,
+                                 weights=w, scores=True, colbert_k=1000) for w in ("mldr", (0.15, 0.5, 0.35)))
+    assert named == explicit
+
+
 def test_mine_range_positives_scores(tmp_path):
     rng = np.random.default_rng(5)
     passages = list(dict.fromkeys(" ".join(rng.choice(WORDS, 5)) for _ in range(80)))
@@ -226,7 +255,7 @@ def test_mine_range_positives_scores(tmp_path):
     positives = [[0, 5], [1], [2, 3], [4], [6], [7]]
     w = (1, 0.3, 1)
     m = FakeM3()
-    mined = ev.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, scores=True, colbert_k=10 ** 4)
+    mined = mine.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, scores=True, colbert_k=10 ** 4)
     S = np.tensordot(np.array(w, np.float32), brute(m.encode(queries), m.encode(passages)), 1)
     for i, rec in enumerate(mined):
         ranking = np.lexsort((np.arange(len(passages)), -S[i]))
@@ -239,9 +268,9 @@ def test_mine_range_positives_scores(tmp_path):
         np.testing.assert_allclose(rec["neg_scores"], [S[i, passages.index(t)] for t in rec["neg"]], rtol=1e-5,
                                    atol=1e-5)
         np.testing.assert_allclose(rec["pos_scores"], S[i, positives[i]], rtol=1e-5, atol=1e-5)
-    again = ev.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, colbert_k=10 ** 4)
+    again = mine.mine(m, queries, positives, passages, lo=3, hi=20, n_neg=5, weights=w, colbert_k=10 ** 4)
     assert [r["neg"] for r in again] == [r["neg"] for r in mined]  # seeded
-    every = ev.mine(m, queries, positives, passages, lo=0, hi=len(passages), n_neg=1000, weights=w, colbert_k=10 ** 4)
+    every = mine.mine(m, queries, positives, passages, lo=0, hi=len(passages), n_neg=1000, weights=w, colbert_k=10 ** 4)
     for i, rec in enumerate(every):  # the whole ranking in range: all but positives, their duplicates and the query
         pos_text = {passages[j] for j in positives[i]}
         assert sorted(rec["neg"]) == sorted(t for t in passages if t not in pos_text and t != queries[i])
@@ -258,12 +287,8 @@ def test_missing_files_and_heads_give_clear_errors(tmp_path):
 
 
 def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
-    tok = make_tokenizer("xlmr")
-    m = M3(make_encoder(tok, "xlmr"), tok)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)  # clearly non-zero lexical weights
-    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
-    tiny_m3().save_pretrained(str(tmp_path / "ck"))
+    m = tiny_m3()
+    m.save_pretrained(str(tmp_path / "ck"))
     data = str(tmp_path / "data")
     docs, qs, _ = write_beir(data, np.random.default_rng(6), n_docs=25, n_q=4)
     out = str(tmp_path / "out")
@@ -284,11 +309,11 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
         np.testing.assert_allclose(s[2], [colbert_score(qo["colbert"][i], p) for p in po["colbert"]], rtol=1e-5,
                                    atol=1e-5)
     mined = str(tmp_path / "mined.jsonl")
-    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--data", data, "--split", "test", "--range", "2-10",
-             "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
+    mine.main(["--ckpt", str(tmp_path / "ck"), "--data", data, "--split", "test", "--range", "2-10",
+               "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
     recs = [json.loads(line) for line in open(mined)]
     assert len(recs) == 4 and all(len(r["neg"]) == 3 and len(r["neg_scores"]) == 3 for r in recs)
-    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", mined, "--range", "0-5", "--n_neg", "2",
+    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", mined, "--range", "0-5", "--n_neg", "2",  # the alias
              "--out", str(tmp_path / "again.jsonl"), "--cache_dir", ""])
     again = [json.loads(line) for line in open(tmp_path / "again.jsonl")]
     assert [r["pos"] for r in again] == [r["pos"] for r in recs] and "neg_scores" not in again[0]
@@ -317,16 +342,6 @@ def test_cli_zero_shot_bare_encoder_with_new_heads_and_pooling(tmp_path):
     cls = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--data", data, "--cache_dir", "", "--depth", "100",
                    "--out", str(tmp_path / "out_cls")])
     assert cls["rows"]["dense"] != res["rows"]["dense"]  # pooling really changed
-
-
-def tiny_m3(seed=1):
-    """A tiny random M3 with clearly non-zero lexical weights."""
-    tok = make_tokenizer("xlmr")
-    m = M3(make_encoder(tok, "xlmr"), tok)
-    torch.manual_seed(seed)
-    torch.nn.init.normal_(m.sparse_linear.weight, std=0.5)
-    torch.nn.init.constant_(m.sparse_linear.bias, 0.3)
-    return m
 
 
 def variant(root, name, file, text):
@@ -380,15 +395,15 @@ def test_qrels_without_a_usable_query_fail_before_model_and_encoding(tmp_path):
             ev.evaluate(m, data, verbose=False)
         assert m.calls == 0
     nope = str(tmp_path / "no_such_ckpt")  # the data are checked before any model is loaded
-    for argv in ([], ["mine", "--split", "test", "--out", str(tmp_path / "m.jsonl")]):
+    for main, argv in ((ev.main, []), (mine.main, ["--split", "test", "--out", str(tmp_path / "m.jsonl")])):
         with pytest.raises(ValueError, match="0 of 4 query ids"):
-            ev.main(argv + ["--ckpt", nope, "--new_heads", "--data", str(tmp_path / "unknown"), "--cache_dir", ""])
+            main(argv + ["--ckpt", nope, "--new_heads", "--data", str(tmp_path / "unknown"), "--cache_dir", ""])
 
 
 def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tiny_m3(1).save_pretrained("runs/a/final")
-    tiny_m3(2).save_pretrained("runs/b/final")
+    tiny_m3(seed=0).save_pretrained("runs/a/final")
+    tiny_m3(seed=1).save_pretrained("runs/b/final")
     write_beir("data", np.random.default_rng(6), n_docs=12, n_q=3)
     cli = ["--data", "data", "--depth", "100", "--cache_dir", ""]
     for run in ("a", "b"):  # same folder name 'final': distinct default out dirs, each recording its checkpoint
@@ -400,7 +415,7 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
     assert ev.default_out("BAAI/bge-m3", "data/", "dev") == os.path.join("runs", "eval", "BAAI_bge-m3-data-dev")
     a_dir = "runs/eval/a_final-data-test"
     before = open(f"{a_dir}/metrics.json").read()
-    monkeypatch.setattr(ev, "encode", lambda *a, **k: pytest.fail("encoded before refusing"))
+    monkeypatch.setattr(ev, "encode_cached", lambda *a, **k: pytest.fail("encoded before refusing"))
     with pytest.raises(FileExistsError, match=rf"{a_dir}.*runs/a/final.*runs/b/final.*--out"):
         ev.main(["--ckpt", "runs/b/final", "--out", a_dir] + cli)
     with pytest.raises(FileExistsError, match="runs/b/final"):
@@ -410,7 +425,7 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
     monkeypatch.chdir(tmp_path)
     again = ev.main(["--ckpt", "runs/a/final", "--weights", "1,1,1"] + cli)  # the same checkpoint replaces its own
     assert json.load(open(f"{a_dir}/metrics.json"))["weights"] == again["weights"] == [1, 1, 1]
-    tiny_m3(3).save_pretrained("runs/a/final")  # retrained in place: the same run, its metrics are replaced
+    tiny_m3(seed=2).save_pretrained("runs/a/final")  # retrained in place: the same run, its metrics are replaced
     assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == ev.ckpt_key("runs/a/final") != again["ckpt_key"]
     ev.main(["--ckpt", "runs/b/final", "--out", a_dir, "--overwrite"] + cli)  # on purpose
     assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == ev.ckpt_key("runs/b/final")
@@ -458,11 +473,11 @@ def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monk
     assert (top[:, kw["hi"] - 1] - top[:, kw["hi"]]).min() > 1e-4
     tok = np.sort(Q["cb_vecs"] @ P["cb_vecs"].T, 1)[:, ::-1]
     assert (tok[:, kw["colbert_k"] - 1] - tok[:, kw["colbert_k"]]).min() > 1e-5
-    flat = ev.mine(m, queries, positives, passages, **kw)
+    flat = mine.mine(m, queries, positives, passages, **kw)
     calls, build = [], ev.build_index
     monkeypatch.setattr(ev, "build_index", lambda x, spec="Flat", params="": calls.append((spec, params)) or
                         build(x, spec, params))
-    ivf = ev.mine(m, queries, positives, passages, index="IVF4,Flat", index_params="nprobe=4",
+    ivf = mine.mine(m, queries, positives, passages, index="IVF4,Flat", index_params="nprobe=4",
                   colbert_index="IVF4,Flat", **kw)  # all 4 lists probed: exact
     assert calls == [("IVF4,Flat", "nprobe=4")] * 2  # dense, then passage tokens
     assert [r["neg"] for r in ivf] == [r["neg"] for r in flat]
@@ -474,9 +489,9 @@ def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monk
     with open(tmp_path / "corpus.jsonl", "w") as f:
         f.writelines(json.dumps({"text": p}) + "\n" for p in passages)
     calls.clear()
-    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", str(tmp_path / "train.jsonl"), "--corpus",
-             str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "mined.jsonl"), "--cache_dir", "", "--index",
-             "IVF4,Flat", "--index_params", "nprobe=4", "--colbert_index", "IVF2,Flat", "--range", "0-4"])
+    mine.main(["--ckpt", str(tmp_path / "ck"), "--jsonl", str(tmp_path / "train.jsonl"), "--corpus",
+               str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "mined.jsonl"), "--cache_dir", "", "--index",
+               "IVF4,Flat", "--index_params", "nprobe=4", "--colbert_index", "IVF2,Flat", "--range", "0-4"])
     assert calls == [("IVF4,Flat", "nprobe=4"), ("IVF2,Flat", "nprobe=4")]
 
 
@@ -484,21 +499,21 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
     data = str(tmp_path / "data")
     write_beir(data, np.random.default_rng(11), n_docs=10, n_q=3)
     nope = str(tmp_path / "no_such_ckpt")  # option errors come before the checkpoint is even looked at
-    mine = ["mine", "--ckpt", nope, "--data", data, "--split", "test", "--out", str(tmp_path / "m.jsonl")]
-    evals = ["--ckpt", nope, "--data", data]
-    cases = [(evals, "--weights", "1,0.3"), (evals, "--weights", "1,a,1"), (evals, "--weights", "0,0,0"),
-             (mine, "--weights", "1,nan,1"), (evals, "--depth", "0"), (evals, "--colbert_k", "-1"),
-             (mine, "--batch_size", "0"), (evals, "--query_max_len", "1"), (mine, "--passage_max_len", "0"),
-             (mine, "--range", "10"), (mine, "--range", "100-10"), (mine, "--range", "a-b"), (mine, "--n_neg", "0")]
-    for argv, opt, value in cases:
+    M = mine.main, ["--ckpt", nope, "--data", data, "--split", "test", "--out", str(tmp_path / "m.jsonl")]
+    E = ev.main, ["--ckpt", nope, "--data", data]
+    cases = [(E, "--weights", "1,0.3"), (E, "--weights", "1,a,1"), (E, "--weights", "0,0,0"), (E, "--weights", "mlrd"),
+             (M, "--weights", "1,nan,1"), (M, "--weights", "M3"), (E, "--depth", "0"), (E, "--colbert_k", "-1"),
+             (M, "--batch_size", "0"), (E, "--query_max_len", "1"), (M, "--passage_max_len", "0"),
+             (M, "--range", "10"), (M, "--range", "100-10"), (M, "--range", "a-b"), (M, "--n_neg", "0")]
+    for (main, argv), opt, value in cases:
         with pytest.raises(SystemExit):
-            ev.main(argv + [opt, value])
+            main(argv + [opt, value])
         err = capsys.readouterr().err.splitlines()[-1]  # the error line, not the usage
         assert opt in err and (f"got {value}" in err or f"got {value!r}" in err), err
     os.remove(os.path.join(data, "queries.jsonl"))
-    for argv in (evals, mine):
+    for main, argv in (E, M):
         with pytest.raises(SystemExit):
-            ev.main(argv)
+            main(argv)
         err = capsys.readouterr().err.splitlines()[-1]
         assert "--data" in err and "queries.jsonl" in err and "corpus" not in err, err
     with pytest.raises(SystemExit):
@@ -512,12 +527,12 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
         f.write(json.dumps({"text": "p"}) + "\n")
     for extra in (["--out", jsonl], ["--corpus", corpus, "--out", corpus]):  # mined output over its own input
         with pytest.raises(SystemExit):
-            ev.main(["mine", "--ckpt", nope, "--jsonl", jsonl] + extra)
+            mine.main(["--ckpt", nope, "--jsonl", jsonl] + extra)
         assert "--out" in (err := capsys.readouterr().err.splitlines()[-1]) and extra[-1] in err, err
     with open(corpus, "a") as f:
         f.write(json.dumps({"title": "t"}) + "\n")
     with pytest.raises(ValueError, match="corpus.jsonl, line 2: field 'text': missing"):
-        ev.main(["mine", "--ckpt", nope, "--jsonl", jsonl, "--corpus", corpus, "--out", str(tmp_path / "m.jsonl")])
+        mine.main(["--ckpt", nope, "--jsonl", jsonl, "--corpus", corpus, "--out", str(tmp_path / "m.jsonl")])
     write_beir(str(tmp_path / "d2"), np.random.default_rng(11), n_docs=10, n_q=3)
     m = FakeM3()  # from Python: ValueError before any encoding
     for kw, opt in ((dict(weights=(1, 0.3)), "weights"), (dict(weights=(1, "x", 1)), "weights"),
@@ -527,5 +542,5 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
     for kw, opt in ((dict(weights=(1, 1)), "weights"), (dict(lo=10, hi=5), "range"), (dict(lo=-1, hi=5), "range"),
                     (dict(n_neg=0), "n_neg"), (dict(query_max_len=1), "query_max_len")):
         with pytest.raises(ValueError, match=opt):
-            ev.mine(m, ["q"], [[0]], ["p", "r"], **kw)
+            mine.mine(m, ["q"], [[0]], ["p", "r"], **kw)
     assert m.calls == 0

@@ -245,14 +245,15 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
     with pytest.raises(SystemExit, match=f"unknown key 'warmup' \\({bad}\\)"):
         train.load_config([str(bad)])
     assert train.load_config(["--lr=1e-5", "--length_ranges=0,10,20", "--batch_sizes=8,4"]).batch_sizes == [8, 4]
-    with pytest.raises(SystemExit, match=r"batch_sizes=\[8, 4\] \(command line\): 2 values but length_ranges .* has 9 ranges"):
+    with pytest.raises(SystemExit, match=r"batch_sizes=\[8, 4\] \(command line\): 2 values but length_ranges .* 9 "):
         train.load_config(["--batch_sizes=8,4"])
     bad_values = {"temperature=0": "must be > 0", "temperature=-0.02": "must be > 0",
                   "train_group_size=0": "must be >= 1", "teacher_kd_loss=kl": "must be m3_kd_loss or kl_div",
                   "max_steps=0": "must be >= 1, or -1", "keep_last=0": "must be >= 1", "save_every=0": "must be >= 1",
                   "epochs=0": "must be >= 1", "pooling=max": "must be cls, mean", "dtype=fp8": "must be bf16",
                   "warmup_ratio=2": r"must be in \[0, 1\]", "length_ranges=0,64,32": "increasing",
-                  "head_schedule=dense,colbrt": "unknown head 'colbrt'", "head_schedule=sparse": "every epoch trains dense",
+                  "head_schedule=dense,colbrt": "unknown head 'colbrt'",
+                  "head_schedule=sparse": "every epoch trains dense",
                   "head_schedule=dense;dense,sparse,sparse": "listed twice", "lr=0": "must be > 0"}
     for arg, msg in bad_values.items():
         key, val = arg.split("=", 1)

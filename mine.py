@@ -1,0 +1,88 @@
+"""Mine hard negatives with an M3 checkpoint: per query, negatives drawn from the fused ranks lo-hi (SPEC.md 6).
+
+python mine.py --ckpt DIR --data DIR --split train --range 10-100 --n_neg 7 --out mined.jsonl [--scores]
+python mine.py --ckpt DIR --jsonl train.jsonl [--corpus corpus.jsonl] --range 10-100 --out mined.jsonl
+Retrieval and fusion are eval.py's (every head retrieves on its own, the union gets exact scores); a head with weight 0
+is not run. Output: FlagEmbedding JSONL {query, pos, neg[, pos_scores, neg_scores]}, --jsonl's other fields kept.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+import eval as ev
+
+
+def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,
+         query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", index_params="", colbert_index="Flat",
+         colbert_k=64, cache_dir=None):
+    """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
+    ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query.
+    positives[i]: indices into passages; weights: an eval.FUSION name (its all-three row) or 3 numbers."""
+    error = ev.option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
+                            query_max_len=query_max_len, passage_max_len=passage_max_len)
+    if error:
+        raise ValueError(error)
+    weights = ev.fusion_weights(weights)[2]
+    get_model, key, _ = ev.model_loader(model, need_key=bool(cache_dir))
+    P = ev.encode_cached(get_model, passages, passage_max_len, batch_size, False, cache_dir, key)
+    Q = ev.encode_cached(get_model, queries, query_max_len, batch_size, False, cache_dir, key)
+    use = tuple(w != 0 for w in weights)
+    tie = np.arange(len(passages))  # passages have no ids here: ties by position
+    fused = ev.fuse(ev.retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
+    rng, w, out = np.random.default_rng(seed), np.asarray(weights, np.float32), []
+    for i, (q, pos) in enumerate(zip(queries, positives)):
+        pos = np.asarray(pos, np.int64)
+        bad, bad_text = set(pos.tolist()), {passages[j] for j in pos} | {q}
+        top, f = fused[i][0][lo:hi], fused[i][1][lo:hi]  # (<= hi - lo,) passages and fused scores at ranks lo..hi-1
+        ok = np.array([j not in bad and passages[j] not in bad_text for j in top], bool)
+        pick = np.sort(rng.choice(ok.sum(), min(n_neg, ok.sum()), replace=False))  # in rank order
+        rec = {"query": q, "pos": [passages[j] for j in pos], "neg": [passages[j] for j in top[ok][pick]]}
+        if scores:
+            rec["pos_scores"] = [float(x) for x in w @ ev.exact_scores(Q, i, P, pos, use)]  # (3,) @ (3, n_pos)
+            rec["neg_scores"] = [float(x) for x in f[ok][pick]]
+        out.append(rec)
+    return out
+
+
+def main(argv=None):
+    p = ev.cli_parser(__doc__, split="train")
+    p.add_argument("--jsonl", help="FlagEmbedding JSONL (query, pos[, neg]) instead of --data")
+    p.add_argument("--corpus", help="passage pool for --jsonl: JSONL with text (+title); default: pos+neg texts")
+    p.add_argument("--range", default="10-100", help="0-based fused ranks lo-hi (hi excluded) to sample from")
+    p.add_argument("--n_neg", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scores", action="store_true", help="add pos_scores/neg_scores = the model's fused score")
+    p.add_argument("--out", required=True, help="output JSONL")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    model, kw = ev.cli_setup(p, a, None if a.jsonl else a.data, a.range, n_neg=a.n_neg)  # --jsonl wins over --data
+    if not (a.data or a.jsonl):
+        p.error("mine needs --data or --jsonl")
+    for opt in ("jsonl", "corpus"):
+        if getattr(a, opt) and os.path.abspath(getattr(a, opt)) == os.path.abspath(a.out):
+            p.error(f"--out {a.out} is the --{opt} input: the mined records would replace it")
+    lo, hi = (int(x) for x in a.range.split("-"))
+    if a.jsonl:
+        recs = ev.read_jsonl(a.jsonl)
+        pool = ([ev.passage_text(r) for r in ev.read_jsonl(a.corpus, ("text",))] if a.corpus else
+                [t for r in recs for t in r["pos"] + r.get("neg", [])])
+        pool = list(dict.fromkeys(pool + [t for r in recs for t in r["pos"]]))  # dedup, keep order; positives included
+        at = {t: j for j, t in enumerate(pool)}
+        queries, positives = [r["query"] for r in recs], [[at[t] for t in r["pos"]] for r in recs]
+    else:
+        corpus, qs, qrels, _ = ev.load_beir(a.data, a.split)
+        pool, at = [ev.passage_text(r) for r in corpus], {r["_id"]: j for j, r in enumerate(corpus)}
+        recs = [{} for _ in qs]
+        queries = [r["text"] for r in qs]
+        positives = [[at[d] for d, rel in qrels[r["_id"]].items() if rel > 0 and d in at] for r in qs]
+    mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, a.weights, a.seed, a.scores, **kw)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    keep = lambda r: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")}  # --jsonl's other fields
+    ev.write_atomic(a.out, (json.dumps({**keep(r), **m}, ensure_ascii=False) + "\n" for r, m in zip(recs, mined)))
+    print(f"wrote {len(mined)} records to {a.out}; ranks {lo}-{hi}, {a.n_neg} negatives each")
+    return mined
+
+
+if __name__ == "__main__":
+    main()
