@@ -1,5 +1,5 @@
-"""Checkpoints and run directories (SPEC 2, STYLE "Logs and checkpoints"): save, pick and check checkpoints, and
-keep one run per out_dir; evaluation folders that never mix two checkpoints' metrics.
+"""Checkpoints and run directories (SPEC 2, STYLE "Logs and checkpoints"): save, pick and check checkpoints, keep one
+run per out_dir, log each step to log.jsonl; evaluation folders that never mix two checkpoints' metrics.
 A checkpoint is the BGE-M3 release layout (model.save_pretrained) + train_state.pt
 (optimizer, scheduler, scaler, data position) + train_state.json (the position alone) + config.yaml.
 """
@@ -9,6 +9,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from model import HEAD_FILES, TOKENIZER_FILES, check_weights, load_head
@@ -150,6 +151,26 @@ def start_run_dir(cfg, step):
     with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))
+
+
+def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp):
+    """One line with fixed keys + a JSON record in log.jsonl; loss and parts averaged over ranks."""
+    keys = ("dense", "sparse", "colbert", "ens", "self_kd", "acc")
+    vals = torch.stack([loss.float()] + [parts.get(k, torch.tensor(0.0)).float().to(loss.device) for k in keys])
+    if ddp:
+        dist.all_reduce(vals)
+        vals /= world
+    tokens = (batch["q_mask"].sum() + batch["p_mask"].sum()).item() * world
+    rec = {"step": step, "epoch": epoch, "loss": vals[0].item(), **{k: v.item() for k, v in zip(keys, vals[1:])},
+           "lr": lr, "ms": 1000 * dt, "tok_s": tokens / dt, "samples_s": len(batch["q_ids"]) * world / dt}
+    if log is not None:
+        print(f"step {step}/{total} | loss {rec['loss']:.4f} | dense {rec['dense']:.3f} sparse {rec['sparse']:.3f} "
+              f"colbert {rec['colbert']:.3f} ens {rec['ens']:.3f} self_kd {rec['self_kd']:.3f} | "
+              f"acc {rec['acc']:.2f} | "
+              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s",
+              flush=True)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
 
 
 def stop(msg):

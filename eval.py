@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from checkpoints import check_out, default_out, write_atomic
 from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
-from model import ckpt_key, encode_cached, model_key, model_loader, pack  # noqa: F401 (the cache, for mine.py, tests)
+from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -356,7 +356,7 @@ def cli_setup(p, a, data, ranks=None, **ints):
         import torch
         from model import M3
         torch.manual_seed(0)  # new heads: the same seeded random colbert head every run
-        m = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling)
+        m = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling).to(inference_device()).eval()
         m.source = f"{a.ckpt} (new_heads={a.new_heads}, pooling={a.pooling})"  # what metrics.json records
         return m
     model = load if a.new_heads or a.pooling else a.ckpt

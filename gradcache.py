@@ -12,15 +12,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def grad_cache_step(model, batch, chunk, loss_fn, amp, scaler):
-    """Forward + backward of one batch in chunks of `chunk` texts (0: one chunk per side) -> (loss, parts).
-    loss_fn(q, p) -> (loss, parts) scores the representations of the whole batch (train.compute_loss)."""
-    chunk = chunk if chunk > 0 else len(batch["p_ids"])
-    pieces = [(k, s) for k in ("q", "p") for s in range(0, len(batch[f"{k}_ids"]), chunk)]  # (side, first text)
+    """Forward + backward of one batch in chunks of chunk["q"] queries and chunk["p"] passages (0: one chunk per side)
+    -> (loss, parts). loss_fn(q, p) -> (loss, parts) scores the representations of the whole batch (compute_loss)."""
+    chunk = {k: n if n > 0 else len(batch[f"{k}_ids"]) for k, n in chunk.items()}
+    pieces = [(k, s) for k in ("q", "p") for s in range(0, len(batch[f"{k}_ids"]), chunk[k])]  # (side, first text)
     reps, rng = {"q": [], "p": []}, []
     with torch.no_grad(), amp:
         for k, s in pieces:
             rng.append(rng_state())
-            reps[k].append(model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk]))
+            reps[k].append(model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]]))
     cached = {k: {n: torch.cat([o[n] for o in outs]) for n in outs[0]} for k, outs in reps.items()}
     del reps  # one copy of the representations (+ their gradients) is all the cache holds
     for outs in cached.values():
@@ -34,9 +34,9 @@ def grad_cache_step(model, batch, chunk, loss_fn, amp, scaler):
         with (nullcontext() if sync else model.no_sync()):
             set_rng_state(state)
             with amp:
-                out = model(batch[f"{k}_ids"][s:s + chunk], batch[f"{k}_mask"][s:s + chunk])
+                out = model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]])
             names = [n for n in out if out[n].is_floating_point()]  # colbert_mask carries no gradient
-            torch.autograd.backward([out[n] for n in names], [cached[k][n].grad[s:s + chunk] for n in names])
+            torch.autograd.backward([out[n] for n in names], [cached[k][n].grad[s:s + chunk[k]] for n in names])
     return loss.detach(), parts
 
 

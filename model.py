@@ -66,25 +66,32 @@ def colbert_score(q, p, q_mask=None, p_mask=None, chunk_elems=2 ** 24):
         return float(colbert_score(torch.from_numpy(q)[None], torch.from_numpy(p)[None])[0, 0])
     q_mask = q.new_ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
     p_mask = p.new_ones(p.shape[:2], dtype=torch.bool) if p_mask is None else p_mask.bool()
-    # one extra coordinate puts the mask into the matmul: q_ia . p_jb - 1e4 at padded b, no masked copy of sim
-    q = torch.cat([q, q.new_ones(*q.shape[:2], 1)], -1)  # (Bq, Tq, D+1)
-    p = torch.cat([p, (~p_mask[..., None]).to(p.dtype) * -1e4], -1)  # (Np, Tp, D+1)
+    q_w = at_least_fp32(q_mask.to(q.dtype))  # (Bq, Tq) 1 at real query tokens
     pair = q.shape[1] * p.shape[1]
     nq = max(1, min(q.shape[0], chunk_elems // pair))  # queries per block
     n_p = max(1, chunk_elems // (nq * pair))  # passages per block
-    q_mask = q_mask.to(q.dtype)
     grad = torch.is_grad_enabled() and (q.requires_grad or p.requires_grad)
-    block = (lambda *x: checkpoint(_maxsim_sum, *x, use_reentrant=False)) if grad else _maxsim_sum
-    rows = [torch.cat([block(q[a:a + nq], p[b:b + n_p], q_mask[a:a + nq]) for b in range(0, p.shape[0], n_p)], 1)
-            for a in range(0, q.shape[0], nq)]  # (nq, Np) blocks of summed best matches
-    return torch.cat(rows, 0) / q_mask.sum(-1, keepdim=True)  # (Bq, Np)
+    block = (lambda *x: checkpoint(_maxsim_sum, *x, use_reentrant=False, preserve_rng_state=False)) if grad \
+        else _maxsim_sum
+    # split(): one gradient concatenation in backward, not a zero-filled full-size gradient per sliced block
+    p_blocks = list(zip(p.split(n_p), p_mask.split(n_p)))
+    rows = [torch.cat([block(qa, pb, mb, wa) for pb, mb in p_blocks], 1)
+            for qa, wa in zip(q.split(nq), q_w.split(nq))]  # (nq, Np) blocks of summed best matches
+    return torch.cat(rows, 0) / q_w.sum(-1, keepdim=True)  # (Bq, Np)
 
 
-def _maxsim_sum(q, p, q_mask):
-    """sum over query tokens of the best passage-token similarity: (nq, Tq, D), (n_p, Tp, D) -> (nq, n_p).
-    Checkpointed in training: backward recomputes the block instead of keeping (nq, n_p, Tq) max indices alive,
-    which would grow with batch x batch*G and dominate the gradient cache's memory."""
-    return (torch.einsum("qad,pbd->qpab", q, p).max(-1).values * q_mask[:, None, :]).sum(-1)
+def _maxsim_sum(q, p, p_mask, q_w):
+    """sum over real query tokens of the best real passage-token similarity: (nq, Tq, D), (n_p, Tp, D) -> (nq, n_p).
+    Similarities accumulate in fp32 (bf16 inputs are exact in TF32). Checkpointed in training: backward recomputes
+    the block instead of keeping (nq, n_p, Tq) max indices alive, which would grow with batch x batch*G."""
+    sim = torch.einsum("qad,pbd->qpab", at_least_fp32(q), at_least_fp32(p))  # (nq, n_p, Tq, Tp)
+    sim.masked_fill_(~p_mask[None, :, None, :], -1e4)  # padded passage tokens never win the max (in place: no copy)
+    return (sim.max(-1).values * q_w[:, None, :]).sum(-1)  # (nq, n_p)
+
+
+def at_least_fp32(x):
+    """x in fp32 if it is bf16/fp16 (scores accumulate in fp32), unchanged if fp32 or fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,8 +131,9 @@ class M3(nn.Module):
         sparse = torch.relu(self.sparse_linear(h)).squeeze(-1) * keep  # (N, T), out of place (autograd-safe)
         c_mask = mask[:, 1:].bool() & (ids[:, 1:] != self.cls_id)  # (N, T-1) every real token after the first CLS
         colbert = self.colbert_linear(h[:, 1:]) * c_mask[..., None]  # (N, T-1, D), padding rows exactly 0
-        return {"dense": F.normalize(dense, dim=-1), "sparse": sparse,
-                "colbert": F.normalize(colbert, dim=-1), "colbert_mask": c_mask}
+        dt = colbert.dtype  # bf16 under autocast, where F.normalize would return fp32 (twice the cached memory)
+        return {"dense": F.normalize(dense, dim=-1).to(dt), "sparse": sparse,
+                "colbert": F.normalize(colbert, dim=-1).to(dt), "colbert_mask": c_mask}
 
     # ------------------------------------------------------------------------------------------------------------
     # inference
@@ -166,11 +174,12 @@ class M3(nn.Module):
                 out = self(ids, mask)
             vocab = torch.unique(ids)  # (K,) the same aggregation as training, over this batch's ids
             vecs = sparse_vectors(ids, out["sparse"].float(), vocab).cpu()  # (b, K)
+            vocab, dense_b = vocab.cpu(), out["dense"].float().cpu().numpy()  # one device -> host copy per output
+            cb, cb_mask = out["colbert"].float().cpu().numpy(), out["colbert_mask"].cpu().numpy()  # (b, T-1, D)
             for r, i in enumerate(idx):
                 nz = vecs[r].nonzero().squeeze(-1)
                 sparse[i] = dict(zip(vocab[nz].tolist(), vecs[r, nz].tolist()))
-                dense[i] = out["dense"][r].float().cpu().numpy()
-                colbert[i] = out["colbert"][r][out["colbert_mask"][r]].float().cpu().numpy()
+                dense[i], colbert[i] = dense_b[r], cb[r][cb_mask[r]]
         self.train(was_training)
         H = self.encoder.config.hidden_size
         dense = np.stack(dense).astype(np.float32) if texts else np.zeros((0, H), np.float32)  # (N, H)
@@ -260,7 +269,8 @@ def _load_encoder(path, **kwargs):
     encoder weights missing from the checkpoint (they would start random); an unused pooler is expected."""
     if os.path.isdir(path):
         check_weights(path)
-    verbosity = hf_logging.get_verbosity()
+    kwargs.setdefault("dtype", torch.float32)  # fp32 weights (autocast computes in bf16): transformers 5 would keep
+    verbosity = hf_logging.get_verbosity()  # a checkpoint's stored dtype (fp16 release files), fused AdamW with them
     hf_logging.set_verbosity_error()
     try:  # BERT/XLM-R take add_pooling_layer; other encoders may not
         try:
@@ -348,8 +358,13 @@ def model_loader(model, need_key):
 
     @functools.cache
     def get():
-        return M3.from_pretrained(model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        return M3.from_pretrained(model).to(inference_device()).eval()
     return get, key, ckpt
+
+
+def inference_device():
+    """Where evaluation and mining encode: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def ckpt_key(path):

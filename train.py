@@ -4,10 +4,11 @@
     torchrun --nproc_per_node 8 train.py configs/warmup.yaml --train_data=... # one node, 8 GPUs
 
 Read in this order: Config (every recipe number, SPEC.md), one training step (encode, score, m3_loss, backward;
-the gradient cache), the optimizer step, main (the loop), logging; parsing the config comes last.
+the gradient cache: gradcache.py), the optimizer step, main (the loop); parsing the config comes last. Checkpoints,
+resume and the log: checkpoints.py.
 """
 import dataclasses
-import json
+import datetime
 import os
 import sys
 import time
@@ -19,11 +20,11 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import check_start, find_resume, print0, save_checkpoint, start_run_dir, stop
+from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
 from data import epoch_batches, make_batch, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
-from model import HEAD_FILES, M3, colbert_score, dense_score, sparse_score
+from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Config:
     dtype: str = "bf16"  # on GPU: bf16 autocast, fp16 (with a grad scaler) or fp32; CPU always runs fp32
     gradient_checkpointing: bool = True
     sub_batch_size: int = 0  # encode the batch in chunks of this many texts (0 = all at once), loss on the full batch
+    sub_batch_tokens: int = 0  # or chunks of at most this many padded tokens (texts x length): short texts, big chunks
     grad_cache: bool = False  # gradient cache: memory does not grow with the batch (same gradients)
     # run
     out_dir: str = "runs/m3"
@@ -86,6 +88,7 @@ class Config:
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
+    dist_timeout_s: int = 7200  # collectives wait this long (NCCL's 10-minute default would kill an index build)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,14 +104,20 @@ def off_heads(heads):
 def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
     """Forward + backward of one batch (gradients accumulate in .grad) -> (loss, parts)."""
     loss_fn = lambda q, p: compute_loss(q, p, batch, cfg, heads, self_distill)  # noqa: E731
+    chunk = {k: texts_per_chunk(cfg, batch[f"{k}_ids"]) for k in ("q", "p")}
     if cfg.grad_cache:
-        return grad_cache_step(model, batch, cfg.sub_batch_size, loss_fn, amp, scaler)
+        return grad_cache_step(model, batch, chunk, loss_fn, amp, scaler)
     with amp:
-        q = forward_chunks(model, batch["q_ids"], batch["q_mask"], cfg.sub_batch_size)
-        p = forward_chunks(model, batch["p_ids"], batch["p_mask"], cfg.sub_batch_size)
+        q = forward_chunks(model, batch["q_ids"], batch["q_mask"], chunk["q"])
+        p = forward_chunks(model, batch["p_ids"], batch["p_mask"], chunk["p"])
     loss, parts = loss_fn(q, p)
     scaler.scale(loss).backward()
     return loss.detach(), parts
+
+
+def texts_per_chunk(cfg, ids):
+    """Texts per encoder call for ids (N, T): sub_batch_tokens // T (at least 1), else sub_batch_size; 0 = all N."""
+    return max(1, cfg.sub_batch_tokens // ids.shape[1]) if cfg.sub_batch_tokens > 0 else cfg.sub_batch_size
 
 
 def forward_chunks(model, ids, mask, chunk):
@@ -125,13 +134,13 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
     cross = cfg.cross_device_negatives and world > 1
     p_dense = gather(p["dense"]) if cross else p["dense"]  # (W*B*G, H) or (B*G, H)
     offset = dist.get_rank() * p["dense"].shape[0] if cross else 0  # this rank's first column
-    fp32 = lambda s: s.to(torch.promote_types(s.dtype, torch.float32))  # losses in fp32 (or fp64) under autocast
-    s_dense = fp32(dense_score(q["dense"], p_dense))  # (B, W*B*G); row i's positive at column offset + i*G
+    up = at_least_fp32  # bf16 representations (autocast) are scored in fp32: tau = 0.02 multiplies every error by 50
+    s_dense = dense_score(up(q["dense"]), up(p_dense))  # (B, W*B*G); row i's positive at column offset + i*G
     s_sparse = s_colbert = None
     if "sparse" in heads:
-        s_sparse = fp32(sparse_score(batch["q_ids"], q["sparse"], batch["p_ids"], p["sparse"]))  # (B, B*G)
-    if "colbert" in heads:
-        s_colbert = fp32(colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"]))  # (B, B*G)
+        s_sparse = sparse_score(batch["q_ids"], up(q["sparse"]), batch["p_ids"], up(p["sparse"]))  # (B, B*G)
+    if "colbert" in heads:  # fp32 inside its blocks
+        s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
     loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
     for x in off_heads(heads):  # weight 0: DDP still sees their parameters used (find_unused_parameters=False)
         loss = loss + 0.0 * (q[x].sum() + p[x].sum())
@@ -183,7 +192,7 @@ def main(argv):
     cfg = load_config(argv)
     resume, state = find_resume(cfg)  # every rank checks the same files before any process group work
     check_start(cfg, resume)
-    ddp, rank, world, device = init_distributed()
+    ddp, rank, world, device = init_distributed(cfg)
     print0(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, width=120))
     torch.manual_seed(cfg.seed)  # new heads start the same on every rank and in every rerun
     raw = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
@@ -206,7 +215,8 @@ def main(argv):
         raw.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     raw.to(device).train()
     model = raw if not ddp else DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=False)  # off heads get a 0-weighted term instead
+                                    find_unused_parameters=False,  # off heads get a 0-weighted term instead
+                                    gradient_as_bucket_view=True)  # .grad views the all-reduce buckets: no 2nd copy
     opt, sched = make_optimizer(raw, cfg, total)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     amp = torch.autocast(device.type, dtype=half or torch.float32, enabled=device.type == "cuda" and half is not None)
@@ -265,40 +275,22 @@ def main(argv):
         dist.destroy_process_group()
 
 
-def init_distributed():
+def init_distributed(cfg):
     """(ddp, rank, world, device): a process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if cuda:  # the fp32 score matmuls on tensor cores: their bf16 inputs are exact in TF32, sums stay fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
     if "RANK" not in os.environ:
-        return False, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# logging and the config
-
-def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp):
-    """One line with fixed keys + a JSON record in log.jsonl; loss and parts averaged over ranks."""
-    keys = ("dense", "sparse", "colbert", "ens", "self_kd", "acc")
-    vals = torch.stack([loss.float()] + [parts.get(k, torch.tensor(0.0)).float().to(loss.device) for k in keys])
-    if ddp:
-        dist.all_reduce(vals)
-        vals /= world
-    tokens = (batch["q_mask"].sum() + batch["p_mask"].sum()).item() * world
-    rec = {"step": step, "epoch": epoch, "loss": vals[0].item(), **{k: v.item() for k, v in zip(keys, vals[1:])},
-           "lr": lr, "ms": 1000 * dt, "tok_s": tokens / dt, "samples_s": len(batch["q_ids"]) * world / dt}
-    if log is not None:
-        print(f"step {step}/{total} | loss {rec['loss']:.4f} | dense {rec['dense']:.3f} sparse {rec['sparse']:.3f} "
-              f"colbert {rec['colbert']:.3f} ens {rec['ens']:.3f} self_kd {rec['self_kd']:.3f} | "
-              f"acc {rec['acc']:.2f} | "
-              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s",
-              flush=True)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-
+# the config: defaults <- YAML diffs <- --key=value, every value checked
 
 def load_config(argv):
     """Config from defaults <- YAML files (flat diffs) <- --key=value overrides; unknown keys, bad types and bad
@@ -335,9 +327,9 @@ def config_problems(cfg):
     positive = ("temperature", "lr", "grad_clip", "loss_norm", "self_distill_norm", "final_norm")
     rules = [(k, getattr(cfg, k) > 0, "must be > 0") for k in positive] + \
         [(k, getattr(cfg, k) >= 1, "must be >= 1") for k in ("train_group_size", "epochs", "save_every", "log_every",
-                                                            "keep_last")] + \
+                                                            "keep_last", "dist_timeout_s")] + \
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
-                                                            "sub_batch_size")] + \
+                                                            "sub_batch_size", "sub_batch_tokens")] + \
         [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio")] + \
         [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
     rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),

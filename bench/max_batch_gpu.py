@@ -8,11 +8,13 @@ torch.cuda.OutOfMemoryError; the cache is emptied between tries. PYTORCH_CUDA_AL
 expandable_segments:True (less fragmentation); fp32 matmuls (the scores, computed in fp32) may use TF32 to keep the
 in-batch colbert scores (B x B*G x 511 x 8191 x 1024) fast; neither changes what is allocated.
 Search: probes at 1, 2, 4 queries -> quadratic fit of peak memory -> first guess; then steps of 1, 2, 4, ... away from
-the guess until the answer is bracketed, then bisection; capped at --cap queries. A try at B queries costs roughly B
-times a probe's per-query time, so tries that would overrun --budget_s are skipped and the bracket is printed as is.
+the guess until the answer is bracketed, then bisection; capped at --cap queries. Time guard: a try at B queries is
+estimated at 1.2 x B x the largest per-query time of any fitting try so far (time grows about linearly in B, a little
+faster through the B x B*G colbert scores); a try that would overrun --budget_s is replaced by the largest one that
+would not, if that still narrows the bracket, else the search stops and says "stopped by --budget_s" with the bracket.
 
     python bench/max_batch_gpu.py            # one GPU; ~8 min on an H100; last line: max_queries_per_gpu=<n> ...
-    python bench/max_batch_gpu.py --tiny     # the same search on CPU: 2 layers, short texts, a simulated memory cap
+    python bench/max_batch_gpu.py --tiny     # the same search on CPU: 2 layers, short texts, simulated memory
 """
 import argparse
 import ctypes

@@ -544,3 +544,17 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
         with pytest.raises(ValueError, match=opt):
             mine.mine(m, ["q"], [[0]], ["p", "r"], **kw)
     assert m.calls == 0
+
+
+def test_checkpoints_and_bare_encoders_are_encoded_on_the_gpu_when_there_is_one(tmp_path, monkeypatch):
+    tiny_m3().save_pretrained(str(tmp_path / "ck"))
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the loaders can tell
+    monkeypatch.setattr(M3, "to", lambda self, *a, **kw: moved.append(a) or self)
+    get_model, _, _ = ev.model_loader(str(tmp_path / "ck"), need_key=False)
+    get_model()
+    p = ev.cli_parser("", split="test")  # --new_heads / --pooling: loaded in memory by cli_setup
+    a = p.parse_args(["--ckpt", str(tmp_path / "ck"), "--pooling", "mean"])
+    load, _ = ev.cli_setup(p, a, None)
+    load()
+    assert moved == [("cuda",), ("cuda",)]

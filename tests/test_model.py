@@ -251,3 +251,49 @@ def test_encoder_weights_missing_from_a_checkpoint_are_named(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.warns(UserWarning, match=r"randomly initialised.*layer\.1\.output\.dense\.weight"):
         M3.from_pretrained(str(tmp_path))
+
+
+def full_size_outputs_in_backward(q, p, chunk_elems):
+    """How many tensors of p's full size colbert_score's backward creates (TorchDispatchMode sees every op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            Count.n += sum(torch.is_tensor(o) and o.numel() >= p.numel() for o in outs)
+            return out
+    s = colbert_score(q, p, chunk_elems=chunk_elems)
+    with Count():
+        s.sum().backward()
+    return Count.n
+
+
+def test_colbert_backward_allocates_the_passage_gradient_a_fixed_number_of_times():
+    # slicing p per block made each block's backward allocate a zero-filled gradient of p's full size (B^3 work)
+    torch.manual_seed(0)
+    q, p = torch.randn(2, 3, 8, requires_grad=True), torch.randn(32, 5, 8, requires_grad=True)
+    few = full_size_outputs_in_backward(q, p, chunk_elems=2 * 3 * 5 * 16)  # 2 passage blocks
+    many = full_size_outputs_in_backward(q, p, chunk_elems=2 * 3 * 5 * 1)  # 32 passage blocks
+    assert many == few <= 3, (few, many)
+
+
+def test_bf16_autocast_keeps_representations_bf16_and_scores_accumulate_in_fp32():
+    m = tiny_m3()
+    ids, mask = batch(m, TEXTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CUDA autocast on CPU: same op lists for these ops
+        out = m(ids, mask)
+    assert out["dense"].dtype == out["colbert"].dtype == torch.bfloat16  # F.normalize alone would give fp32
+    s = colbert_score(out["colbert"], out["colbert"], out["colbert_mask"], out["colbert_mask"])
+    ref = colbert_score(out["colbert"].double(), out["colbert"].double(), out["colbert_mask"], out["colbert_mask"])
+    assert s.dtype == torch.float32 and torch.allclose(s.double(), ref, rtol=1e-6, atol=1e-6)  # bf16 sums: ~4e-3
+
+
+def test_an_encoder_stored_in_bf16_loads_in_fp32(tmp_path):
+    tok = make_tokenizer("xlmr")
+    make_encoder(tok).to(torch.bfloat16).save_pretrained(tmp_path)  # like a release's fp16/bf16 files
+    tok.save_pretrained(tmp_path)
+    m = M3.from_pretrained(str(tmp_path), new_heads=True)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}  # AdamW keeps fp32 masters; autocast does bf16

@@ -1,5 +1,6 @@
 """train.py: DDP == one process, gradient cache == plain path, resume == uninterrupted, head schedule, stage chain."""
 import dataclasses
+import datetime
 import json
 import pickle
 import os
@@ -11,12 +12,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
 import train
 from data import epoch_batches, make_batch, open_datasets
-from model import M3
+from losses import info_nce
+from model import M3, dense_score, sparse_score
 from tiny import WORDS, Payload, make_encoder, make_tokenizer, spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,12 +133,49 @@ def test_ddp_gradients_with_gradient_cache_equal_one_process(setup, tmp_path):
 def test_gradient_cache_and_sub_batches_give_the_plain_gradients(setup):
     loss, ref = grads_after_step(setup)
     assert ref["sparse_linear.weight"].abs().max() > 0 and ref["colbert_linear.weight"].abs().max() > 0
-    for over in (dict(sub_batch_size=5), dict(grad_cache=True), dict(grad_cache=True, sub_batch_size=5)):
+    for over in (dict(sub_batch_size=5), dict(grad_cache=True), dict(grad_cache=True, sub_batch_size=5),
+                 dict(sub_batch_tokens=70), dict(grad_cache=True, sub_batch_tokens=70)):
         l2, g = grads_after_step(setup, **over)
         assert l2.item() == pytest.approx(loss.item(), abs=1e-10)
         assert set(g) == set(ref)
         for n in ref:
             assert torch.allclose(g[n], ref[n], rtol=0, atol=1e-10), (over, n, (g[n] - ref[n]).abs().max())
+
+
+def test_sub_batch_tokens_sizes_chunks_by_padded_length():
+    cfg = train.Config(sub_batch_tokens=100, sub_batch_size=3)
+    assert [train.texts_per_chunk(cfg, torch.zeros(40, T)) for T in (16, 32, 100, 512)] == [6, 3, 1, 1]
+    assert train.texts_per_chunk(train.Config(sub_batch_size=3), torch.zeros(40, 16)) == 3  # texts, as before
+
+
+def test_bf16_representations_are_scored_in_fp32():
+    torch.manual_seed(0)
+    B, G, T, D = 2, 3, 6, 8
+    cfg = train.Config(train_group_size=G, cross_device_negatives=False)
+    rep = lambda n: {"dense": F.normalize(torch.randn(n, D), dim=-1).bfloat16(),  # noqa: E731 (autocast's outputs)
+                     "sparse": torch.rand(n, T).bfloat16(), "colbert": F.normalize(torch.randn(n, T, D), dim=-1).bfloat16(),
+                     "colbert_mask": torch.ones(n, T, dtype=torch.bool)}
+    q, p = rep(B), rep(B * G)
+    batch = {"q_ids": torch.randint(5, 30, (B, T)), "p_ids": torch.randint(5, 30, (B * G, T)), "teacher": None}
+    _, parts = train.compute_loss(q, p, batch, cfg, ["dense", "sparse", "colbert"], False)
+    tau, f = cfg.temperature, lambda x: x.float()  # noqa: E731
+    want = {"dense": info_nce(dense_score(f(q["dense"]), f(p["dense"])) / tau, G),
+            "sparse": info_nce(sparse_score(batch["q_ids"], f(q["sparse"]), batch["p_ids"], f(p["sparse"])) / tau, G)}
+    rounded = info_nce(sparse_score(batch["q_ids"], q["sparse"], batch["p_ids"], p["sparse"]).float() / tau, G)
+    for x, v in want.items():
+        assert parts[x].item() == pytest.approx(v.item(), rel=1e-6), x
+    assert abs(rounded.item() - want["sparse"].item()) > 1e-4  # scoring in bf16 would be caught
+
+
+def test_the_process_group_waits_dist_timeout_s(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
+    ddp, rank, world, device = train.init_distributed(train.Config(dist_timeout_s=5400))
+    assert ddp and seen["timeout"] == datetime.timedelta(seconds=5400) and seen["backend"] == "gloo"
 
 
 def test_resume_reproduces_the_uninterrupted_loss_sequence(setup, tmp_path):
