@@ -24,10 +24,11 @@ def reset_peak_rss():
 
 def random_batch(B, G, TQ, TP, tok, vocab, gen=None, device=None, ragged=False):
     """B queries x TQ tokens, B*G passages x TP tokens: random ids in [5, vocab), CLS first, SEP last, no teacher.
-    ragged: lengths uniform in [T/2, T] (the first text full length), padded after; else every text is full."""
+    ragged: lengths uniform in [T/2, T] (the first text full length), padded after; else every text is full.
+    Drawn on the CPU (gen: a CPU generator), then moved to device."""
     out = {"teacher": None}
     for k, n, T in (("q", B, TQ), ("p", B * G, TP)):
-        ids = torch.randint(5, vocab, (n, T), generator=gen, device=device)  # (n, T)
+        ids = torch.randint(5, vocab, (n, T), generator=gen)  # (n, T)
         if ragged:
             lens = torch.randint(T // 2, T + 1, (n,), generator=gen)
             lens[0] = T  # the batch's padded length is T
@@ -35,7 +36,7 @@ def random_batch(B, G, TQ, TP, tok, vocab, gen=None, device=None, ragged=False):
             ids[:, 0], ids[torch.arange(n), lens - 1] = tok.cls_token_id, tok.sep_token_id
             ids = ids.masked_fill(mask == 0, tok.pad_token_id)
         else:
-            mask = torch.ones(n, T, dtype=torch.long, device=device)
+            mask = torch.ones(n, T, dtype=torch.long)
             ids[:, 0], ids[:, -1] = tok.cls_token_id, tok.sep_token_id
-        out[f"{k}_ids"], out[f"{k}_mask"] = ids, mask
+        out[f"{k}_ids"], out[f"{k}_mask"] = ids.to(device), mask.to(device)
     return out

@@ -17,7 +17,6 @@ would not, if that still narrows the bracket, else the search stops and says "st
     python bench/max_batch_gpu.py --tiny     # the same search on CPU: 2 layers, short texts, simulated memory
 """
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -29,12 +28,13 @@ import torch  # noqa: E402
 from transformers import XLMRobertaConfig, XLMRobertaModel  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ALL_HEADS, random_batch, reset_peak_rss, rss_mb  # noqa: E402  (puts the repository on sys.path)
+from common import ALL_HEADS, random_batch  # noqa: E402  (puts the repository on sys.path)
 import train  # noqa: E402
 from model import M3  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 PAPER = 130  # Table 10: max batch size per device at 8192 tokens with split-batch (A800 80GB), SPEC 4.6
+TINY_PEAK_MB = (0.5, 20.0, 100.0)  # --tiny: peak = 0.5 B^2 + 20 B + 100 MB, simulated (a tiny step's RSS is noise)
 
 
 def main():
@@ -81,10 +81,9 @@ def main():
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        else:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # so that freed memory leaves RSS and the next peak is its own
 
     capacity = [None]  # bytes a step may peak at (GPU: reachable by the allocator; --tiny: simulated, set below)
+    fits_s = {}  # B -> seconds of each try that fitted: the time guard's measure
 
     def attempt(B):
         """One training step at B queries -> (fits, seconds, peak bytes or None)."""
@@ -92,9 +91,6 @@ def main():
         batch = random_batch(B, G, TQ, TP, tok, shape["vocab_size"], device=dev)  # full length
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_peak_rss()
-            base = rss_mb("VmRSS") * 2 ** 20
         t0 = time.perf_counter()
         try:
             train.train_step(model, batch, cfg, ALL_HEADS, True, amp, scaler)
@@ -103,7 +99,7 @@ def main():
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated()
             else:
-                peak = rss_mb("VmHWM") * 2 ** 20 - base
+                peak = np.polyval(TINY_PEAK_MB, B) * 2 ** 20
                 if capacity[0] is not None and peak > capacity[0]:
                     raise torch.cuda.OutOfMemoryError(f"simulated: peak {peak / 2 ** 20:.0f} MB > cap")
             ok = True
@@ -111,6 +107,8 @@ def main():
             ok, peak = False, None
             msg = str(e).splitlines()[0][:120]
         dt = time.perf_counter() - t0
+        if ok:
+            fits_s[B] = max(dt, fits_s.get(B, 0.0))
         opt.zero_grad(set_to_none=True)  # after an OOM: the partial gradients go
         del batch
         free()
@@ -119,6 +117,7 @@ def main():
         return ok, dt, peak
 
     attempt(1)  # warm-up: optimizer states now exist
+    fits_s.clear()  # its one-off start-up costs are no measure of a try's time
     probes = {}
     for B in (1, 2, 4):
         ok, dt, peak = attempt(B)
@@ -129,21 +128,30 @@ def main():
     fit = np.polyfit(Bs, [p for _, p in probes.values()], 2)  # peak(B) = c2 B^2 + c1 B + c0
     if dev.type == "cuda":
         capacity[0] = 0.97 * (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
-    else:  # pretend the device holds about 10.5 queries' worth, so the search has an answer to find
-        capacity[0] = np.polyval(fit, 10.5)
+    else:  # pretend the device holds about 10.5 queries' worth, so the search has an answer to find (10)
+        capacity[0] = np.polyval(TINY_PEAK_MB, 10.5) * 2 ** 20
     grid = np.arange(1, args.cap + 1)
     under = grid[np.polyval(fit, grid) <= capacity[0]]
     guess = int(under.max()) if len(under) else 1
-    per_query = max(dt / B for B, (dt, _) in probes.items())
+    per_query = lambda: max(dt / B for B, dt in fits_s.items())  # noqa: E731  (slowest per query so far)
     print(f"probes: peak ~ {fit[0] / 2 ** 20:.3f} B^2 + {fit[1] / 2 ** 20:.1f} B + {fit[2] / 2 ** 20:.0f} MB, capacity "
-          f"{capacity[0] / 2 ** 30:.2f} GiB -> first guess B={guess}; ~{per_query:.2f} s per query", flush=True)
+          f"{capacity[0] / 2 ** 30:.2f} GiB -> first guess B={guess}; ~{per_query():.2f} s per query", flush=True)
 
     lo, hi, B, step, mode, t_start = 4, args.cap + 1, guess, 1, None, time.perf_counter()
+    stopped = False
     while hi - lo > 1:  # lo fits; hi does not (cap + 1: never tried)
         B = min(max(B, lo + 1), hi - 1)
-        if time.perf_counter() - t_start + per_query * B > args.budget_s:
-            print(f"stopping: a {B}-query try would overrun --budget_s={args.budget_s:.0f}")
-            break
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if 1.2 * per_query() * B > left:  # conservative: never start a try that would overrun the budget
+            can = int(left / (1.2 * per_query()))  # the largest try that would not
+            if can <= lo:
+                stopped = True
+                print(f"stopping: a {B}-query try (~{1.2 * per_query() * B:.1f} s) would overrun --budget_s="
+                      f"{args.budget_s:g} ({max(left, 0):.1f} s left)", flush=True)
+                break
+            print(f"  a {B}-query try (~{1.2 * per_query() * B:.1f} s) would overrun --budget_s={args.budget_s:g} "
+                  f"({left:.1f} s left): {can} queries instead", flush=True)
+            B = can
         ok = attempt(B)[0]
         lo, hi = (B, hi) if ok else (lo, B)
         mode = ok if mode is None else mode
@@ -152,7 +160,11 @@ def main():
         else:  # bracketed: bisect
             mode, B = "bisect", (lo + hi) // 2
     exact = hi - lo == 1
-    upper = "(cap reached)" if hi > args.cap else f"{hi} does not fit" if exact else f"first failure <= {hi}"
+    if stopped:
+        upper = (f"stopped by --budget_s={args.budget_s:g}: the largest fitting batch is in [{lo}, {hi - 1}] ("
+                 + (f"{hi} does not fit)" if hi <= args.cap else f"nothing above {lo} tried; --cap={args.cap})"))
+    else:
+        upper = "(cap reached)" if hi > args.cap else f"{hi} does not fit"
     print(f"largest fitting batch: {lo} queries = {lo * G} passages = {lo * (G + 1)} texts of up to {TP} tokens; "
           f"{upper}. Paper Table 10: {PAPER} per device at 8192 with split-batch (A800 80GB; the paper does not "
           f"say whether that counts queries with their {G - 1} negatives or single texts)")
