@@ -84,9 +84,11 @@ def _maxsim_sum(q, p, p_mask, q_w):
     """sum over real query tokens of the best real passage-token similarity: (nq, Tq, D), (n_p, Tp, D) -> (nq, n_p).
     Similarities accumulate in fp32 (bf16 inputs are exact in TF32). Checkpointed in training: backward recomputes
     the block instead of keeping (nq, n_p, Tq) max indices alive, which would grow with batch x batch*G."""
-    sim = torch.einsum("qad,pbd->qpab", at_least_fp32(q), at_least_fp32(p))  # (nq, n_p, Tq, Tp)
-    sim.masked_fill_(~p_mask[None, :, None, :], -1e4)  # padded passage tokens never win the max (in place: no copy)
-    return (sim.max(-1).values * q_w[:, None, :]).sum(-1)  # (nq, n_p)
+    (nq, Tq, D), (n_p, Tp, D) = q.shape, p.shape
+    bias = ((~p_mask).to(q_w.dtype) * -1e4).reshape(1, n_p * Tp)  # padded passage tokens never win the max
+    sim = torch.addmm(bias, at_least_fp32(q).reshape(nq * Tq, D), at_least_fp32(p).reshape(n_p * Tp, D).T)  # the
+    # mask rides in the matmul: no masked copy of sim forward or backward; sim (nq*Tq, n_p*Tp)
+    return (sim.view(nq, Tq, n_p, Tp).max(-1).values * q_w[:, :, None]).sum(1)  # (nq, n_p)
 
 
 def at_least_fp32(x):
