@@ -12,17 +12,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import reset_peak_rss, rss_mb  # noqa: E402  (puts the repository on sys.path)
 from model import sparse_score  # noqa: E402
 
 B, TQ, N, TP, V = 64, 64, 512, 512, 250002
-
-
-def rss_mb(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
 
 
 def main():
@@ -31,8 +25,7 @@ def main():
     q_w, p_w = torch.rand(B, TQ, requires_grad=True), torch.rand(N, TP, requires_grad=True)
     sparse_score(q_ids[:2], q_w[:2], p_ids[:2], p_w[:2]).sum().backward()  # warm up kernels and allocator paths
     q_w.grad = p_w.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    reset_peak_rss()
     base = rss_mb("VmRSS")
     s = sparse_score(q_ids, q_w, p_ids, p_w)  # (B, N)
     s.sum().backward()
