@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from model import HEAD_FILES, TOKENIZER_FILES, check_weights, load_head
+from model import HEAD_FILES, TOKENIZER_FILES, check_weights, is_local_path, load_head
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,9 +113,7 @@ def check_start(cfg, resume):
              f"or choose another --out_dir")
     key = "init_from" if cfg.init_from else "model"
     path = getattr(cfg, key)
-    local = path.startswith(("/", ".", "~")) or path.count("/") >= 2 or \
-        (path.count("/") == 1 and os.path.isdir(path.split("/")[0]))  # else a hub name "org/name" or a bundled one
-    if resume is None and local and not os.path.isdir(os.path.expanduser(path)):
+    if resume is None and is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
         made_by = [f"configs/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "configs"))) if f.endswith(".yaml")
                    and (yaml.safe_load(open(os.path.join(ROOT, "configs", f))) or {}).get("out_dir") ==
                    os.path.normpath(os.path.dirname(os.path.normpath(path)))]

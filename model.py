@@ -251,12 +251,19 @@ def resolve(path):
     return os.path.join(spec.submodule_search_locations[0], folder)
 
 
+def is_local_path(path):
+    """A local path rather than a hub name ("org/name", or a bare legacy/bundled name): it exists, starts with / . ~,
+    has two or more '/', or its first component is a local directory (runs/x)."""
+    return os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") >= 2 or \
+        (path.count("/") == 1 and os.path.isdir(path.split("/")[0]))
+
+
 def _find(path, fname):
     """Local file path of `fname` in a directory or hub repo, or None if it does not exist."""
     if os.path.isdir(path):
         f = os.path.join(path, fname)
         return f if os.path.isfile(f) else None
-    if path.startswith(("/", ".", "~")) or os.path.exists(path):
+    if is_local_path(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -372,10 +379,10 @@ def inference_device():
 def ckpt_key(path):
     """Identity of a checkpoint dir: content hash of files under 64 MB, (name, size, mtime) of larger ones."""
     if not os.path.isdir(path):
-        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        if is_local_path(path):
             raise FileNotFoundError(f"{path}: no such checkpoint directory")
         return f"hub:{path}"  # a hub name: from_pretrained checks the heads; the cache assumes the repo does not change
-    missing = [f for f in ("colbert_linear.pt", "sparse_linear.pt") if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in HEAD_FILES.values() if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "
                                 "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2); "
