@@ -225,8 +225,9 @@ def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
     if os.path.exists(cache):
         with np.load(cache) as z:
             saved = json.loads(str(z["key"]))
-            ds = JsonlDataset(path, z["offsets"], z["lines"], z["lengths"], json.loads(str(z["meta"])))
-        if all(saved.get(k) == key[k] for k in same):
+            hit = all(saved.get(k) == key[k] for k in same)
+            ds = JsonlDataset(path, z["offsets"], z["lines"], z["lengths"], json.loads(str(z["meta"]))) if hit else None
+        if hit:  # (the arrays of a stale index are never read)
             if verify and saved != key:  # same content, new mtime (a fresh clone, cp): record it for trusting ranks
                 _save_index(cache, key, ds)
             return ds
