@@ -106,9 +106,8 @@ def random_m3(shape, dev, dropout):
 
 
 def batch_on(dev, B, G, TQ, TP, tok, V, ragged):
-    """common.random_batch drawn on the CPU (seed 0), then moved: the same batch on every device."""
-    batch = random_batch(B, G, TQ, TP, tok, V, torch.Generator().manual_seed(0), ragged=ragged)
-    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """common.random_batch (drawn on the CPU from seed 0, then moved): the same batch on every device."""
+    return random_batch(B, G, TQ, TP, tok, V, torch.Generator().manual_seed(0), device=dev, ragged=ragged)
 
 
 def grads_of_step(model, batch, cfg, amp, seed=0):
