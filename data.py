@@ -238,9 +238,10 @@ def data_error(data_dir, split):
     return f"{data_dir}: no {', '.join(gone)}{splits}" if gone else None
 
 
-def read_jsonl(path, fields=(), unique=None):
+def read_jsonl(path, fields=(), unique=None, check=None):
     """JSON objects, one per non-empty line, each with a string value for every key in fields and, for the key unique,
-    a value no other line has. Errors name the file and the 1-based line."""
+    a value no other line has; check(record) -> an error or None (e.g. check_example for training records).
+    Errors name the file and the 1-based line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     recs, seen = [], {}  # seen: id -> line
@@ -258,6 +259,8 @@ def read_jsonl(path, fields=(), unique=None):
                 if not isinstance(r.get(k), str):
                     got = f"expected a string, got {json.dumps(r[k])[:40]}" if k in r else "missing"
                     raise ValueError(f"{path}, line {n}: field '{k}': {got}")
+            if check and check(r):
+                raise ValueError(f"{path}, line {n}: {check(r)}")
             if unique:  # a repeated corpus id scores its relevant doc twice (nDCG@10 above 1)
                 if r[unique] in seen:
                     raise ValueError(f"{path}, line {n}: field '{unique}': duplicate id {r[unique]!r} "

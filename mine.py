@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 import eval as ev
+from jsonl_index import check_example
 
 
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,
@@ -64,7 +65,7 @@ def main(argv=None):
             p.error(f"--out {a.out} is the --{opt} input: the mined records would replace it")
     lo, hi = (int(x) for x in a.range.split("-"))
     if a.jsonl:
-        recs = ev.read_jsonl(a.jsonl)
+        recs = ev.read_jsonl(a.jsonl, check=check_example)  # the training format (SPEC 4.1), as train.py checks it
         pool = ([ev.passage_text(r) for r in ev.read_jsonl(a.corpus, ("text",))] if a.corpus else
                 [t for r in recs for t in r["pos"] + r.get("neg", [])])
         pool = list(dict.fromkeys(pool + [t for r in recs for t in r["pos"]]))  # dedup, keep order; positives included

@@ -529,6 +529,12 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
         with pytest.raises(SystemExit):
             mine.main(["--ckpt", nope, "--jsonl", jsonl] + extra)
         assert "--out" in (err := capsys.readouterr().err.splitlines()[-1]) and extra[-1] in err, err
+    with open(jsonl, "a") as f:  # a training record without its positives: named, not a KeyError
+        f.write(json.dumps({"query": "q2", "neg": ["n"]}) + "\n")
+    with pytest.raises(ValueError, match="train.jsonl, line 2: field 'pos': missing"):
+        mine.main(["--ckpt", nope, "--jsonl", jsonl, "--corpus", corpus, "--out", str(tmp_path / "m.jsonl")])
+    with open(jsonl, "w") as f:
+        f.write(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
     with open(corpus, "a") as f:
         f.write(json.dumps({"title": "t"}) + "\n")
     with pytest.raises(ValueError, match="corpus.jsonl, line 2: field 'text': missing"):
