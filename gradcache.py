@@ -11,16 +11,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def grad_cache_step(model, batch, chunk, loss_fn, amp, scaler):
+def grad_cache_step(model, batch, chunk, heads, loss_fn, amp, scaler):
     """Forward + backward of one batch in chunks of chunk["q"] queries and chunk["p"] passages (0: one chunk per side)
-    -> (loss, parts). loss_fn(q, p) -> (loss, parts) scores the representations of the whole batch (compute_loss)."""
+    -> (loss, parts). heads: the optional heads to compute (M3.forward). loss_fn(q, p) -> (loss, parts) scores the
+    representations of the whole batch (compute_loss)."""
     chunk = {k: n if n > 0 else len(batch[f"{k}_ids"]) for k, n in chunk.items()}
     pieces = [(k, s) for k in ("q", "p") for s in range(0, len(batch[f"{k}_ids"]), chunk[k])]  # (side, first text)
     reps, rng = {"q": [], "p": []}, []
     with torch.no_grad(), amp:
         for k, s in pieces:
             rng.append(rng_state())
-            reps[k].append(model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]]))
+            reps[k].append(model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]], heads))
     cached = {k: {n: torch.cat([o[n] for o in outs]) for n in outs[0]} for k, outs in reps.items()}
     del reps  # one copy of the representations (+ their gradients) is all the cache holds
     for outs in cached.values():
@@ -34,7 +35,7 @@ def grad_cache_step(model, batch, chunk, loss_fn, amp, scaler):
         with (nullcontext() if sync else model.no_sync()):
             set_rng_state(state)
             with amp:
-                out = model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]])
+                out = model(batch[f"{k}_ids"][s:s + chunk[k]], batch[f"{k}_mask"][s:s + chunk[k]], heads)
             names = [n for n in out if out[n].is_floating_point()]  # colbert_mask carries no gradient
             torch.autograd.backward([out[n] for n in names], [cached[k][n].grad[s:s + chunk[k]] for n in names])
     return loss.detach(), parts

@@ -120,8 +120,10 @@ class M3(nn.Module):
         self.register_buffer("special_ids", torch.tensor(special_token_ids(tokenizer)), persistent=False)
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
 
-    def forward(self, ids, mask):
-        """ids, mask (N, T) -> dense (N, H), sparse (N, T) token weights, colbert (N, T-1, D), colbert_mask (N, T-1)."""
+    def forward(self, ids, mask, heads=("sparse", "colbert")):
+        """ids, mask (N, T) -> dense (N, H) and the optional heads named in `heads`: sparse (N, T) token weights,
+        colbert (N, T-1, D) with colbert_mask (N, T-1). A head left out is not computed; its parameters are tied
+        to dense with weight 0 (dense is unchanged), so DDP (find_unused_parameters=False) still reduces them."""
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
         if self.pooling == "mean":
             dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, H)
@@ -129,13 +131,21 @@ class M3(nn.Module):
             at_cls = ((ids == self.cls_id) & mask.bool()).to(h.dtype)  # (N, T)
             at_cls[:, 0] = 1.0
             dense = (h * at_cls[..., None]).sum(1) / at_cls.sum(1, keepdim=True)  # (N, H)
-        keep = mask.bool() & ~torch.isin(ids, self.special_ids)  # (N, T) tokens allowed a lexical weight
-        sparse = torch.relu(self.sparse_linear(h)).squeeze(-1) * keep  # (N, T), out of place (autograd-safe)
-        c_mask = mask[:, 1:].bool() & (ids[:, 1:] != self.cls_id)  # (N, T-1) every real token after the first CLS
-        colbert = self.colbert_linear(h[:, 1:]) * c_mask[..., None]  # (N, T-1, D), padding rows exactly 0
-        dt = colbert.dtype  # bf16 under autocast, where F.normalize would return fp32 (twice the cached memory)
-        return {"dense": F.normalize(dense, dim=-1).to(dt), "sparse": sparse,
-                "colbert": F.normalize(colbert, dim=-1).to(dt), "colbert_mask": c_mask}
+        off = [prm for x in ("sparse", "colbert") if x not in heads
+               for prm in getattr(self, f"{x}_linear").parameters()]
+        if off:
+            dense = dense + 0.0 * sum(prm.sum() for prm in off)  # (N, H), the same values; zero gradients to `off`
+        # bf16 under autocast, where F.normalize (and LayerNorm's h) would be fp32: twice the cached memory
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        out = {"dense": F.normalize(dense, dim=-1).to(dt)}
+        if "sparse" in heads:
+            keep = mask.bool() & ~torch.isin(ids, self.special_ids)  # (N, T) tokens allowed a lexical weight
+            out["sparse"] = torch.relu(self.sparse_linear(h)).squeeze(-1) * keep  # (N, T), out of place (autograd)
+        if "colbert" in heads:
+            c_mask = mask[:, 1:].bool() & (ids[:, 1:] != self.cls_id)  # (N, T-1) every real token after the first CLS
+            colbert = self.colbert_linear(h[:, 1:]) * c_mask[..., None]  # (N, T-1, D), padding rows exactly 0
+            out["colbert"], out["colbert_mask"] = F.normalize(colbert, dim=-1).to(dt), c_mask
+        return out
 
     # ------------------------------------------------------------------------------------------------------------
     # inference

@@ -95,9 +95,10 @@ class Config:
 # one training step: encode (whole, in sub-batches, or with the gradient cache), score, loss, backward
 
 def off_heads(heads):
-    """The optional heads switched off this step by head_schedule, and all that "off" means: they get no score, so
-    m3_loss leaves them out (dense alone: plain CE); a 0-weighted term keeps their outputs in DDP's graph
-    (compute_loss); optimizer_step drops their gradients (no update, not even weight decay)."""
+    """The optional heads switched off this step by head_schedule, and all that "off" means: the encoder does not
+    compute them (M3.forward ties their parameters to dense with weight 0, so DDP still sees them used), they get no
+    score, so m3_loss leaves them out (dense alone: plain CE); optimizer_step drops their zero gradients (no update,
+    not even weight decay)."""
     return [x for x in ("sparse", "colbert") if x not in heads]
 
 
@@ -105,11 +106,12 @@ def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
     """Forward + backward of one batch (gradients accumulate in .grad) -> (loss, parts)."""
     loss_fn = lambda q, p: compute_loss(q, p, batch, cfg, heads, self_distill)  # noqa: E731
     chunk = {k: texts_per_chunk(cfg, batch[f"{k}_ids"]) for k in ("q", "p")}
+    on = tuple(x for x in heads if x != "dense")  # the optional heads the encoder computes this step
     if cfg.grad_cache:
-        return grad_cache_step(model, batch, chunk, loss_fn, amp, scaler)
+        return grad_cache_step(model, batch, chunk, on, loss_fn, amp, scaler)
     with amp:
-        q = forward_chunks(model, batch["q_ids"], batch["q_mask"], chunk["q"])
-        p = forward_chunks(model, batch["p_ids"], batch["p_mask"], chunk["p"])
+        q = forward_chunks(model, batch["q_ids"], batch["q_mask"], chunk["q"], on)
+        p = forward_chunks(model, batch["p_ids"], batch["p_mask"], chunk["p"], on)
     loss, parts = loss_fn(q, p)
     scaler.scale(loss).backward()
     return loss.detach(), parts
@@ -120,11 +122,12 @@ def texts_per_chunk(cfg, ids):
     return max(1, cfg.sub_batch_tokens // ids.shape[1]) if cfg.sub_batch_tokens > 0 else cfg.sub_batch_size
 
 
-def forward_chunks(model, ids, mask, chunk):
-    """model(ids, mask) in chunks of `chunk` texts (0: at once); slices of one padded tensor, so they concatenate."""
+def forward_chunks(model, ids, mask, chunk, heads):
+    """model(ids, mask, heads) in chunks of `chunk` texts (0: at once): slices of one padded tensor, so they
+    concatenate. heads: the optional heads to compute (M3.forward)."""
     if chunk <= 0 or chunk >= len(ids):
-        return model(ids, mask)
-    outs = [model(ids[s:s + chunk], mask[s:s + chunk]) for s in range(0, len(ids), chunk)]
+        return model(ids, mask, heads)
+    outs = [model(ids[s:s + chunk], mask[s:s + chunk], heads) for s in range(0, len(ids), chunk)]
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -141,10 +144,7 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
         s_sparse = sparse_score(batch["q_ids"], up(q["sparse"]), batch["p_ids"], up(p["sparse"]))  # (B, B*G)
     if "colbert" in heads:  # fp32 inside its blocks
         s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
-    loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
-    for x in off_heads(heads):  # weight 0: DDP still sees their parameters used (find_unused_parameters=False)
-        loss = loss + 0.0 * (q[x].sum() + p[x].sum())
-    return loss, parts
+    return m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +349,9 @@ def config_problems(cfg):
         parse_schedule(cfg.head_schedule)
     except ValueError as e:
         problems.append(("head_schedule", str(e)))
+    if cfg.sub_batch_size and cfg.sub_batch_tokens:
+        problems.append(("sub_batch_size", f"and sub_batch_tokens={cfg.sub_batch_tokens} are both set: chunks count "
+                                           "texts or tokens, set the other to 0"))
     if cfg.resume and cfg.overwrite:
         problems.append(("overwrite", "and resume exclude each other: continue the run or replace it"))
     return problems

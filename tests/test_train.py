@@ -88,24 +88,36 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(setup, tmp_path)
     assert off < 1e-3, off
 
 
-def grads_after_step(setup, heads=("dense", "sparse", "colbert"), world_size=1, rank=0, ddp=False, **over):
-    """Gradients of one train_step on the first batch (this rank's slice of it)."""
+def step_inputs(setup, world_size=1, rank=0, **over):
+    """(cfg, float64 model with non-trivial heads, this rank's slice of the first batch) for one train_step."""
     cfg = train.Config(**{**dict(train_group_size=3, query_max_len=16, passage_max_len=32, self_distill=True,
                                  gradient_checkpointing=False), **over})
     model = M3.from_pretrained(str(setup / "model")).double()  # float64: sums of many terms agree to 1e-12
     tok = model.tokenizer
     with torch.no_grad():  # make the heads clearly non-trivial so their gradients are checked too
         model.sparse_linear.bias.fill_(0.5)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     ds = open_datasets(str(setup / "train.jsonl"), tok)
     batches = epoch_batches(ds, epoch=0, seed=0, world_size=world_size, rank=rank, length_ranges=[0, 64],
                             batch_sizes=[4 // world_size])
     batch = make_batch(ds, batches[0], tok, epoch=0, seed=0, group_size=3, query_max_len=16,
                        passage_max_len=32)
     batch.pop("source")
+    return cfg, model, batch
+
+
+def grads_after_step(setup, heads=("dense", "sparse", "colbert"), world_size=1, rank=0, ddp=False, calls=None,
+                     **over):
+    """Gradients of one train_step on the first batch (this rank's slice of it). calls: a list that gets the name of
+    each head module called."""
+    cfg, model, batch = step_inputs(setup, world_size, rank, **over)
+    if calls is not None:
+        for name in ("sparse_linear", "colbert_linear"):
+            getattr(model, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
     amp = torch.autocast("cpu", enabled=False)
-    loss, parts = train.train_step(model, batch, cfg, list(heads), True, amp, torch.amp.GradScaler("cpu", enabled=False))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, parts = train.train_step(model, batch, cfg, list(heads), True, amp, scaler)
     named = model.module.named_parameters() if ddp else model.named_parameters()
     return loss, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
@@ -142,8 +154,27 @@ def test_gradient_cache_and_sub_batches_give_the_plain_gradients(setup):
             assert torch.allclose(g[n], ref[n], rtol=0, atol=1e-10), (over, n, (g[n] - ref[n]).abs().max())
 
 
+def test_dense_only_steps_do_not_compute_the_other_heads_and_give_the_same_gradients(setup):
+    cfg, model, batch = step_inputs(setup)  # reference: every head computed, the loss on dense alone
+    q, p = (model(batch[f"{k}_ids"], batch[f"{k}_mask"]) for k in ("q", "p"))
+    ref_loss, _ = train.compute_loss(q, p, batch, cfg, ["dense"], True)
+    ref_loss.backward()
+    ref = {n: prm.grad for n, prm in model.named_parameters() if prm.grad is not None}
+    for over in (dict(), dict(grad_cache=True, sub_batch_size=5), dict(sub_batch_size=5)):
+        calls = []
+        loss, g = grads_after_step(setup, heads=("dense",), calls=calls, **over)
+        assert calls == [], over  # neither head ran
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        for n, want in ref.items():  # the heads' gradients are zeros (DDP reduces them; optimizer_step drops them)
+            assert torch.allclose(g[n], want, rtol=1e-12, atol=1e-15), (over, n, (g[n] - want).abs().max())
+        assert g["colbert_linear.weight"].abs().max() == 0 < g["encoder.embeddings.word_embeddings.weight"].abs().max()
+    calls = []
+    grads_after_step(setup, heads=("dense", "sparse"), calls=calls)
+    assert set(calls) == {"sparse_linear"}
+
+
 def test_sub_batch_tokens_sizes_chunks_by_padded_length():
-    cfg = train.Config(sub_batch_tokens=100, sub_batch_size=3)
+    cfg = train.Config(sub_batch_tokens=100)
     assert [train.texts_per_chunk(cfg, torch.zeros(40, T)) for T in (16, 32, 100, 512)] == [6, 3, 1, 1]
     assert train.texts_per_chunk(train.Config(sub_batch_size=3), torch.zeros(40, 16)) == 3  # texts, as before
 
@@ -153,7 +184,8 @@ def test_bf16_representations_are_scored_in_fp32():
     B, G, T, D = 2, 3, 6, 8
     cfg = train.Config(train_group_size=G, cross_device_negatives=False)
     rep = lambda n: {"dense": F.normalize(torch.randn(n, D), dim=-1).bfloat16(),  # noqa: E731 (autocast's outputs)
-                     "sparse": torch.rand(n, T).bfloat16(), "colbert": F.normalize(torch.randn(n, T, D), dim=-1).bfloat16(),
+                     "sparse": torch.rand(n, T).bfloat16(),
+                     "colbert": F.normalize(torch.randn(n, T, D), dim=-1).bfloat16(),
                      "colbert_mask": torch.ones(n, T, dtype=torch.bool)}
     q, p = rep(B), rep(B * G)
     batch = {"q_ids": torch.randint(5, 30, (B, T)), "p_ids": torch.randint(5, 30, (B * G, T)), "teacher": None}
@@ -300,6 +332,8 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
         extra = ["--batch_sizes=2,2"] if key == "length_ranges" else []
         with pytest.raises(SystemExit, match=f"config: {key}=.* \\(command line\\): .*{msg}"):
             train.load_config(["configs/tiny.yaml", f"--{arg}", *extra])
+    with pytest.raises(SystemExit, match=r"sub_batch_size=4 \(command line\): and sub_batch_tokens=65536 are both"):
+        train.load_config(["configs/unified.yaml", "--sub_batch_size=4"])  # the stage configs chunk by tokens
     yml = tmp_path / "typo.yaml"
     yml.write_text("head_schedule: dense,colbrt\n")
     with pytest.raises(SystemExit, match=f"head_schedule='dense,colbrt' \\({yml}\\): unknown head 'colbrt'"):
@@ -336,7 +370,8 @@ def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):
     assert sparse.abs().max() > 0  # "dense, sparse, colbert" (spaces) trained the new sparse head (it starts at 0)
     init, after = load_file(setup / "bare/model.safetensors"), load_file(tmp_path / "a/final/model.safetensors")
     assert torch.equal(init["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
-    assert not torch.equal(init["embeddings.position_embeddings.weight"], after["embeddings.position_embeddings.weight"])
+    pos = "embeddings.position_embeddings.weight"
+    assert not torch.equal(init[pos], after[pos])
 
 
 def test_resume_auto_takes_the_newest_intact_checkpoint_and_says_what_it_skipped(setup, tmp_path, capsys,
