@@ -14,8 +14,12 @@ Parts and their figures (GPU shapes; --dry-run runs every part with tiny ones an
                 cache (+ checkpointing) vs the plain path in the same sub-batches; the effect = plain path, another seed
   stages        stage_<pretrain|warmup|unified>=ok, stage_<name>_loss0 (step-0 loss), stage_<name>_steps: the three
                 stage configs chained by torchrun (NCCL; gloo on CPU), 2-3 steps each, on a tiny random model
-  step_time     gpu, step_over_encoder (train step / encoder forward+backward, same batch; target <= 1.10), tok_s_512,
-                tok_s_8192 (train-step tokens/s, gradient cache + checkpointing), peak_gib_8192: XLM-R-large shape
+  step_time     gpu, step_over_encoder (train step / encoder forward+backward, same batch of 4 x 8; target <= 1.10),
+                optimizer_ms (its clip + AdamW part; a profile of both sides goes to the log), encoder_mask_over_nomask
+                (encoder time with padded texts, SDPA given a 4-D mask, over the same shapes unpadded), tok_s_512,
+                tok_s_8192 (train-step tokens/s, gradient cache in the stage configs' chunks + checkpointing),
+                peak_gib_8192, step_over_encoder_b48 (the paper's per-GPU batch at 0-500 tokens, 48 x 8,
+                checkpointing on both sides): XLM-R-large shape
   max_batch     max_queries_per_gpu, max_batch_exact, passages_per_gpu, paper_table10, max_batch_stopped_by_budget:
                 bench/max_batch_gpu.py (its last line), --budget_s from the time left
 Each part ends with part_<name>=ok|failed|timeout and time_<name>_s; one the deadline leaves no time for prints
@@ -37,6 +41,7 @@ import tempfile
 import time
 
 import torch
+import yaml
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +55,7 @@ SHAPES = {"small": (4, 256, 4, 1024, 250002, 512), "large": (24, 1024, 16, 4096,
           "tiny": (2, 32, 2, 128, 1000, 256)}
 LIMITS = {"device_tests": (90, 60), "bf16_loss": (60, 40), "grad_cache": (60, 40), "stages": (150, 90),
           "step_time": (150, 60), "max_batch": (None, None)}  # seconds (GPU, --dry-run); None: all that is left
+STAGE_CHUNK_TOKENS = yaml.safe_load(open(os.path.join(ROOT, "configs", "unified.yaml")))["sub_batch_tokens"]
 FIGURE = re.compile(r"[a-z][a-z0-9_]*=\S+")
 
 
@@ -203,7 +209,7 @@ def part_stages(dev, dry, limit_s, log_dir):
                                 "neg": [text(rnd.randint(5, 18)) for _ in range(3)]}) + "\n")
     # warmup: max_steps=3 = 2 dense-only steps (epoch 1) + 1 with all heads (epoch 2); the others stop after 1 epoch
     tiny = ["--query_max_len=16", "--passage_max_len=32", "--length_ranges=0,64", "--batch_sizes=4", "--max_steps=3",
-            "--sub_batch_size=3", "--gradient_checkpointing=true", "--log_every=1",
+            "--sub_batch_size=3", "--sub_batch_tokens=0", "--gradient_checkpointing=true", "--log_every=1",
             f"--train_data={os.path.join(d, 'train.jsonl')}"]
     stages = [("pretrain", [f"--model={os.path.join(d, 'bare')}", "--init_new_heads=true", "--train_group_size=1"]),
               ("warmup", [f"--init_from={os.path.join(d, 'pretrain', 'final')}", "--train_group_size=3"]),
@@ -238,13 +244,18 @@ def part_step_time(dev, dry, limit_s, log_dir):
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda)  # as train.py: bf16 on a GPU, fp32 on CPU
     scaler = torch.amp.GradScaler(dev.type, enabled=False)
 
+    opt_s = []  # seconds of each optimizer_step (clip, AdamW, schedule, zero_grad)
+
     def step(batch, cfg):
         """train.train_step + train.optimizer_step, as train.main runs them -> seconds."""
         sync(dev)
         t0 = time.perf_counter()
         train.train_step(model, batch, cfg, ALL_HEADS, True, amp, scaler)
+        sync(dev)
+        t1 = time.perf_counter()
         train.optimizer_step(model, opt, sched, scaler, cfg, ALL_HEADS)
         sync(dev)
+        opt_s.append(time.perf_counter() - t1)
         return time.perf_counter() - t0
 
     # 1) the step over the bare encoder (bench/train_step.py's measure): plain path, no checkpointing, both sides
@@ -272,11 +283,19 @@ def part_step_time(dev, dry, limit_s, log_dir):
         ratios.append(s / e)
         note(f"step {1000 * s:.0f} ms, encoder fwd+bwd {1000 * e:.0f} ms")
     fig("step_over_encoder", f"{statistics.median(ratios):.3f}")
-    # 2) tokens/s of the training setting at 8192: gradient cache (8 texts per chunk) + checkpointing, full lengths
+    fig("optimizer_ms", f"{1000 * statistics.median(opt_s):.1f}")  # part of the step: clip + AdamW + zero_grad
+    for name, fn in (("train step", lambda: step(batch, plain)), ("encoder fwd+bwd", encoder_only)):
+        note(f"profile of one {name}, top ops by self time:\n{profile_table(fn, dev)}")
+    # what SDPA's 4-D padding mask costs: the same shapes without padding (no mask: flash attention may run)
+    padded, batch = batch, batch_on(dev, B, G, TQ, TP, tok, V, ragged=False)
+    no_mask = statistics.median(encoder_only() for _ in range(reps))
+    batch = padded
+    fig("encoder_mask_over_nomask", f"{statistics.median(encoder_only() for _ in range(reps)) / no_mask:.3f}")
+    # 2) tokens/s of the stage configs' setting: gradient cache (chunks of their sub_batch_tokens) + checkpointing
     model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for label, (B, TP) in {"512": (2, 64) if dry else (4, 512), "8192": (1, 256) if dry else (1, 8192)}.items():
         batch = batch_on(dev, B, G, TQ, TP, tok, V, ragged=False)
-        big = dataclasses.replace(cfg, passage_max_len=TP, grad_cache=True, sub_batch_size=8)
+        big = dataclasses.replace(cfg, passage_max_len=TP, grad_cache=True, sub_batch_tokens=STAGE_CHUNK_TOKENS)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -288,6 +307,26 @@ def part_step_time(dev, dry, limit_s, log_dir):
         fig(f"tok_s_{label}", f"{tokens / dt:.0f}")
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else rss_mb("VmHWM") / 1024  # CPU: the process's RSS
     fig("peak_gib_8192", f"{peak:.2f}")
+    # 3) the ratio at the paper's per-GPU fine-tuning batch for 0-500 tokens (SPEC 4.5: 48 queries x 8 passages),
+    #    checkpointing on both sides: the optimizer's fixed cost is spread over a batch the size of a real one
+    B, TP = (4, 64) if dry else (48, 512)
+    batch = batch_on(dev, B, G, TQ, TP, tok, V, ragged=True)
+    r_q, r_p = torch.randn(B, TQ, H, device=dev), torch.randn(B * G, TP, H, device=dev)
+    real = dataclasses.replace(cfg, passage_max_len=TP)
+    step(batch, real), encoder_only()
+    ratios = [step(batch, real) / encoder_only() for _ in range(reps)]
+    fig("step_over_encoder_b48", f"{statistics.median(ratios):.3f}")
+
+
+def profile_table(fn, dev, rows=15):
+    """The top ops by self time (on the GPU when there is one) of one call of fn, as torch.profiler's table."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def part_max_batch(dev, dry, limit_s, log_dir):
