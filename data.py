@@ -1,13 +1,15 @@
 """Data (SPEC 4): JSONL datasets read by offset, length-range batches per rank, negative sampling, collation.
 
 Read in this order: open_datasets (one checked, indexed dataset per file: jsonl_index.py), epoch_batches (this rank's
-batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad). Last, the
+batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad), batch_stream
+(make_batch ahead of the step, in worker processes). Last, the
 evaluation data: BEIR-layout corpus, queries and qrels, checked with file, line and field.
 """
 import csv
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,21 +20,31 @@ from jsonl_index import JsonlDataset, open_index, parse_line, query_text, tokeni
 SORT_WINDOW = 64  # group_by_length sorts windows of this many global batches by length (bench/padding.py: 0.999)
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens (tensor-core friendly shapes)
 SHUFFLE_MIN_CHARS, SHUFFLE_CHUNKS = 100, 3  # shuffle_ratio: positives over 100 characters, in 3 chunks (SPEC 4.2)
+INDEX_DIR = re.compile(r"\.idx(\.(tmp|old)\d+)?(/|$)")  # a cache directory of jsonl_index, or in one
 log = logging.getLogger(__name__)
 
 
-def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True):
+def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True, share=None):
     """One JsonlDataset per .jsonl/.json file under `path` (sorted); index cached next to the data or in cache_dir.
-    verify=False trusts a cache whose size, mtime and tokenizer match without hashing the file (jsonl_index)."""
+    verify=False trusts a cache whose size, mtime and tokenizer match without hashing the file (jsonl_index).
+    share=(local_rank, local_world, barrier): a node's ranks check (and build) every local_world-th file's index
+    each, wait at barrier(), then every rank opens them all, trusting them: the build is spread over the ranks."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".jsonl", ".json")))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d)  # (its .json files)
+                       for f in fs if f.endswith((".jsonl", ".json")))
         if not files:
             raise FileNotFoundError(f"{path}: no .jsonl or .json files")
     elif os.path.isfile(path):
         files = [path]
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
-    tok_id = tokenizer_id(tokenizer)  # DDP: open on rank 0 first, then a barrier, or every rank builds the index
+    tok_id = tokenizer_id(tokenizer)
+    if share:
+        local_rank, local_world, barrier = share
+        for f in files[local_rank::local_world]:
+            open_index(f, tokenizer, tok_id, cache_dir, num_workers, verify=True)
+        barrier()
+        verify = False
     datasets = []
     for f in files:
         ds = open_index(f, tokenizer, tok_id, cache_dir, num_workers, verify)
@@ -79,26 +91,43 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
     """
     assert len(batch_sizes) == len(length_ranges) - 1 and 0 <= rank < world_size
     W, rng = world_size, np.random.default_rng([seed, epoch])
-    inner = np.asarray(length_ranges[1:-1])
-    glob = []  # (dataset index, example indices of one global batch)
+    glob = []  # per global batch: (dataset index, this rank's examples of it); other ranks' parts are never kept
     for d, ds in enumerate(datasets):
-        bucket = np.searchsorted(inner, ds.lengths, side="right")  # range k = [r[k], r[k+1]); above the last: last
+        bucket = length_buckets(ds.lengths, length_ranges)  # (n,) int8, range k = [r[k], r[k+1]); above: last
         for k, bs in enumerate(batch_sizes):
-            idx, gbs = rng.permutation(np.flatnonzero(bucket == k)), bs * W
+            idx, gbs = bucket_members(bucket, k), bs * W  # (n_k,) int32 (int64 past 2**31 examples)
+            rng.shuffle(idx)  # in place: the same order as rng.permutation (tests/test_data.py)
             if group_by_length:
                 for s in range(0, len(idx), sort_window * gbs):
                     w = idx[s:s + sort_window * gbs]
                     idx[s:s + len(w)] = w[np.argsort(ds.lengths[w], kind="stable")]
             n_full = len(idx) // gbs
-            glob += [(d, idx[b * gbs:(b + 1) * gbs]) for b in range(n_full)]
+            glob += [(d, part) for part in idx[:n_full * gbs].reshape(n_full, W, bs)[:, rank].copy()]
             tail = len(idx) - n_full * gbs
             if tail >= 2 * W:
-                glob.append((d, idx[n_full * gbs:n_full * gbs + tail // W * W]))
+                per = tail // W
+                glob.append((d, idx[n_full * gbs + rank * per:n_full * gbs + (rank + 1) * per].copy()))
+            del idx
+        del bucket
     glob = [glob[j] for j in rng.permutation(len(glob))]
-    mine = [ix[rank * (len(ix) // W):(rank + 1) * (len(ix) // W)] for _, ix in glob]
-    starts = np.cumsum([0] + [len(m) for m in mine])
-    flat = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    starts = np.cumsum([0] + [len(m) for _, m in glob])
+    flat = np.concatenate([m for _, m in glob]) if glob else np.zeros(0, np.int64)
     return Batches(np.array([d for d, _ in glob], np.int64), flat, starts)
+
+
+def length_buckets(lengths, length_ranges, chunk=1 << 24):
+    """(n,) int8 length-range index of every example, computed in chunks (no n x int64 temporary)."""
+    inner, out = np.asarray(length_ranges[1:-1]), np.empty(len(lengths), np.int8)
+    for s in range(0, len(lengths), chunk):
+        out[s:s + chunk] = np.searchsorted(inner, lengths[s:s + chunk], side="right")
+    return out
+
+
+def bucket_members(bucket, k, chunk=1 << 24):
+    """Indices i with bucket[i] == k, ascending, as int32 when they fit (half the memory of np.flatnonzero)."""
+    dtype = np.int32 if len(bucket) < 2 ** 31 else np.int64
+    return np.concatenate([np.flatnonzero(bucket[s:s + chunk] == k).astype(dtype) + dtype(s)
+                           for s in range(0, len(bucket), chunk)] or [np.zeros(0, dtype)])
 
 # ----------------------------------------------------------------------------- sampling one group and collation
 
@@ -183,6 +212,20 @@ def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max
     p_ids, p_mask = _pad(tokenizer(passages, max_length=passage_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
     teacher = torch.tensor(teacher, dtype=torch.float32).view(len(batch), G) if teacher_kd else None  # (B, G)
     return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source)
+
+def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, pin_memory=False, **make_kw):
+    """make_batch(datasets, batches[j], tokenizer, **make_kw) for j = start, start + 1, ..., prepared ahead of the
+    training step by num_workers processes, `prefetch` batches each (0 workers: one by one, in this process). The same
+    batches in the same order either way (each example's RNG depends on the example alone); a worker's error (a bad
+    line) stops the loop with its message."""
+    if num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: one tokenizer thread each
+    loader = torch.utils.data.DataLoader(
+        range(start, len(batches)), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=lambda j: make_batch(datasets, batches[j], tokenizer, **make_kw),
+        prefetch_factor=prefetch if num_workers else None, multiprocessing_context="fork" if num_workers else None,
+        generator=torch.Generator())  # draws the workers' seeds from its own generator, not the global one (dropout)
+    return iter(loader)
 
 # ----------------------------------------------------------------------------- reading one example
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
-from data import epoch_batches, make_batch, open_datasets
+from data import batch_stream, epoch_batches, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
 from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
@@ -46,6 +46,8 @@ class Config:
     shuffle_ratio: float = 0.0  # text-chunk shuffle of positives (SPEC 4.2; paper 0.002)
     teacher_kd: bool = False  # distil from the teacher's pos_scores/neg_scores in the data (SPEC 3.5)
     teacher_kd_loss: str = "m3_kd_loss"  # m3_kd_loss (what bge-m3 used) or kl_div (SPEC 3.5)
+    num_workers: int = 2  # processes preparing batches ahead of the step (read, sample, tokenize); 0 = in the loop
+    prefetch: int = 4  # batches each of them prepares ahead
     # loss (SPEC 3.4; losses.m3_loss)
     temperature: float = 0.02  # tau for every score (SPEC 3.1)
     head_schedule: str = "dense,sparse,colbert"  # heads trained per epoch, ';' between epochs, last one repeats
@@ -198,12 +200,9 @@ def main(argv):
     raw = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
                              pooling=cfg.pooling or None, colbert_dim=cfg.colbert_dim)
     tok = raw.tokenizer
-    later = ddp and int(os.environ["LOCAL_RANK"]) != 0  # each node's local rank 0 checks (and builds) the index,
-    if later:  # the others then trust its cache
-        dist.barrier()
-    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, verify=not later)
-    if ddp and not later:
-        dist.barrier()
+    share = (int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)), dist.barrier) if ddp \
+        else None  # each node's ranks index a share of the files, then all of them trust those indexes
+    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, share=share)
     batch_kw = dict(epoch=0, seed=cfg.seed, world_size=world, rank=rank, length_ranges=cfg.length_ranges,
                     batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
     per_epoch = len(epoch_batches(datasets, **batch_kw))
@@ -239,15 +238,17 @@ def main(argv):
     while step < total:
         batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
         heads = schedule[min(epoch, len(schedule) - 1)]
+        stream = batch_stream(datasets, batches, index, tok, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
+                              pin_memory=device.type == "cuda", epoch=epoch, seed=cfg.seed,
+                              group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
+                              passage_max_len=cfg.passage_max_len, teacher_kd=cfg.teacher_kd,
+                              shuffle_ratio=cfg.shuffle_ratio)  # batches index, index + 1, ... made ahead
         while index < len(batches) and step < total:
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
-            batch = make_batch(datasets, batches[index], tok, epoch=epoch, seed=cfg.seed,
-                               group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
-                               passage_max_len=cfg.passage_max_len, teacher_kd=cfg.teacher_kd,
-                               shuffle_ratio=cfg.shuffle_ratio)
+            batch = next(stream)
             source = batch.pop("source")
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             self_distill = cfg.self_distill and step >= cfg.self_distill_start
             loss, parts = train_step(model, batch, cfg, heads, self_distill, amp, scaler)
             finite = torch.isfinite(loss).float()
@@ -263,11 +264,12 @@ def main(argv):
             bar.update(1)
             position = {"step": step, "epoch": epoch, "index": index} if index < len(batches) else \
                 {"step": step, "epoch": epoch + 1, "index": 0}  # where the next step's batch comes from
-            if rank == 0 and (step % cfg.save_every == 0 or step == total):
-                name = "final" if step == total else f"step-{step:07d}"
-                save_checkpoint(raw, opt, sched, scaler, cfg, position, name)
-            if ddp:
-                dist.barrier()
+            if step % cfg.save_every == 0 or step == total:
+                if rank == 0:
+                    save_checkpoint(raw, opt, sched, scaler, cfg, position, "final" if step == total else
+                                    f"step-{step:07d}")
+                if ddp:  # the others wait for the checkpoint (no barrier on the other steps)
+                    dist.barrier()
         if index >= len(batches):
             epoch, index = epoch + 1, 0
     bar.close()
@@ -327,9 +329,9 @@ def config_problems(cfg):
     positive = ("temperature", "lr", "grad_clip", "loss_norm", "self_distill_norm", "final_norm")
     rules = [(k, getattr(cfg, k) > 0, "must be > 0") for k in positive] + \
         [(k, getattr(cfg, k) >= 1, "must be >= 1") for k in ("train_group_size", "epochs", "save_every", "log_every",
-                                                            "keep_last", "dist_timeout_s")] + \
+                                                            "keep_last", "dist_timeout_s", "prefetch")] + \
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
-                                                            "sub_batch_size", "sub_batch_tokens")] + \
+                                                            "sub_batch_size", "sub_batch_tokens", "num_workers")] + \
         [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio")] + \
         [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
     rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),

@@ -4,6 +4,8 @@ import logging
 import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from itertools import permutations
 
@@ -90,7 +92,7 @@ def test_index_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     rows = mixed_rows(10)
     path = write(tmp_path / "d.jsonl", rows)
     ds = data.open_datasets(path, TOK)[0]
-    assert len(built) == 1 and any(f.endswith(".idx.npz") for f in os.listdir(tmp_path))  # cached next to the data
+    assert len(built) == 1 and any(f.endswith(".idx") for f in os.listdir(tmp_path))  # cached next to the data
     TOK("a b c", truncation=True, max_length=2)  # per-call tokenizer state is not part of its identity
     again = data.open_datasets(path, TOK)[0]
     assert len(built) == 1 and np.array_equal(again.lengths, ds.lengths) and again.meta == ds.meta
@@ -104,6 +106,25 @@ def test_index_cache_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     data.open_datasets(path, TOK, cache_dir=str(cache_dir))
     data.open_datasets(path, TOK, cache_dir=str(cache_dir))
     assert len(built) == 4 and len(os.listdir(cache_dir)) == 1
+
+
+def test_cached_index_is_memory_mapped_equals_the_built_one_and_a_damaged_cache_is_rebuilt(tmp_path, caplog):
+    path = write(tmp_path / "d.jsonl", mixed_rows(30))
+    built = jsonl_index.build_index(path, TOK, 1)
+    ds = data.open_datasets(path, TOK)[0]
+    again = data.open_datasets(path, TOK)[0]  # from the cache
+    for a in jsonl_index.ARRAYS:
+        assert isinstance(getattr(again, a), np.memmap) and not getattr(again, a).flags.writeable
+        assert np.array_equal(getattr(again, a), getattr(built, a))
+        assert getattr(again, a).dtype == getattr(built, a).dtype
+    assert again.meta == built.meta == ds.meta
+    cache = jsonl_index.cache_path(path, jsonl_index.tokenizer_id(TOK), None)
+    npy = os.path.join(cache, "lengths.npy")
+    open(npy, "r+b").truncate(os.path.getsize(npy) - 8)  # a killed copy, a full disk
+    with caplog.at_level(logging.WARNING):
+        fixed = data.open_datasets(path, TOK)[0]
+    assert "unreadable" in caplog.text and np.array_equal(fixed.lengths, built.lengths)
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", os.path.basename(cache)]  # no temporary directory left
 
 
 def edit_in_place(path, old, new):
@@ -287,6 +308,49 @@ def test_epoch_batches_deterministic_per_epoch_and_seed():
     assert b[-1] == a[-1] and b[2:5] == a[2:5] and list(b) == a
 
 
+def reference_epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, batch_sizes,
+                            group_by_length=False, sort_window=data.SORT_WINDOW):
+    """The plan as first written: every bucket's whole permutation and every rank's part kept (n x int64 several
+    times over). The memory-light data.epoch_batches must give exactly these batches."""
+    W, rng = world_size, np.random.default_rng([seed, epoch])
+    inner, glob = np.asarray(length_ranges[1:-1]), []
+    for d, ds in enumerate(datasets):
+        bucket = np.searchsorted(inner, ds.lengths, side="right")
+        for k, bs in enumerate(batch_sizes):
+            idx, gbs = rng.permutation(np.flatnonzero(bucket == k)), bs * W
+            if group_by_length:
+                for s in range(0, len(idx), sort_window * gbs):
+                    w = idx[s:s + sort_window * gbs]
+                    idx[s:s + len(w)] = w[np.argsort(ds.lengths[w], kind="stable")]
+            n_full = len(idx) // gbs
+            glob += [(d, idx[b * gbs:(b + 1) * gbs]) for b in range(n_full)]
+            tail = len(idx) - n_full * gbs
+            if tail >= 2 * W:
+                glob.append((d, idx[n_full * gbs:n_full * gbs + tail // W * W]))
+    glob = [glob[j] for j in rng.permutation(len(glob))]
+    return [[(d, int(i)) for i in ix[rank * (len(ix) // W):(rank + 1) * (len(ix) // W)]] for d, ix in glob]
+
+
+def test_memory_light_plan_equals_the_reference_plan():
+    r = np.random.default_rng(0)
+    for trial in range(12):
+        dss = [fake(np.minimum(r.lognormal(5, 1.2, r.integers(50, 3000)).astype(np.int32) + 3, 9000))
+               for _ in range(r.integers(1, 4))]
+        W = int(r.integers(1, 6))
+        kw = dict(epoch=int(r.integers(3)), seed=trial, world_size=W, length_ranges=RANGES, batch_sizes=BS,
+                  group_by_length=bool(trial % 2), sort_window=int(r.integers(1, 5)))
+        for rank in range(W):
+            got = data.epoch_batches(dss, rank=rank, **kw)
+            want = reference_epoch_batches(dss, rank=rank, **kw)
+            assert len(got) == len(want) > 0 and got[:] == want, (trial, rank)
+    n = 40_000  # chunked bucketing and member lists, across several chunks
+    lengths = r.integers(1, 9000, n).astype(np.int32)
+    bucket = data.length_buckets(lengths, RANGES, chunk=4096)
+    assert np.array_equal(bucket, np.searchsorted(np.asarray(RANGES[1:-1]), lengths, side="right"))
+    for k in range(len(BS)):
+        assert np.array_equal(data.bucket_members(bucket, k, chunk=4096), np.flatnonzero(bucket == k))
+
+
 def padding_efficiency(ds, batches):
     real = sum(int(ds.lengths[i]) for b in batches for _, i in b)
     return real / sum(len(b) * max(int(ds.lengths[i]) for _, i in b) for b in batches)
@@ -463,3 +527,81 @@ def test_ranks_sample_like_one_process_on_the_global_batch(tmp_path):
     whole = data.make_batch(dss, glob[2], TOK, **mk)
     assert rows_of((whole["p_ids"], whole["p_mask"])) == sum((rows_of((o["p_ids"], o["p_mask"])) for o in parts), [])
     assert torch.equal(whole["teacher"], torch.cat([o["teacher"] for o in parts]))
+
+
+def test_batch_stream_prefetched_by_workers_equals_make_batch_in_order(tmp_path):
+    write(tmp_path / "a.jsonl", [r for r in mixed_rows(60, seed=1) if r.get("neg")])  # teacher_kd needs negatives
+    dss = data.open_datasets(str(tmp_path), TOK, teacher_kd=True)
+    batches = data.epoch_batches(dss, epoch=1, seed=5, world_size=1, rank=0, length_ranges=[0, 20, 60, 8192],
+                                 batch_sizes=[3, 2, 2], group_by_length=True)
+    kw = dict(epoch=1, seed=5, group_size=4, query_max_len=12, passage_max_len=40, teacher_kd=True, shuffle_ratio=0.5)
+    want = [data.make_batch(dss, batches[j], TOK, **kw) for j in range(2, len(batches))]
+    assert len(want) >= 8
+    for workers, prefetch in ((0, 1), (2, 3)):
+        got = list(data.batch_stream(dss, batches, 2, TOK, num_workers=workers, prefetch=prefetch, **kw))
+        assert [b["source"] for b in got] == [b["source"] for b in want], workers  # the same examples, in order
+        for b, w in zip(got, want):
+            for k in ("q_ids", "q_mask", "p_ids", "p_mask", "teacher"):
+                assert torch.equal(b[k], w[k]), (workers, k)
+
+
+def test_a_bad_line_read_by_a_worker_stops_with_file_line_and_reason(tmp_path):
+    path = write(tmp_path / "a.jsonl", mixed_rows(12, seed=1))
+    dss = data.open_datasets(path, TOK)
+    batches = data.epoch_batches(dss, epoch=0, seed=0, world_size=1, rank=0, length_ranges=[0, 8192],
+                                 batch_sizes=[2])
+    bad = batches[3][0][1]  # the first example of the 4th batch: its line is broken after indexing
+    lines = open(path).read().split("\n")
+    lines[bad] = lines[bad][:-1] + " "  # the same byte length, no closing brace
+    open(path, "w").write("\n".join(lines))
+    stream = data.batch_stream(dss, batches, 0, TOK, num_workers=2, prefetch=2, epoch=0, seed=0, group_size=2,
+                               query_max_len=12, passage_max_len=40)
+    for _ in range(3):
+        next(stream)  # the batches before it arrive
+    with pytest.raises(ValueError, match=f"a.jsonl, line {bad + 1}: malformed JSON"):
+        next(stream)
+
+
+def test_data_stall_bench_runs_and_ends_with_its_figure():
+    out = subprocess.run([sys.executable, "bench/data_stall.py", "--quick"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"data_wait_fraction=\d+\.\d{4}", last) and 0 <= float(last.split("=")[1]) <= 1, last
+
+
+def _share_worker(rank, init_file, root, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    built = []
+    real = jsonl_index.build_index
+    jsonl_index.build_index = lambda *a: built.append(os.path.basename(a[0])) or real(*a)
+    dss = data.open_datasets(root, TOK, share=(rank, 2, torch.distributed.barrier))
+    torch.save({"built": built, "arrays": [[np.array(getattr(d, a)) for a in jsonl_index.ARRAYS] for d in dss]},
+               f"{out}.{rank}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_split_the_index_build_and_get_the_single_process_index(tmp_path):
+    from tiny import spawn
+    for root in ("one", "two"):
+        (tmp_path / root).mkdir()
+        for k, n in enumerate((7, 5, 9)):
+            write(tmp_path / root / f"part-{k}.jsonl", mixed_rows(n, seed=k))
+    single = data.open_datasets(str(tmp_path / "one"), TOK)
+    spawn(_share_worker, (str(tmp_path / "two"), str(tmp_path / "out")), nprocs=2)
+    res = [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in (0, 1)]
+    assert res[0]["built"] == ["part-0.jsonl", "part-2.jsonl"] and res[1]["built"] == ["part-1.jsonl"]
+    for r in res:  # every rank then holds every file's index, identical to one process's build
+        assert len(r["arrays"]) == len(single) == 3
+        for got, ds in zip(r["arrays"], single):
+            for x, a in zip(got, jsonl_index.ARRAYS):
+                assert np.array_equal(x, getattr(ds, a)), a
+
+
+def test_index_scale_bench_runs_and_ends_with_its_figures():
+    out = subprocess.run([sys.executable, "bench/index_scale.py", "--quick"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"index_rss_per_rank_mb_at_1p2b=-?\d+ plan_s_at_1p2b=-?\d+\.\d", last), last
