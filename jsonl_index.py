@@ -1,19 +1,21 @@
 """The offset/length index of a JSONL training file (SPEC 4.1, 4.3): every line checked, its byte offset, line number
-and token length, built in parallel over byte chunks and cached next to the data under a content key. data.py reads
-examples by these offsets and batches them by these lengths; nothing else of a file is held in memory.
+and token length, built in parallel over byte chunks and cached next to the data under a content key, as .npy files
+that every rank memory-maps. data.py reads examples by these offsets and batches them by these lengths; nothing else
+of a file is held in memory.
 """
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-INDEX_VERSION = 2  # 2: the key hashes the whole file
+INDEX_VERSION = 3  # 2: the key hashes the whole file; 3: a directory of .npy files
 CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
 log = logging.getLogger("data")
 
@@ -210,35 +212,80 @@ def build_index(path, tokenizer, num_workers):
     return JsonlDataset(path, offsets, lines, lengths.astype(np.int32), meta)
 
 
-def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
-    """Reuse the cached index if its key (file content + tokenizer) matches, else build it and write it atomically."""
+ARRAYS = ("offsets", "lines", "lengths")  # one .npy each in the cache directory
+
+
+def cache_path(path, tok_id, cache_dir):
+    """The index's cache directory: next to the data, or in cache_dir (also when the data's directory is read-only)."""
     if cache_dir is None and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "m3_index")  # read-only data directory
     if cache_dir is None:
-        cache = f"{path}.{tok_id}.idx.npz"
-    else:
-        os.makedirs(cache_dir, exist_ok=True)
-        where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-        cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{where}.{tok_id}.idx.npz")
+        return f"{path}.{tok_id}.idx"
+    os.makedirs(cache_dir, exist_ok=True)
+    where = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+    return os.path.join(cache_dir, f"{os.path.basename(path)}.{where}.{tok_id}.idx")
+
+
+def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
+    """Reuse the cached index if its key (file content + tokenizer) matches, else build it and write it atomically.
+    The arrays are memory-mapped .npy files: the ranks of a node share one copy through the page cache."""
+    cache = cache_path(path, tok_id, cache_dir)
     key = dict(_file_key(path, verify), tokenizer=tok_id)
     same = ("version", "size", "tokenizer", "sha1" if verify else "mtime_ns")  # content, or the trusted cheap part
-    if os.path.exists(cache):
-        with np.load(cache) as z:
-            saved = json.loads(str(z["key"]))
-            hit = all(saved.get(k) == key[k] for k in same)
-            ds = JsonlDataset(path, z["offsets"], z["lines"], z["lengths"], json.loads(str(z["meta"]))) if hit else None
-        if hit:  # (the arrays of a stale index are never read)
+    saved = _saved_key(cache)
+    if saved is not None and all(saved.get(k) == key[k] for k in same):  # (a stale index's arrays are never read)
+        try:
+            ds = load_index(path, cache)
+        except (OSError, ValueError) as e:  # a damaged cache (disk full, a killed copy) is built again
+            log.warning(f"{cache}: unreadable ({e}); indexing {path} again")
+        else:
             if verify and saved != key:  # same content, new mtime (a fresh clone, cp): record it for trusting ranks
-                _save_index(cache, key, ds)
+                write_atomic(os.path.join(cache, "key.json"), json.dumps(key, sort_keys=True))
             return ds
     ds = build_index(path, tokenizer, num_workers)
-    _save_index(cache, key if verify else dict(_file_key(path), tokenizer=tok_id), ds)
-    return ds
+    save_index(cache, key if verify else dict(_file_key(path), tokenizer=tok_id), ds)
+    return load_index(path, cache)
 
 
-def _save_index(cache, key, ds):
-    tmp = f"{cache}.tmp{os.getpid()}"  # temp + rename: concurrent ranks or a crash never leave a half-written index
-    with open(tmp, "wb") as f:
-        np.savez(f, key=np.array(json.dumps(key, sort_keys=True)), meta=np.array(json.dumps(ds.meta)),
-                 offsets=ds.offsets, lines=ds.lines, lengths=ds.lengths)
-    os.replace(tmp, cache)
+def _saved_key(cache):
+    try:
+        with open(os.path.join(cache, "key.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_index(path, cache):
+    """The JsonlDataset of `path` from its cache directory, arrays memory-mapped (read-only)."""
+    arrays = {a: np.load(os.path.join(cache, f"{a}.npy"), mmap_mode="r", allow_pickle=False) for a in ARRAYS}
+    if len({len(x) for x in arrays.values()}) != 1:
+        raise ValueError(f"arrays of different lengths {[len(x) for x in arrays.values()]}")
+    with open(os.path.join(cache, "meta.json")) as f:
+        meta = json.load(f)
+    return JsonlDataset(path, arrays["offsets"], arrays["lines"], arrays["lengths"], meta)
+
+
+def save_index(cache, key, ds):
+    """Write the index to a temporary directory, then rename it into place: concurrent ranks or a crash never leave
+    a half-written index (a reader sees the old one, the new one, or none)."""
+    tmp = f"{cache}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for a in ARRAYS:
+        np.save(os.path.join(tmp, f"{a}.npy"), np.ascontiguousarray(getattr(ds, a)))
+    for name, value in (("meta.json", ds.meta), ("key.json", key)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(value, f, sort_keys=True)
+    old = f"{cache}.old{os.getpid()}" if os.path.exists(cache) else None
+    if old:
+        os.rename(cache, old)
+    os.rename(tmp, cache)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
