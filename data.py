@@ -100,7 +100,9 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
             if group_by_length:
                 for s in range(0, len(idx), sort_window * gbs):
                     w = idx[s:s + sort_window * gbs]
-                    idx[s:s + len(w)] = w[np.argsort(ds.lengths[w], kind="stable")]
+                    keys = ds.lengths[w]  # as uint16 when they fit: numpy's stable sort is then a radix sort
+                    idx[s:s + len(w)] = w[np.argsort(keys.astype(np.uint16) if keys.max(initial=0) < 2 ** 16 and
+                                                     keys.min(initial=0) >= 0 else keys, kind="stable")]
             n_full = len(idx) // gbs
             glob += [(d, part) for part in idx[:n_full * gbs].reshape(n_full, W, bs)[:, rank].copy()]
             tail = len(idx) - n_full * gbs
