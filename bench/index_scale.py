@@ -6,7 +6,8 @@ processes (the local ranks of one node) each open every index memory-mapped, pla
 pre-training world size (96 ranks, SPEC 4.5's unsupervised batch sizes; data.epoch_batches) and then read the
 offsets and line numbers of their first 2,000 batches, as the loop does. Per rank: PSS growth from before opening the
 index to the end, with all W alive (pages shared by the W ranks count 1/W each), plus the plan's transient numpy peak
-(tracemalloc) = the memory per rank that the index and the plan take.
+(tracemalloc) = the memory per rank that the index and the plan take; also its anonymous part (what the kernel
+cannot drop: the plan), apart from the index's file pages (page cache, shared, droppable).
 Plan time: one process alone (the W ranks of a real node plan in parallel on their own cores).
 Indexing throughput: jsonl_index.build_index with one worker on real text (SciFact titles -> abstracts, the bundled
 all-MiniLM-L6-v2 tokenizer).
@@ -66,9 +67,11 @@ def plan(caches, rank):
 
 
 def pss_mb():
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
+    """(PSS, its anonymous part) of this process in MB: the rest is file pages (the mapped index, libraries), which
+    the kernel can drop and read again; anonymous memory it cannot."""
+    rollup = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/smaps_rollup")
+              if line.split(":")[0] in ("Pss", "Pss_Anon")}
+    return np.array([rollup["Pss"], rollup.get("Pss_Anon", rollup["Pss"])])
 
 
 def rank_proc(caches, rank, barrier, out):
@@ -78,12 +81,12 @@ def rank_proc(caches, rank, barrier, out):
         for d, i in batches[b]:
             int(dss[d].offsets[i]), int(dss[d].lines[i])
     barrier.wait()  # every rank alive: shared pages are split between them
-    out.put((rank, pss_mb() - base, extra))
+    out.put((rank, *(pss_mb() - base), extra))
     barrier.wait()
 
 
 def memory_per_rank(caches, W):
-    """W ranks at once -> max over ranks of PSS + transient plan peak, in MB."""
+    """W ranks at once -> max over ranks of (PSS + transient plan peak, PSS, its anonymous part + the peak), MB."""
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(W), ctx.Queue()
     procs = [ctx.Process(target=rank_proc, args=(caches, r, barrier, out)) for r in range(W)]
@@ -92,7 +95,8 @@ def memory_per_rank(caches, W):
     res = [out.get() for _ in procs]
     for p in procs:
         p.join()
-    return max(pss + extra for _, pss, extra in res), max(pss for _, pss, _ in res)
+    return (max(pss + extra for _, pss, _, extra in res), max(pss for _, pss, _, _ in res),
+            max(anon + extra for _, _, anon, extra in res))
 
 
 def index_throughput(d, n):
@@ -128,11 +132,11 @@ def main():
         try:
             caches = write_indexes(d, n, per_file)
             _, batches, dt, extra = plan(caches, 0)
-            mem, pss = memory_per_rank(caches, W)
-            rows.append((n, mem, dt))
+            mem, pss, private = memory_per_rank(caches, W)
+            rows.append((n, mem, dt, private))
             print(f"N={n:,} in {len(caches)} files: plan {dt:.1f} s ({len(batches):,} batches for rank 0 of {WORLD}), "
-                  f"per rank with {W} sharing: PSS {pss:.0f} MB + plan transient {extra:.0f} MB -> {mem:.0f} MB",
-                  flush=True)
+                  f"per rank with {W} sharing: PSS {pss:.0f} MB + plan transient {extra:.0f} MB -> {mem:.0f} MB, "
+                  f"of which anonymous (not page cache) {private:.0f} MB", flush=True)
         finally:
             shutil.rmtree(d, ignore_errors=True)
     d = tempfile.mkdtemp(prefix="index_scale_")
@@ -142,8 +146,10 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
     print(f"indexing, one worker, real text (SciFact pairs, MiniLM tokenizer): {ex_s:,.0f} examples/s, "
           f"{mb_s:.1f} MB/s; 1.2B pairs at this rate: {1.2e9 / ex_s / 3600:,.0f} worker-hours", flush=True)
-    n, mem, dt = (np.array(x, float) for x in zip(*rows))
+    n, mem, dt, private = (np.array(x, float) for x in zip(*rows))
     at = lambda y: np.polyval(np.polyfit(n, y, 1), 1.2e9)  # noqa: E731 (least-squares line at 1.2B)
+    print(f"at 1.2B: anonymous memory per rank {at(private):.0f} MB; the rest is the shared, droppable page cache of "
+          f"the index", flush=True)
     print(f"index_rss_per_rank_mb_at_1p2b={at(mem):.0f} plan_s_at_1p2b={at(dt):.1f}")
 
 
