@@ -22,7 +22,7 @@ def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
     temporary name and renamed; the oldest step checkpoints beyond keep_last are deleted."""
     final, tmp = os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, prompts={"query": cfg.query_prefix, "passage": cfg.passage_prefix})
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 **position}, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "train_state.json"), "w") as f:

@@ -25,6 +25,7 @@ from data import epoch_batches, make_batch, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
 from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
+from reference_names import hint
 
 
 @dataclass
@@ -37,6 +38,10 @@ class Config:
     freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings
     # data (SPEC 4)
     train_data: str = ""  # a .jsonl file or a directory of them; each file is one dataset (SPEC 4.1)
+    query_prefix: str = ""  # instruction before every query, e.g. "query: " (e5); a line's `prompt` wins (SPEC 4.1)
+    passage_prefix: str = ""  # before every passage, e.g. "passage: "; eval.py and mine.py take the same options
+    small_threshold: int = 0  # files of one folder with fewer examples train as one merged dataset (SPEC 4.4)
+    drop_threshold: int = 0  # and that merged dataset is dropped if it has fewer examples than this (SPEC 4.4)
     query_max_len: int = 512  # SPEC 5.1
     passage_max_len: int = 8192  # SPEC 5.1
     train_group_size: int = 8  # G = 1 positive + 7 negatives (SPEC 3.1); 1 = pairs, in-batch negatives only
@@ -129,9 +134,11 @@ def forward_chunks(model, ids, mask, chunk):
 
 
 def compute_loss(q, p, batch, cfg, heads, self_distill):
-    """Scores of the heads that are on -> m3_loss. Dense columns come from every rank when cross_device_negatives."""
-    G, world = cfg.train_group_size, dist.get_world_size() if dist.is_initialized() else 1
-    cross = cfg.cross_device_negatives and world > 1
+    """Scores of the heads that are on -> m3_loss. Dense columns come from every rank when cross_device_negatives,
+    except in no_in_batch_neg batches (own group only). G: the batch's group size (data.file_group_size)."""
+    G, world = batch.get("group_size", cfg.train_group_size), dist.get_world_size() if dist.is_initialized() else 1
+    in_batch = not batch.get("no_in_batch_neg", False)
+    cross = cfg.cross_device_negatives and world > 1 and in_batch
     p_dense = gather(p["dense"]) if cross else p["dense"]  # (W*B*G, H) or (B*G, H)
     offset = dist.get_rank() * p["dense"].shape[0] if cross else 0  # this rank's first column
     up = at_least_fp32  # bf16 representations (autocast) are scored in fp32: tau = 0.02 multiplies every error by 50
@@ -141,7 +148,7 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
         s_sparse = sparse_score(batch["q_ids"], up(q["sparse"]), batch["p_ids"], up(p["sparse"]))  # (B, B*G)
     if "colbert" in heads:  # fp32 inside its blocks
         s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
-    loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
+    loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill, in_batch)
     for x in off_heads(heads):  # weight 0: DDP still sees their parameters used (find_unused_parameters=False)
         loss = loss + 0.0 * (q[x].sum() + p[x].sum())
     return loss, parts
@@ -201,7 +208,9 @@ def main(argv):
     later = ddp and int(os.environ["LOCAL_RANK"]) != 0  # each node's local rank 0 checks (and builds) the index,
     if later:  # the others then trust its cache
         dist.barrier()
-    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, verify=not later)
+    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, verify=not later,
+                             small_threshold=cfg.small_threshold, drop_threshold=cfg.drop_threshold,
+                             group_size=cfg.train_group_size)
     if ddp and not later:
         dist.barrier()
     batch_kw = dict(epoch=0, seed=cfg.seed, world_size=world, rank=rank, length_ranges=cfg.length_ranges,
@@ -245,7 +254,8 @@ def main(argv):
             batch = make_batch(datasets, batches[index], tok, epoch=epoch, seed=cfg.seed,
                                group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
                                passage_max_len=cfg.passage_max_len, teacher_kd=cfg.teacher_kd,
-                               shuffle_ratio=cfg.shuffle_ratio)
+                               shuffle_ratio=cfg.shuffle_ratio, query_prefix=cfg.query_prefix,
+                               passage_prefix=cfg.passage_prefix)
             source = batch.pop("source")
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             self_distill = cfg.self_distill and step >= cfg.self_distill_start
@@ -301,7 +311,7 @@ def load_config(argv):
             key, eq, val = arg[2:].partition("=")
             if not eq:
                 stop(f"config: {arg!r} must be --key=value")
-            items, src = {key: yaml.safe_load(val)}, "command line"
+            items, src = {key: val if types.get(key) is str else yaml.safe_load(val)}, "command line"  # "query: "
         else:
             if not os.path.isfile(arg):
                 stop(f"config: no such file {arg!r}")
@@ -313,8 +323,7 @@ def load_config(argv):
                 stop(f"config: {arg}: expected key: value lines, got {type(items).__name__}")
         for key, val in items.items():
             if key not in types:
-                now = {"kd": "teacher_kd", "kd_loss_type": "teacher_kd_loss", "kd_norm": "self_distill_norm"}.get(key)
-                stop(f"config: unknown key {key!r} ({src})" + (f": now called {now!r}" if now else ""))
+                stop(f"config: unknown key {key!r} ({src}){hint(key)}")
             setattr(cfg, key, _coerce(key, val, types[key], src))
             where[key] = src
     for key, problem in config_problems(cfg):
@@ -329,7 +338,8 @@ def config_problems(cfg):
         [(k, getattr(cfg, k) >= 1, "must be >= 1") for k in ("train_group_size", "epochs", "save_every", "log_every",
                                                             "keep_last", "dist_timeout_s")] + \
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
-                                                            "sub_batch_size", "sub_batch_tokens")] + \
+                                                            "sub_batch_size", "sub_batch_tokens", "small_threshold",
+                                                            "drop_threshold")] + \
         [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio")] + \
         [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
     rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),
@@ -337,6 +347,8 @@ def config_problems(cfg):
               ("colbert_dim", cfg.colbert_dim == -1 or cfg.colbert_dim >= 1, "must be >= 1, or -1 for the hidden size"),
               ("dtype", cfg.dtype in ("bf16", "fp16", "fp32"), "must be bf16, fp16 or fp32"),
               ("pooling", cfg.pooling in ("", "cls", "mean"), "must be cls, mean, or empty for the checkpoint's"),
+              ("drop_threshold", cfg.drop_threshold == 0 or cfg.small_threshold > 0,
+               "drops merged small files only: set small_threshold too (SPEC 4.4)"),
               ("batch_sizes", all(b >= 1 for b in cfg.batch_sizes), "every batch size must be >= 1"),
               ("length_ranges", len(cfg.length_ranges) >= 2 and cfg.length_ranges[0] >= 0 and
                all(a < b for a, b in zip(cfg.length_ranges, cfg.length_ranges[1:])),
@@ -378,6 +390,8 @@ def _coerce(key, val, typ, where):
             return [int(x) for x in items]
         if typ is bool and not isinstance(val, bool):
             raise ValueError("expected true/false")
+        if typ is str and isinstance(val, (dict, list)):  # YAML read `query_prefix: query: x` as a mapping
+            raise ValueError("expected text: quote it in YAML")
         if typ is int and isinstance(val, float) and not val.is_integer():
             raise ValueError("expected an integer")
         return typ(val) if val is not None or typ is str else ""
