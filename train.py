@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
+from dashboard import lexical_health, report_to_problem, tensorboard_writer
 from data import epoch_batches, make_batch, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
@@ -93,6 +94,8 @@ class Config:
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
+    report_to: str = ""  # "tensorboard": log.jsonl's scalars also in out_dir/tb (pip install tensorboard)
+    min_sparse_share: float = 0.05  # warn when fewer real tokens have a sparse weight (collapse: FlagEmbedding #982)
     dist_timeout_s: int = 7200  # collectives wait this long (NCCL's 10-minute default would kill an index build)
 
 
@@ -149,6 +152,8 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
     if "colbert" in heads:  # fp32 inside its blocks
         s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
     loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill, in_batch)
+    if "special_ids" in batch:  # batches from data.make_batch
+        parts.update(lexical_health(q, p, batch))
     for x in off_heads(heads):  # weight 0: DDP still sees their parameters used (find_unused_parameters=False)
         loss = loss + 0.0 * (q[x].sum() + p[x].sum())
     return loss, parts
@@ -244,6 +249,7 @@ def main(argv):
         dist.barrier()
     schedule = parse_schedule(cfg.head_schedule)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    writer = tensorboard_writer(cfg, step) if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
     while step < total:
         batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
@@ -268,7 +274,7 @@ def main(argv):
                                          f"{rank}; examples: " + ", ".join(f"{f}:{n}" for f, n in source))
             lr = optimizer_step(raw, opt, sched, scaler, cfg, heads)
             if step % cfg.log_every == 0 or step == total - 1:
-                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp)
+                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp, writer)
             step, index = step + 1, index + 1
             bar.update(1)
             position = {"step": step, "epoch": epoch, "index": index} if index < len(batches) else \
@@ -281,6 +287,8 @@ def main(argv):
         if index >= len(batches):
             epoch, index = epoch + 1, 0
     bar.close()
+    if writer is not None:
+        writer.close()
     if ddp:
         dist.destroy_process_group()
 
@@ -311,7 +319,10 @@ def load_config(argv):
             key, eq, val = arg[2:].partition("=")
             if not eq:
                 stop(f"config: {arg!r} must be --key=value")
-            items, src = {key: val if types.get(key) is str else yaml.safe_load(val)}, "command line"  # "query: "
+            try:  # text keys as typed ("query: " is no YAML mapping); unknown keys are refused below
+                items, src = {key: val if types.get(key, str) is str else yaml.safe_load(val)}, "command line"
+            except yaml.YAMLError as e:
+                stop(f"config: {arg!r}: not a valid value: {e}")
         else:
             if not os.path.isfile(arg):
                 stop(f"config: no such file {arg!r}")
@@ -340,7 +351,8 @@ def config_problems(cfg):
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
                                                             "sub_batch_size", "sub_batch_tokens", "small_threshold",
                                                             "drop_threshold")] + \
-        [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio")] + \
+        [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio",
+                                                                        "min_sparse_share")] + \
         [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
     rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),
               ("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
@@ -356,7 +368,8 @@ def config_problems(cfg):
               ("batch_sizes", len(cfg.batch_sizes) == len(cfg.length_ranges) - 1,
                f"{len(cfg.batch_sizes)} values but length_ranges {cfg.length_ranges} has "
                f"{len(cfg.length_ranges) - 1} ranges")]
-    problems = [(key, why) for key, ok, why in rules if not ok]
+    problems = [(key, why) for key, ok, why in rules if not ok] + [("report_to", report_to_problem(cfg.report_to))]
+    problems = [(key, why) for key, why in problems if why]
     try:
         parse_schedule(cfg.head_schedule)
     except ValueError as e:
