@@ -414,3 +414,18 @@ def test_new_options_fail_clearly_and_leave_the_run_dir_intact(setup, tmp_path, 
             train.main([os.path.join(ROOT, "configs/tiny.yaml"), *base, *extra])
         assert snapshot() == first, extra  # nothing of the earlier run is lost or changed
     assert train.load_config(["--query_prefix=query: "]).query_prefix == "query: "  # not YAML's {"query": None}
+
+
+def test_readme_table_answers_every_flagembedding_option_as_the_code_does():
+    import reference_names
+    text = open(os.path.join(ROOT, "README.md")).read().split("## Using your FlagEmbedding data and checkpoints")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.split("\n## ")[0].splitlines()
+            if line.startswith("| `")]
+    for theirs, (ours, _) in reference_names.FLAGEMBEDDING.items():
+        row = next((r for r in rows if f"`{theirs}`" in r[0]), None)
+        assert row, f"README's table has no row for {theirs}"
+        assert (f"`{ours}`" in row[1] or f"`{ours}=" in row[1]) if ours else "-" in row[1], (theirs, row)
+        if ours:
+            assert ours in dataclasses.asdict(train.Config()), ours
+        with pytest.raises(SystemExit, match=f"unknown key '{theirs}' .*FlagEmbedding's option"):
+            train.load_config([f"--{theirs}=1"])
