@@ -82,8 +82,8 @@ def merge_small(datasets, small_threshold, drop_threshold):
         out.append(JsonlDataset(name, cat("offsets"), cat("lines"), cat("lengths"), meta, parts[0].no_in_batch_neg,
                                 parts, np.repeat(np.arange(len(parts)), [len(p.offsets) for p in parts])))
     if not out:
-        raise ValueError(f"{os.path.dirname(datasets[0].path)}: no data left: every file has fewer than small_threshold "
-                         f"{small_threshold} examples and their merged datasets fewer than drop_threshold")
+        raise ValueError(f"{os.path.dirname(datasets[0].path)}: no data left: every file has fewer than "
+                         f"small_threshold {small_threshold} examples, and each merged set fewer than drop_threshold")
     return out
 
 
@@ -175,7 +175,8 @@ def _borrow(ds, i, k, rng):
     """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
     n = len(ds.offsets)
     if n < 2:
-        raise ValueError("{}, line {}: field 'neg': empty and no other example to borrow from".format(*where(ds, i)))
+        path, line = where(ds, i)
+        raise ValueError(f"{path}, line {line}: field 'neg': empty and no other example to borrow from")
     out = []
     for j in rng.integers(n - 1, size=k):
         other = _read(ds, j + (j >= i))  # any example but i
@@ -263,7 +264,8 @@ def _read(ds, i):
         before, raw = (f.read(1) if off else b"\n"), f.readline()
     ex, err = parse_line(raw) if before == b"\n" else (None, "not at the start of a line")
     if err:
-        raise ValueError("{}, line {}: ".format(*where(ds, i)) + f"{err} (did the file change after its index was built? "
+        path, line = where(ds, i)
+        raise ValueError(f"{path}, line {line}: {err} (did the file change after its index was built? "
                          "a changed file is indexed again on the next start)")
     return ex
 

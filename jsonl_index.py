@@ -27,8 +27,8 @@ class JsonlDataset:
     offsets: np.ndarray  # (n,) int64 byte offset of each example's line
     lines: np.ndarray  # (n,) int64 1-based line number, for error messages
     lengths: np.ndarray  # (n,) int32 max token length (with special tokens) over query, pos and neg texts
-    meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of each);
-    # the file's type and batch_size (FILE_FIELDS) and min_neg (fewest negatives of an example)
+    meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of
+    # each); the file's type and batch_size (FILE_FIELDS) and min_neg (fewest negatives of an example)
     no_in_batch_neg: bool = False  # the file or a folder above it ends in no_in_batch_neg (data.open_datasets)
     parts: list = field(default_factory=list)  # small files merged into this dataset (small_threshold), in order
     part_of: np.ndarray = None  # (n,) the part each example comes from, when parts

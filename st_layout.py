@@ -24,8 +24,9 @@ def max_length(encoder, tokenizer):
 
 def write(out_dir, encoder, tokenizer, pooling, prompts=None):
     """modules.json, sentence_bert_config.json (max_length), 1_Pooling/config.json (cls or mean; Normalize has no
-    files, as in bge-m3) and config_sentence_transformers.json with the non-empty prompts ({"query": ..., "passage": ...}: the instructions
-    the checkpoint was trained with; sentence-transformers applies them only when asked, encode(prompt_name=...))."""
+    files, as in bge-m3) and config_sentence_transformers.json with the non-empty prompts ({"query": ...,
+    "passage": ...}: the instructions the checkpoint was trained with; sentence-transformers applies them only when
+    asked, encode(prompt_name=...))."""
     pool = {"word_embedding_dimension": encoder.config.hidden_size, "pooling_mode_cls_token": pooling == "cls",
             "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
@@ -33,8 +34,8 @@ def write(out_dir, encoder, tokenizer, pooling, prompts=None):
     st = {"prompts": {k: v for k, v in (prompts or {}).items() if v}, "default_prompt_name": None,
           "similarity_fn_name": "cosine"}
     os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
-    for name, content in zip(FILES, (MODULES, {"max_seq_length": max_length(encoder, tokenizer), "do_lower_case": False},
-                                     st, pool)):
+    config = {"max_seq_length": max_length(encoder, tokenizer), "do_lower_case": False}
+    for name, content in zip(FILES, (MODULES, config, st, pool)):
         with open(os.path.join(out_dir, name), "w") as f:
             json.dump(content, f, indent=2)
 

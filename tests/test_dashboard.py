@@ -116,7 +116,8 @@ def test_tensorboard_records_the_values_of_log_jsonl_and_the_eval_metrics(run):
 
 def test_lexical_health_on_a_hand_built_batch_and_its_warning(capsys):
     tok = make_tokenizer("xlmr")  # specials: <s>=0 <pad>=1 </s>=2 <unk>=3
-    batch = {"q_ids": torch.tensor([[0, 7, 7, 9, 2], [0, 8, 2, 1, 1]]), "q_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2]),
+    batch = {"q_ids": torch.tensor([[0, 7, 7, 9, 2], [0, 8, 2, 1, 1]]),
+             "q_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2]),
              "p_ids": torch.tensor([[0, 5, 6, 3, 2]]), "p_mask": torch.ones(1, 5, dtype=torch.long),
              "special_ids": torch.tensor(data.special_token_ids(tok))}
     q = {"sparse": torch.tensor([[0.0, 0.5, 0.2, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])}  # id 7 twice: one term

@@ -191,7 +191,7 @@ BAD = [
     ({"query": "q", "pos": ["p"], "prompt": 5}, "field 'prompt': expected a string"),
     ({"query": "q", "pos": ["p"], "type": "classification"}, "field 'type': unsupported value \"classification\""),
     ({"query": "q", "pos": ["p"], "batch_size": 0}, "field 'batch_size': expected an integer >= 1, got 0"),
-    ({"query": "q", "pos": ["p"], "type": "only_1neg"}, "field 'type': \"only_1neg\" here but \"normal\" on the file's"),
+    ({"query": "q", "pos": ["p"], "type": "only_1neg"}, "field 'type': \"only_1neg\" here but \"normal\" on the"),
     ({"query": "q", "pos": ["p"], "batch_size": 4}, "field 'batch_size': 4 here but null on the file's first example"),
 ]
 
@@ -469,7 +469,7 @@ def test_ranks_sample_like_one_process_on_the_global_batch(tmp_path):
     assert torch.equal(whole["teacher"], torch.cat([o["teacher"] for o in parts]))
 
 
-# ----------------------------------------------------------------------------- the reference's data options (SPEC 4.1, 4.4)
+# ----------------------------------------------------------------------------- the reference's options (SPEC 4.1, 4.4)
 
 
 def texts_of(ids, mask):
@@ -565,5 +565,6 @@ def test_small_files_of_a_folder_merge_and_the_merged_set_can_be_dropped(tmp_pat
 def test_file_values_must_agree_across_index_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", 100)
     path = write(tmp_path / "t.jsonl", [{**GOOD, "type": "only_1neg"}] * 30 + [GOOD] + [{**GOOD, "type": "only_1neg"}])
-    with pytest.raises(ValueError, match=re.escape(f"{path}, line 31: field 'type': \"normal\" here but \"only_1neg\"")):
+    msg = f"{path}, line 31: field 'type': \"normal\" here but \"only_1neg\""  # the first line of a later chunk
+    with pytest.raises(ValueError, match=re.escape(msg)):
         data.open_datasets(path, TOK, num_workers=2)
