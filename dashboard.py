@@ -57,9 +57,12 @@ def eval_to_tensorboard(ckpt, res, data_dir, split):
         return None
     if (yaml.safe_load(open(cfg_file)) or {}).get("report_to") != "tensorboard":
         return None
-    step = int(yaml.safe_load(open(state))["step"])
+    step, writer_class = int(yaml.safe_load(open(state))["step"]), tensorboard_class(missing_ok=True)
+    if writer_class is None:  # metrics.json has the rows anyway
+        print("the run reports to TensorBoard, but tensorboard is not installed here: pip install tensorboard")
+        return None
     folder = os.path.join(os.path.dirname(os.path.abspath(ckpt)), TB_DIR)
-    writer = tensorboard_class()(folder)
+    writer = writer_class(folder)
     name = f"{os.path.basename(os.path.abspath(data_dir))}-{split}"
     for row, metrics in res["rows"].items():
         for metric, v in metrics.items():

@@ -370,6 +370,8 @@ def cli_setup(p, a, data, ranks=None, **ints):
             p.error(f"--{side}_instruction_for_retrieval is FlagEmbedding's option: here it is --{side}_prefix")
         if getattr(a, f"{side}_prefix") is None:  # what the checkpoint was trained with (st_layout.write)
             setattr(a, f"{side}_prefix", st_prompts(a.ckpt).get(side, "") if os.path.isdir(a.ckpt) else "")
+            if getattr(a, f"{side}_prefix"):
+                print(f"--{side}_prefix {getattr(a, f'{side}_prefix')!r}: the checkpoint's (it was trained with it)")
 
     def load():
         import torch
