@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from dashboard import TB_DIR, write_scalars
 from model import HEAD_FILES, TOKENIZER_FILES, check_weights, is_local_path, load_head
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -22,7 +23,7 @@ def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
     temporary name and renamed; the oldest step checkpoints beyond keep_last are deleted."""
     final, tmp = os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, prompts={"query": cfg.query_prefix, "passage": cfg.passage_prefix})
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 **position}, os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
@@ -129,7 +130,8 @@ def start_run_dir(cfg, step):
     if cfg.overwrite:  # the earlier run's files only; anything else the user keeps there stays
         for f in os.listdir(cfg.out_dir):
             path = os.path.join(cfg.out_dir, f)
-            if f in ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final") or f.startswith(("step-", ".tmp-")):
+            if f in ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final", TB_DIR) or \
+                    f.startswith(("step-", ".tmp-")):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     log = os.path.join(cfg.out_dir, "log.jsonl")
     if os.path.exists(log):
@@ -151,9 +153,11 @@ def start_run_dir(cfg, step):
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))
 
 
-def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp):
-    """One line with fixed keys + a JSON record in log.jsonl; loss and parts averaged over ranks."""
-    keys = ("dense", "sparse", "colbert", "ens", "self_kd", "acc")
+def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp, writer=None):
+    """One line with fixed keys + a JSON record in log.jsonl (+ the same scalars to a TensorBoard writer); loss and
+    parts averaged over ranks. A warning when the sparse head is trained and its share of non-zero token weights
+    falls below cfg.min_sparse_share (dashboard.lexical_health)."""
+    keys = ("dense", "sparse", "colbert", "ens", "self_kd", "acc", "sparse_share", "sparse_q_terms", "sparse_p_terms")
     vals = torch.stack([loss.float()] + [parts.get(k, torch.tensor(0.0)).float().to(loss.device) for k in keys])
     if ddp:
         dist.all_reduce(vals)
@@ -165,10 +169,17 @@ def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, dd
         print(f"step {step}/{total} | loss {rec['loss']:.4f} | dense {rec['dense']:.3f} sparse {rec['sparse']:.3f} "
               f"colbert {rec['colbert']:.3f} ens {rec['ens']:.3f} self_kd {rec['self_kd']:.3f} | "
               f"acc {rec['acc']:.2f} | "
-              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s",
+              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s | "
+              f"sparse nz {rec['sparse_share']:.2f} q {rec['sparse_q_terms']:.1f} p {rec['sparse_p_terms']:.1f} terms",
               flush=True)
+        if "sparse" in parts and "sparse_share" in parts and rec["sparse_share"] < cfg.min_sparse_share:
+            print(f"warning: step {step}: only {rec['sparse_share']:.1%} of real tokens have a non-zero sparse weight "
+                  f"(min_sparse_share {cfg.min_sparse_share}): the sparse head is collapsing (FlagEmbedding #982); "
+                  f"stop and lower lr or w_sparse, or start self_distill earlier", flush=True)
         log.write(json.dumps(rec) + "\n")
         log.flush()
+        if writer is not None:
+            write_scalars(writer, rec)
 
 
 def stop(msg):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from jsonl_index import JsonlDataset, open_index, parse_line, query_text, tokenizer_id  # noqa: F401 (JsonlDataset)
+from model import special_token_ids
 
 SORT_WINDOW = 64  # group_by_length sorts windows of this many global batches by length (bench/padding.py: 0.999)
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens (tensor-core friendly shapes)
@@ -24,11 +25,15 @@ INDEX_DIR = re.compile(r"\.idx(\.(tmp|old)\d+)?(/|$)")  # a cache directory of j
 log = logging.getLogger(__name__)
 
 
-def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True, share=None):
+def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True, share=None,
+                  small_threshold=0, drop_threshold=0, group_size=None):
     """One JsonlDataset per .jsonl/.json file under `path` (sorted); index cached next to the data or in cache_dir.
     verify=False trusts a cache whose size, mtime and tokenizer match without hashing the file (jsonl_index).
     share=(local_rank, local_world, barrier): a node's ranks check (and build) every local_world-th file's index
-    each, wait at barrier(), then every rank opens them all, trusting them: the build is spread over the ranks."""
+    each, wait at barrier(), then every rank opens them all, trusting them: the build is spread over the ranks.
+    A file whose name (before .jsonl) or a folder of `path` ends in no_in_batch_neg gets no in-batch negatives (SPEC
+    4.1); with group_size (Config.train_group_size) such a file must give groups of 2 or more passages.
+    small_threshold / drop_threshold: see merge_small."""
     if os.path.isdir(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d)  # (its .json files)
                        for f in fs if f.endswith((".jsonl", ".json")))
@@ -55,8 +60,60 @@ def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=
             raise ValueError(f"{f}, line {line}: field '{fld}': missing (teacher_kd needs pos_scores and neg_scores)")
         if teacher_kd and ds.meta["empty_neg"]:  # borrowed negatives (below) would have no teacher score
             raise ValueError(f"{f}, line {ds.meta['empty_neg_line']}: field 'neg': empty (teacher_kd needs scores)")
+        inside = os.path.relpath(f, os.path.dirname(os.path.normpath(path)))  # path's own name counts too
+        ds.no_in_batch_neg = any(x.endswith("no_in_batch_neg") for x in os.path.splitext(inside)[0].split(os.sep))
+        if ds.no_in_batch_neg and group_size and file_group_size(ds, group_size) < 2:
+            raise ValueError(f"{f}: no_in_batch_neg data scores each query against its own group only, and its groups "
+                             f"have 1 passage (train_group_size {group_size}, type {ds.meta['type']}): no negative")
         datasets.append(ds)
-    return datasets
+    return merge_small(datasets, small_threshold, drop_threshold) if small_threshold > 0 else datasets
+
+
+def merge_small(datasets, small_threshold, drop_threshold):
+    """SPEC 4.4: the files of one folder with fewer than small_threshold examples become one dataset (per type and
+    no_in_batch_neg, so its batches keep one layout; batch size: the smallest of its files'), dropped if it has
+    fewer than drop_threshold examples. Larger files stay as they are."""
+    out, small = [], {}
+    for ds in datasets:
+        if len(ds.offsets) >= small_threshold:
+            out.append(ds)
+        else:
+            small.setdefault((os.path.dirname(ds.path), ds.meta["type"], ds.no_in_batch_neg), []).append(ds)
+    for (folder, _, _), parts in small.items():
+        n = sum(len(p.offsets) for p in parts)
+        if n < drop_threshold:
+            log.warning(f"{folder}: dropped {len(parts)} small files ({n} examples < drop_threshold {drop_threshold})")
+            continue
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
+        meta = dict(parts[0].meta, empty_neg=sum(p.meta["empty_neg"] for p in parts),
+                    min_neg=min(p.meta["min_neg"] for p in parts), batch_size=None)
+        name = os.path.join(folder, f"[{len(parts)} files < small_threshold {small_threshold}]")
+        out.append(JsonlDataset(name, cat("offsets"), cat("lines"), cat("lengths"), meta, parts[0].no_in_batch_neg,
+                                parts, np.repeat(np.arange(len(parts)), [len(p.offsets) for p in parts])))
+    if not out:
+        raise ValueError(f"{os.path.dirname(datasets[0].path)}: no data left: every file has fewer than "
+                         f"small_threshold {small_threshold} examples, and each merged set fewer than drop_threshold")
+    return out
+
+
+def file_group_size(ds, G):
+    """The group size of ds's batches (SPEC 4.1): 2 for type only_1neg, for symmetric_class at most 1 + the fewest
+    negatives of an example of the file (so no group repeats a negative), else Config.train_group_size."""
+    return {"only_1neg": 2, "symmetric_class": min(ds.meta.get("min_neg", G) + 1, G)}.get(ds.meta.get("type"), G)
+
+
+def dataset_batch_sizes(ds, batch_sizes):
+    """ds's batch size per length range: its batch_size field everywhere, else batch_sizes, halved for symmetric_*
+    types (SPEC 4.4); a merged dataset takes the smallest of its files'."""
+    if ds.parts:
+        return [min(x) for x in zip(*(dataset_batch_sizes(p, batch_sizes) for p in ds.parts))]
+    if ds.meta.get("batch_size"):
+        return [ds.meta["batch_size"]] * len(batch_sizes)
+    symmetric = "symmetric" in (ds.meta.get("type") or "")
+    return [max(1, b // 2) for b in batch_sizes] if symmetric else list(batch_sizes)
 
 # ----------------------------------------------------------------------------- length-range batches for one rank
 
@@ -79,7 +136,8 @@ class Batches(Sequence):
 
 def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, batch_sizes, group_by_length=False,
                   sort_window=SORT_WINDOW):
-    """This rank's batches for `epoch`: one dataset and one length range each, bs = batch_sizes[range] (SPEC 4.4-4.5).
+    """This rank's batches for `epoch`: one dataset and one length range each, bs = batch_sizes[range] (SPEC 4.4-4.5;
+    per dataset: dataset_batch_sizes).
 
     All ranks use the same RNG (seed, epoch): each (dataset, range) bucket is shuffled and cut into global batches of
     bs*W, the global batches are shuffled, and rank r takes the contiguous slice [r*bs, (r+1)*bs) of each.
@@ -94,7 +152,7 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
     glob = []  # per global batch: (dataset index, this rank's examples of it); other ranks' parts are never kept
     for d, ds in enumerate(datasets):
         bucket = length_buckets(ds.lengths, length_ranges)  # (n,) int8, range k = [r[k], r[k+1]); above: last
-        for k, bs in enumerate(batch_sizes):
+        for k, bs in enumerate(dataset_batch_sizes(ds, batch_sizes)):
             idx, gbs = bucket_members(bucket, k), bs * W  # (n_k,) int32 (int64 past 2**31 examples)
             rng.shuffle(idx)  # in place: the same order as rng.permutation (tests/test_data.py)
             if group_by_length:
@@ -148,7 +206,8 @@ def _borrow(ds, i, k, rng):
     """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
     n = len(ds.offsets)
     if n < 2:
-        raise ValueError(f"{ds.path}, line {ds.lines[i]}: field 'neg': empty and no other example to borrow from")
+        path, line = where(ds, i)
+        raise ValueError(f"{path}, line {line}: field 'neg': empty and no other example to borrow from")
     out = []
     for j in rng.integers(n - 1, size=k):
         other = _read(ds, j + (j >= i))  # any example but i
@@ -187,14 +246,16 @@ def _pad(seqs, pad_id):
 
 
 def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max_len, passage_max_len,
-               teacher_kd=False, shuffle_ratio=0.0):
+               teacher_kd=False, shuffle_ratio=0.0, query_prefix="", passage_prefix=""):
     """Read, sample, tokenize, pad one batch of (dataset, example); passages group-major [q0 pos, q0 negs, q1 pos, ..].
 
     Each example's RNG is seeded by (seed, epoch, dataset, example) alone, so a query gets the same group on whichever
     rank (or world size) and at whichever step holds it: a W-rank step equals one process on the global batch, and a
-    resumed run replays its batches. G-1 negatives per query; an empty `neg` borrows them from the same dataset.
+    resumed run replays its batches. G-1 negatives per query (G: file_group_size); an empty `neg` borrows
+    them from the same dataset. Queries get the line's prompt, else query_prefix; passages get passage_prefix, or for
+    types symmetric_sts/_clustering the query's instruction (SPEC 4.1).
     """
-    G = group_size
+    G = file_group_size(datasets[batch[0][0]], group_size) if batch else group_size
     queries, passages, teacher, source = [], [], [], []
     for d, i in batch:
         ds = datasets[d]
@@ -205,15 +266,18 @@ def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max
         rng = np.random.default_rng([seed, epoch, d, i])
         ex = _read(ds, i)
         texts, scores = _sample_group(ds, i, ex, rng, G, teacher_kd, shuffle_ratio)
-        queries.append(query_text(ex))
-        passages += texts
+        queries.append(query_text(ex, query_prefix))
+        symmetric = ds.meta.get("type") in ("symmetric_sts", "symmetric_clustering")  # passages are queries too
+        passages += [query_text({**ex, "query": t}, query_prefix) if symmetric else passage_prefix + t for t in texts]
         teacher += scores or []
-        source.append((ds.path, int(ds.lines[i])))
+        source.append(where(ds, i))
     enc = dict(add_special_tokens=True, truncation=True, return_attention_mask=False, return_token_type_ids=False)
     q_ids, q_mask = _pad(tokenizer(queries, max_length=query_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
     p_ids, p_mask = _pad(tokenizer(passages, max_length=passage_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
     teacher = torch.tensor(teacher, dtype=torch.float32).view(len(batch), G) if teacher_kd else None  # (B, G)
-    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source)
+    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source, group_size=G,
+                no_in_batch_neg=bool(batch) and datasets[batch[0][0]].no_in_batch_neg,
+                special_ids=torch.tensor(special_token_ids(tokenizer)))  # the ids without a lexical weight
 
 def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, pin_memory=False, **make_kw):
     """make_batch(datasets, batches[j], tokenizer, **make_kw) for j = start, start + 1, ..., prepared ahead of the
@@ -232,15 +296,21 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
 # ----------------------------------------------------------------------------- reading one example
 
 
+def where(ds, i):
+    """(file, line) of example i; a merged dataset's examples live in its parts' files."""
+    return ds.parts[ds.part_of[i]].path if ds.parts else ds.path, int(ds.lines[i])
+
+
 def _read(ds, i):
     """Example i, checked again as it is read: a file edited after its index was built stops with its line."""
     off = int(ds.offsets[i])
-    with open(ds.path, "rb") as f:
+    with open(where(ds, i)[0], "rb") as f:
         f.seek(max(off - 1, 0))
         before, raw = (f.read(1) if off else b"\n"), f.readline()
     ex, err = parse_line(raw) if before == b"\n" else (None, "not at the start of a line")
     if err:
-        raise ValueError(f"{ds.path}, line {ds.lines[i]}: {err} (did the file change after its index was built? "
+        path, line = where(ds, i)
+        raise ValueError(f"{path}, line {line}: {err} (did the file change after its index was built? "
                          "a changed file is indexed again on the next start)")
     return ex
 

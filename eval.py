@@ -18,8 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints import check_out, default_out, write_atomic
+from dashboard import eval_to_tensorboard
 from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
+from st_layout import prompts as st_prompts
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -49,16 +51,22 @@ def main(argv=None):
     model, kw = cli_setup(p, a, a.data, depth=a.depth)
     if not a.data:
         p.error("--data is required")
-    return evaluate(model, a.data, a.split, a.weights, a.depth, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep,
-                    out_dir=a.out or default_out(a.ckpt, a.data, a.split), overwrite=a.overwrite, **kw)
+    res = evaluate(model, a.data, a.split, a.weights, a.depth, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep,
+                   out_dir=a.out or default_out(a.ckpt, a.data, a.split), overwrite=a.overwrite, **kw)
+    folder = eval_to_tensorboard(a.ckpt, res, a.data, a.split)  # the run's dashboard, if it reports to TensorBoard
+    if folder:
+        print(f"and its rows to TensorBoard in {folder}")
+    return res
 
 
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
-             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True):
+             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
+             query_prefix="", passage_prefix=""):
     """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint or a
     function returning an M3; weights: a FUSION name or 3 numbers. out_dir/metrics.json records the checkpoint and
-    replaces another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3)."""
+    replaces another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go
+    before every query / passage, as training's Config.query_prefix / passage_prefix."""
     error = option_error(weights, depth=depth, colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len)
     if error:
@@ -68,8 +76,10 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
-    P = encode_cached(get_model, [passage_text(r) for r in corpus], passage_max_len, batch_size, mcls, cache_dir, key)
-    Q = encode_cached(get_model, [r["text"] for r in queries], query_max_len, batch_size, False, cache_dir, key)
+    P = encode_cached(get_model, [passage_prefix + passage_text(r) for r in corpus], passage_max_len, batch_size, mcls,
+                      cache_dir, key)
+    Q = encode_cached(get_model, [query_prefix + r["text"] for r in queries], query_max_len, batch_size, False,
+                      cache_dir, key)
     t1 = time.time()
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))  # (N,) rank of each doc id in string order
@@ -84,7 +94,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     res = dict(rows={k: v[0] for k, v in scored.items()}, **ckpt, weights=list(w_all), n_queries=len(queries),
                n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir),
                depth=depth, index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
-               passage_max_len=passage_max_len, mcls=mcls)
+               passage_max_len=passage_max_len, mcls=mcls, query_prefix=query_prefix, passage_prefix=passage_prefix)
     if name:
         res["fusion"] = name
     if any(l is not None for l in langs):
@@ -337,6 +347,10 @@ def cli_parser(doc, split):
     p.add_argument("--new_heads", action="store_true",
                    help="a bare encoder (e.g. zero-shot 'minilm'): new heads (sparse: term matching, colbert: "
                         "seeded random)")
+    for side, e5 in (("query", "query: "), ("passage", "passage: ")):
+        p.add_argument(f"--{side}_prefix", help=f"text before every {side}, e.g. {e5!r} (multilingual-e5); default: "
+                                                f"the checkpoint's (its training config's {side}_prefix), else none")
+        p.add_argument(f"--{side}_instruction_for_retrieval", dest=f"reference_{side}", help=argparse.SUPPRESS)
     return p
 
 
@@ -351,6 +365,13 @@ def cli_setup(p, a, data, ranks=None, **ints):
     error = data and data_error(data, a.split)
     if error:
         p.error(f"--data: {error}")
+    for side in ("query", "passage"):
+        if getattr(a, f"reference_{side}") is not None:
+            p.error(f"--{side}_instruction_for_retrieval is FlagEmbedding's option: here it is --{side}_prefix")
+        if getattr(a, f"{side}_prefix") is None:  # what the checkpoint was trained with (st_layout.write)
+            setattr(a, f"{side}_prefix", st_prompts(a.ckpt).get(side, "") if os.path.isdir(a.ckpt) else "")
+            if getattr(a, f"{side}_prefix"):
+                print(f"--{side}_prefix {getattr(a, f'{side}_prefix')!r}: the checkpoint's (it was trained with it)")
 
     def load():
         import torch
@@ -362,7 +383,8 @@ def cli_setup(p, a, data, ranks=None, **ints):
     model = load if a.new_heads or a.pooling else a.ckpt
     return model, dict(query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, batch_size=a.batch_size,
                        index=a.index, index_params=a.index_params, colbert_index=a.colbert_index,
-                       colbert_k=a.colbert_k, cache_dir=a.cache_dir or None)
+                       colbert_k=a.colbert_k, cache_dir=a.cache_dir or None, query_prefix=a.query_prefix,
+                       passage_prefix=a.passage_prefix)
 
 
 MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1)

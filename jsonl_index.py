@@ -15,8 +15,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-INDEX_VERSION = 3  # 2: the key hashes the whole file; 3: a directory of .npy files
+INDEX_VERSION = 4  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files
 CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
+TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")  # `type` (SPEC 4.1)
+FILE_FIELDS = ("type", "batch_size")  # one value per file: its batches share one group size and one batch size
 log = logging.getLogger("data")
 
 
@@ -27,7 +29,11 @@ class JsonlDataset:
     offsets: np.ndarray  # (n,) int64 byte offset of each example's line
     lines: np.ndarray  # (n,) int64 1-based line number, for error messages
     lengths: np.ndarray  # (n,) int32 max token length (with special tokens) over query, pos and neg texts
-    meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of each)
+    meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of
+    # each); the file's type and batch_size (FILE_FIELDS) and min_neg (fewest negatives of an example)
+    no_in_batch_neg: bool = False  # the file or a folder above it ends in no_in_batch_neg (data.open_datasets)
+    parts: list = field(default_factory=list)  # small files merged into this dataset (small_threshold), in order
+    part_of: np.ndarray = None  # (n,) the part each example comes from, when parts
 
 
 # ----------------------------------------------------------------------------- checking one line
@@ -59,12 +65,23 @@ def check_example(ex):
             return f"field '{f}': {len(ex[f])} scores for {len(ex.get(texts, []))} '{texts}' texts"
     if ex.get("prompt") is not None and not isinstance(ex["prompt"], str):
         return "field 'prompt': expected a string"
+    if ex.get("type") is not None and ex["type"] not in TYPES:
+        return f"field 'type': unsupported value {json.dumps(ex['type'])[:60]} (supported: {', '.join(TYPES)})"
+    bs = ex.get("batch_size")
+    if bs is not None and not (type(bs) is int and bs >= 1):
+        return f"field 'batch_size': expected an integer >= 1, got {json.dumps(bs)[:40]}"
     return None
 
 
-def query_text(ex):
-    """Query text = prompt + query (format "{}{}", SPEC 4.1); no prompt adds nothing (no "None" prefix, SPEC 7)."""
-    return (ex.get("prompt") or "") + ex["query"]
+def file_values(ex):
+    """The values an example gives its file's FILE_FIELDS: a missing type is normal, a missing batch_size None."""
+    return {"type": ex.get("type") or "normal", "batch_size": ex.get("batch_size")}
+
+
+def query_text(ex, prefix=""):
+    """Query text = instruction + query (format "{}{}", SPEC 4.1): the line's prompt if it has one, else prefix
+    (Config.query_prefix); no prompt and no prefix adds nothing (no "None" prefix, SPEC 7)."""
+    return (ex["prompt"] if ex.get("prompt") is not None else prefix) + ex["query"]
 
 
 def parse_line(raw):
@@ -98,7 +115,8 @@ def _index_chunk(task, tok=None):
         raw_lines = f.read(end - start).split(b"\n")
     if raw_lines[-1] == b"":  # the chunk ends with a newline: no line after it
         raw_lines.pop()
-    out = dict(nbytes=end - start, n_lines=len(raw_lines), blank=0, empty_neg=0, no_scores=0, error=None)
+    out = dict(nbytes=end - start, n_lines=len(raw_lines), blank=0, empty_neg=0, no_scores=0, error=None,
+               file=None, min_neg=None)  # file: (FILE_FIELDS values, line) of the chunk's first example
     offsets, rel, texts, n_texts, off = [], [], [], [], start
     for k, raw in enumerate(raw_lines):
         line_off, off = off, off + len(raw) + 1
@@ -106,9 +124,14 @@ def _index_chunk(task, tok=None):
             out["blank"] += 1
             continue
         ex, err = parse_line(raw)
+        if not err and out["file"] is not None and file_values(ex) != out["file"][0]:
+            err = file_error(file_values(ex), out["file"][0])
         if err:
             out["error"] = (k, err)
             return out
+        out["file"] = out["file"] or (file_values(ex), k)
+        n_neg = len(ex.get("neg") or [])
+        out["min_neg"] = n_neg if out["min_neg"] is None else min(out["min_neg"], n_neg)
         if not ex.get("neg"):
             out["empty_neg"] += 1
             out.setdefault("empty_neg_line", k)
@@ -126,6 +149,13 @@ def _index_chunk(task, tok=None):
     out.update(offsets=np.array(offsets, np.int64), rel_lines=np.array(rel, np.int64),
                lengths=np.array(lengths, np.int32))
     return out
+
+
+def file_error(got, first):
+    """The error for an example whose FILE_FIELDS differ from those of the file's first example."""
+    f = next(f for f in FILE_FIELDS if got[f] != first[f])
+    return (f"field '{f}': {json.dumps(got[f])} here but {json.dumps(first[f])} on the file's first example: one {f} "
+            f"per file (a batch comes from one file; split the file)")
 
 
 def _set_tok(tok):
@@ -192,8 +222,12 @@ def build_index(path, tokenizer, num_workers):
     try:
         with tqdm(total=size, unit="B", unit_scale=True, desc=f"index {os.path.basename(path)}", disable=None) as bar:
             for r in results:
+                if r["file"] is not None and meta.setdefault("file", r["file"][0]) != r["file"][0]:  # the chunk's
+                    r["error"] = (r["file"][1], file_error(r["file"][0], meta["file"]))  # first: before its errors
                 if r["error"]:
                     raise ValueError(f"{path}, line {lines_before + r['error'][0] + 1}: {r['error'][1]}")
+                if r["min_neg"] is not None:
+                    meta["min_neg"] = min(meta.get("min_neg", r["min_neg"]), r["min_neg"])
                 for k in ("blank", "empty_neg", "no_scores"):
                     meta[k] += r[k]
                 if "empty_neg_line" in r:
@@ -208,6 +242,7 @@ def build_index(path, tokenizer, num_workers):
             pool.terminate()
     if meta["blank"]:
         log.warning(f"{path}: skipped {meta['blank']} blank lines")
+    meta.update(meta.pop("file", None) or file_values({}))  # type, batch_size
     offsets, lines, lengths = (np.concatenate(p) for p in zip(*parts)) if parts else [np.zeros(0, np.int64)] * 3
     return JsonlDataset(path, offsets, lines, lengths.astype(np.int32), meta)
 

@@ -3,6 +3,8 @@
 Every weight is read from the config (train.py Config); scores come in raw (not yet divided by tau).
 Layout: B local queries, G passages per query laid out group-major [pos, neg1..neg(G-1)], so on this rank the
 positive of query i is column offset + i*G, where offset = rank*B*G when the dense columns were gathered.
+Own-group scores (no_in_batch_neg data) are (B, G) with every positive in column 0: the functions below take them
+with G = 0 (then G only says where the positives are; the group size is the teacher's width).
 """
 import torch
 import torch.distributed as dist
@@ -36,7 +38,7 @@ class _Gather(torch.autograd.Function):
 
 
 def targets(s, G, offset):
-    """Column of each row's positive: offset + i*G -> (B,)."""
+    """Column of each row's positive: offset + i*G -> (B,); 0 for own-group scores (G = 0)."""
     return offset + torch.arange(s.shape[0], device=s.device) * G
 
 
@@ -56,7 +58,7 @@ def m3_kd_loss(s, teacher, G, offset=0):
     p_t = torch.softmax(teacher.to(s.dtype), dim=-1)  # (B, G), in the scores' fp32 (or fp64)
     first = targets(s, G, offset)  # (B,) column of each row's group member 0
     loss, used = 0.0, torch.zeros_like(s, dtype=torch.bool)  # used: (B, M) members already taken as targets
-    for k in range(G):
+    for k in range(teacher.shape[1]):
         ce = F.cross_entropy(s.masked_fill(used, torch.finfo(s.dtype).min), first + k, reduction="none")  # (B,)
         loss = loss + (p_t[:, k] * ce).mean()
         used = used.scatter(1, (first + k)[:, None], True)
@@ -65,8 +67,13 @@ def m3_kd_loss(s, teacher, G, offset=0):
 
 def kl_div_loss(s, teacher, G, offset=0):
     """Teacher distillation, kl_div variant (SPEC 3.5): soft CE over each row's own G columns + in-batch CE."""
-    own = targets(s, G, offset)[:, None] + torch.arange(G, device=s.device)  # (B, G) columns of the own group
-    return soft_ce(s.gather(1, own), torch.softmax(teacher.to(s.dtype), dim=-1)) + info_nce(s, G, offset)
+    own = own_group(s, teacher.shape[1], G, offset)  # (B, G)
+    return soft_ce(own, torch.softmax(teacher.to(s.dtype), dim=-1)) + info_nce(s, G, offset)
+
+
+def own_group(s, width, G, offset=0):
+    """Each row's own group, positive first: the `width` columns from row i's positive on -> (B, width)."""
+    return s.gather(1, targets(s, G, offset)[:, None] + torch.arange(width, device=s.device))
 
 
 def contrastive(s, G, offset, teacher, teacher_kd_loss):
@@ -76,7 +83,7 @@ def contrastive(s, G, offset, teacher, teacher_kd_loss):
     return {"m3_kd_loss": m3_kd_loss, "kl_div": kl_div_loss}[teacher_kd_loss](s, teacher, G, offset)
 
 
-def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_distill=False):
+def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_distill=False, in_batch=True):
     """The unified M3 loss (SPEC 3.4) -> (loss, parts for logging).
 
     s_dense (B, M): M = B*G local columns, or W*B*G gathered ones with this rank's block at `offset`.
@@ -85,6 +92,8 @@ def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_d
     + w_colbert CE_colbert) / loss_norm, s_ens = ens_dense s_dense + ens_sparse s_sparse + ens_colbert s_colbert.
     Self-distillation: L' = (sum_x w_x soft_ce(s_x, softmax(stop-grad s_ens))) / self_distill_norm;
     final (L + L') / final_norm.
+    in_batch=False (no_in_batch_neg data, SPEC 3.5): every score, the ensemble and self-distillation included, over
+    each row's own group (B, G) only (the reference's #1410 bug put in-batch columns into its ensemble).
     """
     tau, N = cfg.temperature, s_dense.shape[0] * G
     d = s_dense / tau  # (B, M)
@@ -93,6 +102,9 @@ def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_d
         local["sparse"] = s_sparse / tau
     if s_colbert is not None:
         local["colbert"] = s_colbert / tau
+    if not in_batch:  # (B, G) each, positives in column 0
+        local = {x: own_group(v, G, G) for x, v in local.items()}
+        d, G, offset = local["dense"], 0, 0
     w = {"dense": cfg.w_dense, "sparse": cfg.w_sparse, "colbert": cfg.w_colbert}
     ce = {"dense": contrastive(d, G, offset, teacher, cfg.teacher_kd_loss)}
     ce.update({x: contrastive(local[x], G, 0, teacher, cfg.teacher_kd_loss) for x in local if x != "dense"})

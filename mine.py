@@ -4,6 +4,8 @@ python mine.py --ckpt DIR --data DIR --split train --range 10-100 --n_neg 7 --ou
 python mine.py --ckpt DIR --jsonl train.jsonl [--corpus corpus.jsonl] --range 10-100 --out mined.jsonl
 Retrieval and fusion are eval.py's (every head retrieves on its own, the union gets exact scores); a head with weight 0
 is not run. Output: FlagEmbedding JSONL {query, pos, neg[, pos_scores, neg_scores]}, --jsonl's other fields kept.
+--query_prefix / --passage_prefix are encoded as training applies them (a --jsonl line's prompt wins); the records
+keep the bare texts.
 """
 import json
 import os
@@ -12,23 +14,27 @@ import sys
 import numpy as np
 
 import eval as ev
-from jsonl_index import check_example
+from jsonl_index import check_example, query_text
 
 
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,
          query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", index_params="", colbert_index="Flat",
-         colbert_k=64, cache_dir=None):
+         colbert_k=64, cache_dir=None, query_prefix="", passage_prefix="", prompts=None):
     """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
     ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query.
-    positives[i]: indices into passages; weights: an eval.FUSION name (its all-three row) or 3 numbers."""
+    positives[i]: indices into passages; weights: an eval.FUSION name (its all-three row) or 3 numbers. Encoded:
+    prompts[i] (a line's prompt, if not None) or query_prefix + query i, passage_prefix + passage."""
     error = ev.option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
                             query_max_len=query_max_len, passage_max_len=passage_max_len)
     if error:
         raise ValueError(error)
     weights = ev.fusion_weights(weights)[2]
     get_model, key, _ = ev.model_loader(model, need_key=bool(cache_dir))
-    P = ev.encode_cached(get_model, passages, passage_max_len, batch_size, False, cache_dir, key)
-    Q = ev.encode_cached(get_model, queries, query_max_len, batch_size, False, cache_dir, key)
+    P = ev.encode_cached(get_model, [passage_prefix + t for t in passages], passage_max_len, batch_size, False,
+                         cache_dir, key)
+    q_texts = [query_text({"query": q, "prompt": prompts[i] if prompts else None}, query_prefix)
+               for i, q in enumerate(queries)]
+    Q = ev.encode_cached(get_model, q_texts, query_max_len, batch_size, False, cache_dir, key)
     use = tuple(w != 0 for w in weights)
     tie = np.arange(len(passages))  # passages have no ids here: ties by position
     fused = ev.fuse(ev.retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
@@ -71,6 +77,7 @@ def main(argv=None):
         pool = list(dict.fromkeys(pool + [t for r in recs for t in r["pos"]]))  # dedup, keep order; positives included
         at = {t: j for j, t in enumerate(pool)}
         queries, positives = [r["query"] for r in recs], [[at[t] for t in r["pos"]] for r in recs]
+        kw["prompts"] = [r.get("prompt") for r in recs]
     else:
         corpus, qs, qrels, _ = ev.load_beir(a.data, a.split)
         pool, at = [ev.passage_text(r) for r in corpus], {r["_id"]: j for j, r in enumerate(corpus)}

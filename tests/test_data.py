@@ -210,6 +210,10 @@ BAD = [
     ({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": []}, "field 'neg_scores': 0 scores for 1 'neg' texts"),
     ({"query": "q", "pos": ["p"], "neg_scores": ["high"]}, "field 'neg_scores': expected a list of numbers"),
     ({"query": "q", "pos": ["p"], "prompt": 5}, "field 'prompt': expected a string"),
+    ({"query": "q", "pos": ["p"], "type": "classification"}, "field 'type': unsupported value \"classification\""),
+    ({"query": "q", "pos": ["p"], "batch_size": 0}, "field 'batch_size': expected an integer >= 1, got 0"),
+    ({"query": "q", "pos": ["p"], "type": "only_1neg"}, "field 'type': \"only_1neg\" here but \"normal\" on the"),
+    ({"query": "q", "pos": ["p"], "batch_size": 4}, "field 'batch_size': 4 here but null on the file's first example"),
 ]
 
 
@@ -606,3 +610,104 @@ def test_index_scale_bench_runs_and_ends_with_its_figures():
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"index_rss_per_rank_mb_at_1p2b=-?\d+ plan_s_at_1p2b=-?\d+\.\d", last), last
+
+
+# ----------------------------------------------------------------------------- the reference's options (SPEC 4.1, 4.4)
+
+
+def texts_of(ids, mask):
+    """The decoded rows of a padded batch, special tokens dropped."""
+    return [TOK.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids, mask)]
+
+
+def test_type_sets_the_group_size_and_symmetric_batches_are_halved(tmp_path):
+    negs = lambda i, n: [f"protein {WORDS[i]} {WORDS[k]}" for k in range(n)]  # noqa: E731
+    one = data.open_datasets(write(tmp_path / "one.jsonl", [{"query": f"q {WORDS[i]}", "pos": [f"gene {WORDS[i]}"],
+                                                             "neg": negs(i, 5), "type": "only_1neg"}
+                                                            for i in range(4)]), TOK)
+    out = data.make_batch(one, [(0, 0), (0, 1), (0, 2)], TOK, group_size=4, **BATCH_KW)
+    p = texts_of(out["p_ids"], out["p_mask"])
+    assert out["group_size"] == 2 and len(p) == 6  # [pos, one own negative] per query, whatever train_group_size
+    assert all(p[2 * i] == f"gene {WORDS[i]}" and p[2 * i + 1] in negs(i, 5) for i in range(3))
+    cls = data.open_datasets(write(tmp_path / "cls.jsonl", [{"query": f"q {i}", "pos": ["gene"], "neg": negs(i, n),
+                                                             "type": "symmetric_class"}
+                                                            for i, n in enumerate([4, 2, 3])]), TOK)
+    assert cls[0].meta["min_neg"] == 2 and data.file_group_size(cls[0], 8) == 3 == data.file_group_size(cls[0], 5)
+    assert data.file_group_size(cls[0], 2) == 2 and data.file_group_size(one[0], 8) == 2
+    out = data.make_batch(cls, [(0, 1), (0, 2)], TOK, group_size=8, **BATCH_KW)
+    p = texts_of(out["p_ids"], out["p_mask"])
+    assert out["group_size"] == 3 and sorted(p[1:3]) == sorted(negs(1, 2)) and len(set(p[4:6])) == 2  # no repeats
+    sts = data.open_datasets(write(tmp_path / "sts.jsonl", [{**GOOD, "type": "symmetric_sts"}] * 40), TOK)[0]
+    assert data.dataset_batch_sizes(sts, [6, 5, 1]) == [3, 2, 1] and data.dataset_batch_sizes(one[0], [6, 5]) == [6, 5]
+    kw = dict(epoch=0, seed=0, world_size=1, rank=0, length_ranges=[0, 64], batch_sizes=[6])
+    assert [len(b) for b in data.epoch_batches([sts], **kw)] == [3] * 13  # 40 examples: 13 batches of 6 // 2
+    sized = data.open_datasets(write(tmp_path / "bs.jsonl", [{**GOOD, "batch_size": 4, "type": "symmetric_sts"}] * 9),
+                               TOK)[0]
+    assert data.dataset_batch_sizes(sized, [6, 2]) == [4, 4]  # a batch_size field wins, halving or not (the reference)
+
+
+def test_instructions_reach_the_right_texts(tmp_path):
+    rows = [{"query": "the cell", "pos": ["gene a"], "neg": ["protein b"]},
+            {"query": "we", "pos": ["cells"], "neg": ["mice"], "prompt": "is a: "},
+            {"query": "of", "pos": ["data"], "neg": ["model"], "prompt": ""}]  # an empty prompt: no instruction
+    dss = data.open_datasets(write(tmp_path / "d.jsonl", rows), TOK)
+    kw = dict(group_size=2, query_prefix="query: ", passage_prefix="passage: ", **BATCH_KW)
+    out = data.make_batch(dss, [(0, 0), (0, 1), (0, 2)], TOK, **kw)
+    assert texts_of(out["q_ids"], out["q_mask"]) == ["query : the cell", "is a : we", "of"]
+    assert texts_of(out["p_ids"], out["p_mask"]) == ["passage : gene a", "passage : protein b", "passage : cells",
+                                                     "passage : mice", "passage : data", "passage : model"]
+    sym = data.open_datasets(write(tmp_path / "s.jsonl", [{**r, "type": "symmetric_clustering"} for r in rows]), TOK)
+    out = data.make_batch(sym, [(0, 0), (0, 1), (0, 2)], TOK, **kw)  # passages are queries too: the query's prompt
+    assert texts_of(out["p_ids"], out["p_mask"]) == ["query : gene a", "query : protein b", "is a : cells",
+                                                     "is a : mice", "data", "model"]
+    plain = data.make_batch(dss, [(0, 0)], TOK, group_size=2, **BATCH_KW)
+    assert texts_of(plain["q_ids"], plain["q_mask"]) == ["the cell"]  # no prefix, no "None" (SPEC 7)
+
+
+def test_no_in_batch_neg_from_the_file_or_folder_name(tmp_path):
+    (tmp_path / "cls_no_in_batch_neg").mkdir()
+    write(tmp_path / "cls_no_in_batch_neg" / "a.jsonl", [GOOD] * 3)
+    write(tmp_path / "b_no_in_batch_neg.jsonl", [GOOD] * 3)
+    write(tmp_path / "c.jsonl", [GOOD] * 3)
+    dss = data.open_datasets(str(tmp_path), TOK)
+    assert [(os.path.relpath(d.path, tmp_path), d.no_in_batch_neg) for d in dss] == \
+        [("b_no_in_batch_neg.jsonl", True), ("c.jsonl", False), ("cls_no_in_batch_neg/a.jsonl", True)]
+    assert [data.make_batch(dss, [(d, 0)], TOK, group_size=2, **BATCH_KW)["no_in_batch_neg"] for d in range(3)] == \
+        [True, False, True]
+    assert data.open_datasets(str(tmp_path / "cls_no_in_batch_neg"), TOK)[0].no_in_batch_neg  # the folder given
+    with pytest.raises(ValueError, match=r"b_no_in_batch_neg.jsonl: no_in_batch_neg data .* groups have 1 passage"):
+        data.open_datasets(str(tmp_path), TOK, group_size=1)  # its own group alone: nothing to contrast
+    assert len(data.open_datasets(str(tmp_path), TOK, group_size=2)) == 3
+
+
+def test_small_files_of_a_folder_merge_and_the_merged_set_can_be_dropped(tmp_path):
+    (tmp_path / "sub").mkdir()
+    row = lambda name, i: {"query": f"{name} {i}", "pos": [f"gene {name} {i}"], "neg": ["protein"]}  # noqa: E731
+    for name, n in (("big", 5), ("s1", 2), ("s2", 3)):
+        write(tmp_path / f"{name}.jsonl", [row(name, i) for i in range(n)])
+    write(tmp_path / "bs.jsonl", [{**row("bs", 0), "batch_size": 1}])
+    write(tmp_path / "sym.jsonl", [{**row("sym", 0), "type": "symmetric_sts"}])  # another type: its own set
+    write(tmp_path / "sub" / "s3.jsonl", [row("s3", 0)])
+    dss = data.open_datasets(str(tmp_path), TOK, small_threshold=4, drop_threshold=2)
+    assert [os.path.relpath(d.path, tmp_path) for d in dss] == ["big.jsonl", "[3 files < small_threshold 4]"]
+    merged = dss[1]  # bs + s1 + s2; sym (1 example) and sub/s3 (1 example) dropped
+    assert [os.path.basename(p.path) for p in merged.parts] == ["bs.jsonl", "s1.jsonl", "s2.jsonl"]
+    assert data.dataset_batch_sizes(merged, [6, 3]) == [1, 1]  # the smallest of its files' (bs.jsonl's field)
+    out = data.make_batch(dss, [(1, i) for i in range(6)], TOK, group_size=2, **BATCH_KW)
+    assert rows_of((out["q_ids"], out["q_mask"])) == [ids(t) for t in ("bs 0", "s1 0", "s1 1", "s2 0", "s2 1", "s2 2")]
+    assert out["source"] == [(str(tmp_path / f), n) for f, n in [("bs.jsonl", 1), ("s1.jsonl", 1), ("s1.jsonl", 2),
+                                                                  ("s2.jsonl", 1), ("s2.jsonl", 2), ("s2.jsonl", 3)]]
+    kept = data.open_datasets(str(tmp_path), TOK, small_threshold=4, drop_threshold=1)
+    assert sorted(os.path.relpath(d.path, tmp_path) for d in kept) == \
+        ["[3 files < small_threshold 4]", "big.jsonl", "sub/s3.jsonl", "sym.jsonl"]  # alone in their set: as they are
+    assert len(data.open_datasets(str(tmp_path), TOK)) == 6  # small_threshold 0: one dataset per file
+    with pytest.raises(ValueError, match="no data left"):
+        data.open_datasets(str(tmp_path / "sub"), TOK, small_threshold=4, drop_threshold=2)
+
+
+def test_file_values_must_agree_across_index_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", 100)
+    path = write(tmp_path / "t.jsonl", [{**GOOD, "type": "only_1neg"}] * 30 + [GOOD] + [{**GOOD, "type": "only_1neg"}])
+    msg = f"{path}, line 31: field 'type': \"normal\" here but \"only_1neg\""  # the first line of a later chunk
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        data.open_datasets(path, TOK, num_workers=2)

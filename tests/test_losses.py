@@ -152,3 +152,53 @@ def test_cross_device_negatives_match_one_process_on_the_global_batch():
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
     # the reference's no-grad gather gives the dense term less gradient: this test would catch it
     assert max((a - b).abs().max() for a, b in zip(ref_ddp, ddp)) > 1e-4
+
+
+def test_no_in_batch_neg_scores_each_query_against_its_own_group_only():
+    cfg, tau = Config(), 0.02
+    torch.manual_seed(2)
+    B, G = 2, 3
+    d, sp, co = (torch.randn(B, B * G, dtype=torch.float64) for _ in range(3))  # float64: exact up to rounding
+    own = lambda m: torch.stack([m[i, i * G:(i + 1) * G] for i in range(B)])  # noqa: E731 (B, G) by hand
+    ce0 = lambda m: sum(ce_row(r, 0) for r in m.tolist()) / B  # noqa: E731 positive in column 0 of each group
+    od, osp, oco = own(d) / tau, own(sp) / tau, own(co) / tau
+    ens = od + 0.3 * osp + oco  # the ensemble over the own group too (not the reference's #1410 in-batch columns)
+    L = (ce0(od) + ce0(ens) + 0.1 * ce0(osp) + ce0(oco)) / 4
+    p = torch.softmax(ens, -1)
+    soft = lambda m: (-(p * torch.log_softmax(m, -1)).sum(-1).mean()).item()  # noqa: E731
+    Lp = (soft(od) + 0.1 * soft(osp) + soft(oco)) / 3
+    loss, parts = m3_loss(d, sp, co, cfg, G, self_distill=True, in_batch=False)
+    assert loss.item() == pytest.approx((L + Lp) / 2, rel=1e-12)
+    assert parts["dense"].item() == pytest.approx(ce0(od), rel=1e-12) and parts["acc"] == (ens.argmax(-1) == 0).mean(
+        dtype=torch.float64)
+    assert abs(loss.item() - m3_loss(d, sp, co, cfg, G, self_distill=True)[0].item()) > 1e-3  # in-batch differs
+    ens_in_batch = sum(ce_row(r, i * G) for i, r in enumerate(((d + 0.3 * sp + co) / tau).tolist())) / B
+    assert abs((ce0(od) + ens_in_batch + 0.1 * ce0(osp) + ce0(oco)) / 4 - L) > 1e-3  # an ensemble with in-batch
+    # columns (the reference's #1410) would be caught
+    # teacher distillation over the own group: each row alone, as a batch of one, is the same loss
+    teacher = torch.randn(B, G, dtype=torch.float64)
+    for kind, fn in (("m3_kd_loss", m3_kd_loss), ("kl_div", kl_div_loss)):
+        c = Config(teacher_kd_loss=kind)
+        got = m3_loss(d, None, None, c, G, teacher=teacher, in_batch=False)[0]
+        ref = sum(fn(own(d)[i:i + 1] / tau, teacher[i:i + 1], G) for i in range(B)) / B
+        assert got.item() == pytest.approx(ref.item(), rel=1e-12), kind
+
+
+def test_no_in_batch_neg_batches_gather_nothing_across_ranks(monkeypatch):
+    import train
+    torch.manual_seed(3)
+    B, G, T, D = 2, 2, 5, 8
+    cfg = Config(train_group_size=5, cross_device_negatives=True)  # the batch's own group size (2) wins
+    rep = lambda n: {"dense": torch.nn.functional.normalize(torch.randn(n, D), dim=-1), "sparse": torch.rand(n, T),
+                     "colbert": torch.randn(n, T, D)}  # noqa: E731 (sparse, colbert: off, weight 0)
+    q, p = rep(B), rep(B * G)
+    batch = {"q_ids": torch.randint(5, 30, (B, T)), "p_ids": torch.randint(5, 30, (B * G, T)), "teacher": None,
+             "group_size": G, "no_in_batch_neg": True}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # rank 1 of 2: cross-device negatives would gather
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(train, "gather", lambda x: pytest.fail("no_in_batch_neg batches must not gather"))
+    loss, _ = train.compute_loss(q, p, batch, cfg, ["dense"], False)
+    s = (q["dense"] @ p["dense"].T) / cfg.temperature  # (B, B*G)
+    ref = sum(ce_row(s[i, i * G:(i + 1) * G].tolist(), 0) for i in range(B)) / B
+    assert loss.item() == pytest.approx(ref, rel=1e-5)

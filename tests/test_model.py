@@ -1,4 +1,5 @@
 """model.py: the three heads and their scores against brute-force definitions; checkpoints; MCLS."""
+import json
 import os
 import pickle
 import warnings
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import st_layout
 from model import SPARSE_INIT, M3, colbert_score, dense_score, sparse_score, sparse_vectors
 from tiny import Payload, make_encoder, make_tokenizer, tiny_m3
 
@@ -232,6 +234,7 @@ def test_a_released_bge_m3_style_directory_loads_unchanged(tmp_path):
     colbert, sparse = torch.nn.Linear(32, 32).half(), torch.nn.Linear(32, 1).half()
     torch.save(colbert.state_dict(), tmp_path / "colbert_linear.pt")
     torch.save(sparse.state_dict(), tmp_path / "sparse_linear.pt")
+    released_st_files(tmp_path)  # its sentence-transformers files, which from_pretrained does not read
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the unused pooler is expected: no warning
         m = M3.from_pretrained(str(tmp_path))
@@ -297,3 +300,42 @@ def test_an_encoder_stored_in_bf16_loads_in_fp32(tmp_path):
     tok.save_pretrained(tmp_path)
     m = M3.from_pretrained(str(tmp_path), new_heads=True)
     assert {p.dtype for p in m.parameters()} == {torch.float32}  # AdamW keeps fp32 masters; autocast does bf16
+
+
+def released_st_files(path):
+    """The sentence-transformers files as BAAI/bge-m3 ships them (modules.json, 1_Pooling with CLS, max 8192)."""
+    os.makedirs(path / "1_Pooling", exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(st_layout.MODULES))
+    (path / "sentence_bert_config.json").write_text('{"max_seq_length": 8192, "do_lower_case": false}')
+    (path / "config_sentence_transformers.json").write_text('{"__version__": {"sentence_transformers": "2.2.2"}}')
+    (path / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token":
+                                                           True, "pooling_mode_mean_tokens": False}))
+
+
+@pytest.mark.parametrize("style,pooling", [("xlmr", "cls"), ("bert", "mean")])
+def test_sentence_transformers_reads_a_checkpoint_as_m3_encode(tmp_path, style, pooling):
+    m = tiny_m3(style, pooling=pooling)
+    m.save_pretrained(tmp_path, prompts={"query": "query: ", "passage": ""})
+    modules = json.load(open(tmp_path / "modules.json"))
+    assert [(x["path"], x["type"].rsplit(".", 1)[1]) for x in modules] == \
+        [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    pool = json.load(open(tmp_path / "1_Pooling/config.json"))
+    assert (pool["pooling_mode_cls_token"], pool["pooling_mode_mean_tokens"]) == (pooling == "cls", pooling == "mean")
+    assert pool["word_embedding_dimension"] == 32 and not pool["pooling_mode_max_tokens"]
+    assert json.load(open(tmp_path / "sentence_bert_config.json"))["max_seq_length"] == 512  # the tokenizer's limit
+    assert st_layout.prompts(str(tmp_path)) == {"query": "query: "}  # empty prompts are not written
+    texts = TEXTS + ["x", " ".join(TEXTS * 20)]  # the last one is cut at 512 tokens by both
+    ref = m.encode(texts)["dense"]
+    assert np.array_equal(M3.from_pretrained(str(tmp_path)).encode(texts)["dense"], ref)  # the files change nothing
+    st = pytest.importorskip("sentence_transformers", reason="pip install -r requirements.txt installs it (tests)")
+    got = st.SentenceTransformer(str(tmp_path), device="cpu").encode(texts, convert_to_numpy=True)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.99999, cos  # without the files: mean pooling, unnormalised (cosine ~0.5 here)
+
+
+def test_sentence_transformers_max_length_is_the_encoders_limit():
+    tok = make_tokenizer("xlmr")
+    tok.model_max_length = 10 ** 30  # a tokenizer without a limit of its own
+    xlmr, bert = make_encoder(tok, max_positions=1024), make_encoder(make_tokenizer("bert"), "bert", max_positions=1024)
+    assert xlmr.config.max_position_embeddings == 1026 and st_layout.max_length(xlmr, tok) == 1024  # bge-m3: 8192
+    assert st_layout.max_length(bert, tok) == 1024 and st_layout.max_length(bert, make_tokenizer("bert")) == 512

@@ -412,3 +412,55 @@ def test_resume_auto_takes_the_newest_intact_checkpoint_and_says_what_it_skipped
         train.find_resume(train.Config(out_dir=str(tmp_path), resume="nope"))
     with pytest.raises(SystemExit, match="step-0000006'?: not a usable checkpoint: .*Weights only load failed"):
         train.find_resume(train.Config(out_dir=str(tmp_path), resume=str(tmp_path / "step-0000006")))
+
+
+def test_new_options_fail_clearly_and_leave_the_run_dir_intact(setup, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    (out / "final").mkdir(parents=True)
+    for f, text in (("config.yaml", "seed: 1\n"), ("log.jsonl", '{"step": 0}\n'), ("final/x", "w")):
+        (out / f).write_text(text)
+    snapshot = lambda: {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f)).read()  # noqa: E731
+                        for d, _, fs in os.walk(out) for f in fs}
+    first = snapshot()
+    bad_type = tmp_path / "bad.jsonl"
+    bad_type.write_text(open(setup / "train.jsonl").readline() + '{"query": "q", "pos": ["p"], "type": "sts"}\n')
+    (tmp_path / "cls_no_in_batch_neg").mkdir()
+    shutil.copy(setup / "train.jsonl", tmp_path / "cls_no_in_batch_neg" / "a.jsonl")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("query_prefix: [query, passage]\n")
+    base = common(setup, out, "--batch_sizes=2", "--max_steps=1", "--overwrite=true")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    cases = [(["--report_to=tensorboard"], r"report_to='tensorboard' \(command line\): needs the tensorboard package: "
+                                           r"pip install tensorboard"),
+             (["--report_to=wandb"], r"report_to='wandb' \(command line\): must be tensorboard, or empty/none"),
+             (["--query_instruction_for_retrieval=q: "], r"unknown key 'query_instruction_for_retrieval' \(command "
+                                                         r"line\): FlagEmbedding's option; here it is 'query_prefix'"),
+             (["--passage_instruction_format={}{}"], r"'passage_instruction_format' .*: FlagEmbedding's option; not an "
+                                                     r"option here: the passage is passage_prefix \+ passage"),
+             (["--drop_threshold=5"], r"drop_threshold=5 \(command line\): drops merged small files only"),
+             (["--small_threshold=-1"], r"small_threshold=-1 \(command line\): must be >= 0"),
+             (["--min_sparse_share=2"], r"min_sparse_share=2.0 \(command line\): must be in \[0, 1\]"),
+             ([str(listed)], r"query_prefix=\['query', 'passage'\] \(.*listed.yaml\) is not a str: expected text"),
+             ([f"--train_data={bad_type}"], r"bad.jsonl, line 2: field 'type': unsupported value \"sts\""),
+             ([f"--train_data={tmp_path / 'cls_no_in_batch_neg'}", "--train_group_size=1"],
+              r"a.jsonl: no_in_batch_neg data scores each query against its own group only")]
+    for extra, msg in cases:
+        with pytest.raises((SystemExit, ValueError), match=msg):
+            train.main([os.path.join(ROOT, "configs/tiny.yaml"), *base, *extra])
+        assert snapshot() == first, extra  # nothing of the earlier run is lost or changed
+    assert train.load_config(["--query_prefix=query: "]).query_prefix == "query: "  # not YAML's {"query": None}
+
+
+def test_readme_table_answers_every_flagembedding_option_as_the_code_does():
+    import reference_names
+    text = open(os.path.join(ROOT, "README.md")).read().split("## Using your FlagEmbedding data and checkpoints")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.split("\n## ")[0].splitlines()
+            if line.startswith("| `")]
+    for theirs, (ours, _) in reference_names.FLAGEMBEDDING.items():
+        row = next((r for r in rows if f"`{theirs}`" in r[0]), None)
+        assert row, f"README's table has no row for {theirs}"
+        assert (f"`{ours}`" in row[1] or f"`{ours}=" in row[1]) if ours else "-" in row[1], (theirs, row)
+        if ours:
+            assert ours in dataclasses.asdict(train.Config()), ours
+        with pytest.raises(SystemExit, match=f"unknown key '{theirs}' .*FlagEmbedding's option"):
+            train.load_config([f"--{theirs}=1"])
