@@ -13,13 +13,13 @@ import os
 import sys
 import time
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from checkpoints import check_out, default_out, write_atomic
 from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
+from retrieval import build_index, maxsim, release, segments, sparse_index, sparse_pairs, sparse_search  # noqa: F401
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -147,67 +147,6 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     return results
 
 
-def build_index(x, spec="Flat", params=""):
-    """FAISS inner-product index over the rows of x (n, D) from an index_factory string; trained on <=256k rows."""
-    x = np.ascontiguousarray(x, np.float32)
-    index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(x[np.random.default_rng(0).permutation(len(x))[:1 << 18]])
-    index.add(x)
-    if params:  # e.g. "nprobe=64" for IVF, "efSearch=1024" for HNSW (must be >= depth)
-        faiss.ParameterSpace().set_index_parameters(index, params)
-    return index
-
-
-def sparse_index(P, head_df=None, head_bytes=1 << 28):
-    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w); the frequent
-    tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N), for one matmul
-    ("head": the head of the token frequency distribution, not a model head)."""
-    n = len(P["sp_ptr"]) - 1
-    order = np.argsort(P["sp_ids"], kind="stable")  # (nnz,) postings by token id, then passage
-    doc, w = np.repeat(np.arange(n), np.diff(P["sp_ptr"]))[order], P["sp_w"][order]  # (nnz,) passage, weight
-    toks, start = np.unique(P["sp_ids"][order], return_index=True)  # (n_tok,) distinct ids, first posting of each
-    ptr = np.append(start, len(order))  # (n_tok + 1,) postings of toks[t]: ptr[t]:ptr[t + 1]
-    df = np.diff(ptr)  # (n_tok,)
-    freq = np.argsort(-df, kind="stable")[:head_bytes // (4 * max(n, 1))]  # positions in toks, most frequent first
-    freq = np.sort(freq[df[freq] >= (max(1, n // 32) if head_df is None else head_df)])
-    head_row = np.full(len(toks), -1)  # (n_tok,) row in head, -1 for a token scored through its postings
-    head_row[freq] = np.arange(len(freq))
-    head = np.zeros((len(freq), n), np.float32)  # (n_head, N)
-    pos, seg = segments(ptr, freq)
-    head[seg, doc[pos]] = w[pos]
-    return dict(toks=toks, ptr=ptr, doc=doc, w=w, n=n, head=head, head_row=head_row)
-
-
-def sparse_search(inv, Q, qrows, k):
-    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: frequent tokens by one matmul, the others
-    by one bincount over their postings (a stop-word piece's postings cover most of the corpus)."""
-    n = inv["n"]
-    pos, qseg = segments(Q["sp_ptr"], qrows)
-    qi, qw = Q["sp_ids"][pos], Q["sp_w"][pos]  # (nnz of qrows,) token ids, weights; qseg: row in qrows
-    t = np.searchsorted(inv["toks"], qi).clip(max=max(len(inv["toks"]) - 1, 0))
-    hit = (inv["toks"][t] == qi) if len(inv["toks"]) else np.zeros(len(qi), bool)
-    t, qw, qseg = t[hit], qw[hit], qseg[hit]  # query tokens that occur in the corpus
-    h = inv["head_row"][t] >= 0
-    q_head = np.zeros((len(qrows), len(inv["head"])), np.float32)
-    q_head[qseg[h], inv["head_row"][t[h]]] = qw[h]  # (nq, n_head) query weights of the frequent tokens
-    t, qw, qseg = t[~h], qw[~h], qseg[~h]
-    ppos, tseg = segments(inv["ptr"], t)  # postings of the other query tokens
-    s = np.bincount(qseg[tseg] * n + inv["doc"][ppos], weights=qw[tseg] * inv["w"][ppos],
-                    minlength=len(qrows) * n).reshape(len(qrows), n) + q_head @ inv["head"]  # (nq, N) exact scores
-    k = min(k, n)
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k] if 0 < k < n else np.tile(np.arange(n), (len(qrows), 1))
-    return [t[s[r, t] > 0] for r, t in enumerate(top)]  # passages sharing no token are not candidates
-
-
-def segments(ptr, rows):
-    """Flat positions of CSR rows `rows` (in order) and, for each position, its index into rows.
-    E.g. ptr [0, 2, 5], rows [1, 0] -> positions [2, 3, 4, 0, 1], index [0, 0, 0, 1, 1]."""
-    lens = ptr[rows + 1] - ptr[rows]
-    seg = np.repeat(np.arange(len(rows)), lens)
-    return np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - ptr[rows], lens), seg  # ptr[row] + offset
-
-
 def exact_scores(Q, i, P, cand, use=(True, True, True)):
     """Exact (dense, sparse, colbert) scores of query i with passages cand; (3, n), zeros for heads not in use."""
     fns = (dense_pairs, sparse_pairs, maxsim)
@@ -216,47 +155,10 @@ def exact_scores(Q, i, P, cand, use=(True, True, True)):
 
 def dense_pairs(Q, i, P, cand):
     """Exact dense scores e_q . e_p of query i with passages cand; (n,)."""
-    return P["dense"][cand] @ Q["dense"][i]  # (n, D) @ (D,)
+    s = P["dense"][cand] @ Q["dense"][i]  # (n, D) @ (D,)
+    release(P["dense"])
+    return s
 
-
-def sparse_pairs(Q, i, P, cand):
-    """Exact lexical scores of query i with passages cand: sum over shared token ids of w_q w_p; (n,)."""
-    qi, qw = Q["sp_ids"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]], Q["sp_w"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]]
-    if len(qi) == 0:
-        return np.zeros(len(cand), np.float32)
-    pos, seg = segments(P["sp_ptr"], cand)  # the candidates' (token, weight) entries; seg: index into cand
-    pi = P["sp_ids"][pos]
-    t = np.searchsorted(qi, pi).clip(max=len(qi) - 1)  # query ids are sorted (pack)
-    hit = qi[t] == pi
-    return np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
-
-
-def maxsim(Q, i, P, cand, max_tokens=1 << 16):
-    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of at most
-    max_tokens candidate tokens in passage order; a chunk covering >= 1/3 of its token span multiplies that span."""
-    q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
-    ptr, out = P["cb_ptr"], np.zeros(len(cand), np.float32)
-    nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
-    if len(q) == 0 or len(nz) == 0:
-        return out
-    nz = nz[np.argsort(cand[nz], kind="stable")]  # positions in cand, in passage order
-    c = cand[nz]
-    lens = ptr[c + 1] - ptr[c]
-    end = np.cumsum(lens)
-    a = 0
-    while a < len(nz):
-        b = max(a + 1, int(np.searchsorted(end, end[a] - lens[a] + max_tokens, "right")))  # chunk c[a:b]
-        s0, s1 = ptr[c[a]], ptr[c[b - 1] + 1]
-        if 3 * (end[b - 1] - end[a] + lens[a]) >= s1 - s0:  # dense chunk: no copy, segments interleaved with gaps
-            sim = q @ P["cb_vecs"][s0:s1].T  # (Lq, span)
-            starts = np.stack([ptr[c[a:b]], ptr[c[a:b] + 1]], 1).ravel()[:-1] - s0
-            out[nz[a:b]] = np.maximum.reduceat(sim, starts, axis=1)[:, ::2].mean(0)
-        else:  # sparse chunk: gather the candidates' tokens
-            pos, _ = segments(ptr, c[a:b])
-            sim = q @ P["cb_vecs"][pos].T  # (Lq, sum of the chunk's passage lengths)
-            out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
-        a = b
-    return out
 
 # ----------------------------------------------------------------------------- fusion and metrics
 

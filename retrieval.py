@@ -1,0 +1,148 @@
+"""First stages and exact scores over packed encodings (eval.py's retrieval).
+
+Packed encodings (model.pack in memory, or memory-mapped from disk): dense (N, D); sparse CSR sp_ptr
+(N+1,), sp_ids, sp_w (ids sorted within a row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D), float32 in memory or
+float16 on disk. Row i's entries: ptr[i]:ptr[i + 1]. A mapped array is read only where a score needs it, and its pages
+leave this process's resident set after each use (release): a store of any size costs the rows being scored.
+eval.py uses build_index, sparse_index/sparse_search and maxsim through eval.retrieve.
+"""
+import mmap
+
+import faiss
+import numpy as np
+
+
+def release(x):
+    """Drop the pages of the file mapping behind x (np.load(..., mmap_mode="r")) from this process's resident set; they
+    stay in the page cache. A no-op for an array in memory."""
+    while isinstance(x, np.ndarray):
+        x = x.base
+    if isinstance(x, mmap.mmap):
+        x.madvise(mmap.MADV_DONTNEED)
+
+
+def build_index(x, spec="Flat", params="", chunk=1 << 16):
+    """FAISS inner-product index over the rows of x (n, D) from an index_factory string; trained on <=256k rows, filled
+    chunk rows at a time as float32 (x may be float16 mapped from disk: it is never copied whole)."""
+    index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(len(x), min(len(x), 1 << 18), replace=False))  # O(sample)
+        index.train(np.ascontiguousarray(x[sample], np.float32))
+        release(x)
+    for a in range(0, len(x), chunk):
+        index.add(np.ascontiguousarray(x[a:a + chunk], np.float32))
+        release(x)
+    if params:  # e.g. "nprobe=64" for IVF, "efSearch=1024" for HNSW (must be >= depth)
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    return index
+
+
+def sparse_index(P, head_df=None, head_bytes=1 << 28):
+    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w); the frequent
+    tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N), for one matmul
+    ("head": the head of the token frequency distribution, not a model head). Passage ids are int32 below 2^31."""
+    n = len(P["sp_ptr"]) - 1
+    order = np.argsort(P["sp_ids"], kind="stable")  # (nnz,) postings by token id, then passage
+    sid = P["sp_ids"][order]  # (nnz,) token id of each posting
+    release(P["sp_ids"])
+    doc = np.repeat(np.arange(n, dtype=np.int32 if n < 1 << 31 else np.int64), np.diff(P["sp_ptr"]))[order]
+    w = P["sp_w"][order]  # (nnz,) passage, weight
+    release(P["sp_w"])
+    del order
+    start = np.flatnonzero(np.concatenate([[True], sid[1:] != sid[:-1]])) if len(sid) else np.zeros(0, np.int64)
+    toks, ptr = sid[start], np.append(start, len(sid))  # (n_tok,) distinct ids; postings of toks[t]: ptr[t]:ptr[t + 1]
+    del sid
+    df = np.diff(ptr)  # (n_tok,)
+    freq = np.argsort(-df, kind="stable")[:head_bytes // (4 * max(n, 1))]  # positions in toks, most frequent first
+    freq = np.sort(freq[df[freq] >= (max(1, n // 32) if head_df is None else head_df)])
+    head_row = np.full(len(toks), -1)  # (n_tok,) row in head, -1 for a token scored through its postings
+    head_row[freq] = np.arange(len(freq))
+    head = np.zeros((len(freq), n), np.float32)  # (n_head, N)
+    for r, t in enumerate(freq):
+        head[r, doc[ptr[t]:ptr[t + 1]]] = w[ptr[t]:ptr[t + 1]]
+    return dict(toks=toks, ptr=ptr, doc=doc, w=w, n=n, head=head, head_row=head_row)
+
+
+def sparse_search(inv, Q, qrows, k, tie=None, scores=False):
+    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: frequent tokens by one matmul, the others
+    by one bincount over their postings (a stop-word piece's postings cover most of the corpus). Per query the passages
+    (with scores: (passages, float64 scores)); passages sharing no token are left out. Ties at the k-th score: the lowest
+    tie ranks (tie: a rank per passage) when given, else any."""
+    n = inv["n"]
+    pos, qseg = segments(Q["sp_ptr"], qrows)
+    qi, qw = Q["sp_ids"][pos], Q["sp_w"][pos]  # (nnz of qrows,) token ids, weights; qseg: row in qrows
+    t = np.searchsorted(inv["toks"], qi).clip(max=max(len(inv["toks"]) - 1, 0))
+    hit = (inv["toks"][t] == qi) if len(inv["toks"]) else np.zeros(len(qi), bool)
+    t, qw, qseg = t[hit], qw[hit], qseg[hit]  # query tokens that occur in the corpus
+    h = inv["head_row"][t] >= 0
+    q_head = np.zeros((len(qrows), len(inv["head"])), np.float32)
+    q_head[qseg[h], inv["head_row"][t[h]]] = qw[h]  # (nq, n_head) query weights of the frequent tokens
+    t, qw, qseg = t[~h], qw[~h], qseg[~h]
+    ppos, tseg = segments(inv["ptr"], t)  # postings of the other query tokens
+    s = np.bincount(qseg[tseg] * n + inv["doc"][ppos], weights=qw[tseg] * inv["w"][ppos],
+                    minlength=len(qrows) * n).reshape(len(qrows), n) + q_head @ inv["head"]  # (nq, N) exact scores
+    k = min(k, n)
+    if not 0 < k < n:
+        top = np.tile(np.arange(n), (len(qrows), 1))
+    elif tie is None:
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    else:  # every passage above the k-th score, then the k-th score's passages by tie rank
+        kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # (nq,)
+        top = []
+        for r in range(len(qrows)):
+            above, at = np.flatnonzero(s[r] > kth[r]), np.flatnonzero(s[r] == kth[r])
+            top.append(np.concatenate([above, at[np.argsort(tie[at], kind="stable")[:k - len(above)]]]))
+    top = [t[s[r, t] > 0] for r, t in enumerate(top)]  # passages sharing no token are not candidates
+    return [(t, s[r, t]) for r, t in enumerate(top)] if scores else top
+
+
+def segments(ptr, rows):
+    """Flat positions of CSR rows `rows` (in order) and, for each position, its index into rows.
+    E.g. ptr [0, 2, 5], rows [1, 0] -> positions [2, 3, 4, 0, 1], index [0, 0, 0, 1, 1]."""
+    lens = ptr[rows + 1] - ptr[rows]
+    seg = np.repeat(np.arange(len(rows)), lens)
+    return np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - ptr[rows], lens), seg  # ptr[row] + offset
+
+
+def sparse_pairs(Q, i, P, cand):
+    """Exact lexical scores of query i with passages cand: sum over shared token ids of w_q w_p; (n,)."""
+    qi, qw = Q["sp_ids"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]], Q["sp_w"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]]
+    if len(qi) == 0:
+        return np.zeros(len(cand), np.float32)
+    pos, seg = segments(P["sp_ptr"], cand)  # the candidates' (token, weight) entries; seg: index into cand
+    pi = P["sp_ids"][pos]
+    t = np.searchsorted(qi, pi).clip(max=len(qi) - 1)  # query ids are sorted (pack)
+    hit = qi[t] == pi
+    out = np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
+    release(P["sp_w"])
+    return out
+
+
+def maxsim(Q, i, P, cand, max_tokens=1 << 16):
+    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of at most
+    max_tokens candidate tokens in passage order; a chunk covering >= 1/3 of its token span multiplies that span.
+    Passage tokens are read as float32 (a float16 store: exactly its values), then released."""
+    q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
+    ptr, vecs, out = P["cb_ptr"], P["cb_vecs"], np.zeros(len(cand), np.float32)
+    nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
+    if len(q) == 0 or len(nz) == 0:
+        return out
+    nz = nz[np.argsort(cand[nz], kind="stable")]  # positions in cand, in passage order
+    c = cand[nz]
+    lens = ptr[c + 1] - ptr[c]
+    end = np.cumsum(lens)
+    a = 0
+    while a < len(nz):
+        b = max(a + 1, int(np.searchsorted(end, end[a] - lens[a] + max_tokens, "right")))  # chunk c[a:b]
+        s0, s1 = ptr[c[a]], ptr[c[b - 1] + 1]
+        if 3 * (end[b - 1] - end[a] + lens[a]) >= s1 - s0:  # dense chunk: no gather, segments interleaved with gaps
+            sim = q @ np.asarray(vecs[s0:s1], np.float32).T  # (Lq, span)
+            starts = np.stack([ptr[c[a:b]], ptr[c[a:b] + 1]], 1).ravel()[:-1] - s0
+            out[nz[a:b]] = np.maximum.reduceat(sim, starts, axis=1)[:, ::2].mean(0)
+        else:  # sparse chunk: gather the candidates' tokens
+            pos, _ = segments(ptr, c[a:b])
+            sim = q @ np.asarray(vecs[pos], np.float32).T  # (Lq, sum of the chunk's passage lengths)
+            out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
+        release(vecs)
+        a = b
+    return out
