@@ -1,13 +1,18 @@
 """Evaluate an M3 checkpoint on BEIR-layout data with all three heads and their fusion (SPEC.md 6); mine.py mines.
 
 python eval.py --ckpt DIR --data DIR [--split test] [--weights m3|mldr|1,0.3,1] [--sweep] [--index Flat]
+python eval.py --ckpt DIR --data DIR --protocol paper --task miracl|mkqa|mldr [--store DIR]   # the paper's rows
 python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
-Each head retrieves on its own (dense: FAISS; sparse: exact inverted index; multi-vector: FAISS over passage tokens,
-then exact MaxSim). Every candidate of the union then gets the exact score of every head, so fusion never fills in 0
-for a passage that one head missed. Ranking ties everywhere: score descending, then doc id ascending (string order).
+[torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
+--protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
+multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
+every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
+built it (retrieval.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
+Ranking ties everywhere: score descending, then doc id ascending (string order).
 Packed encodings (see pack): dense (N, D), sparse as CSR rows (sp_ptr, sp_ids, sp_w), colbert as (cb_ptr, cb_vecs).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -19,7 +24,9 @@ from tqdm import tqdm
 from checkpoints import check_out, default_out, write_atomic
 from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
-from retrieval import build_index, maxsim, release, segments, sparse_index, sparse_pairs, sparse_search  # noqa: F401
+from retrieval import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
+                       sparse_index, sparse_pairs, sparse_search)
+from store import as_stored, encode_store, store_meta
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -38,55 +45,107 @@ def main(argv=None):
         import mine
         return mine.main(argv[1:])
     p = cli_parser(__doc__, split="test")
-    p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth")
+    p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth (exact protocol)")
+    p.add_argument("--protocol", default="exact", choices=("exact", "paper"), help="exact: every head retrieves, "
+                   "exact scores for the union; paper: SPEC 6.2's rows, with --task's depths and weights")
+    p.add_argument("--task", default="miracl", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2)")
+    p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
+    p.add_argument("--shard_size", type=int, default=4096, help="passages per shard of a store")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
     p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
     p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
                                  "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
     p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
-    a = p.parse_args(argv)
-    model, kw = cli_setup(p, a, a.data, depth=a.depth)
-    if not a.data:
-        p.error("--data is required")
-    return evaluate(model, a.data, a.split, a.weights, a.depth, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep,
-                    out_dir=a.out or default_out(a.ckpt, a.data, a.split), overwrite=a.overwrite, **kw)
+    encode = argv[:1] == ["encode"]
+    a = p.parse_args(argv[encode:])
+    if a.protocol == "paper" and (a.weights or a.sweep):
+        p.error(f"--{'weights' if a.weights else 'sweep'}: the paper protocol takes its weights from --task")
+    if encode and not (a.store and a.data):
+        p.error("encode needs --data and --store")
+    model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
+    kw["shard_size"] = a.shard_size
+    error = a.data and data_error(a.data, a.split)
+    if error or not a.data:
+        p.error(f"--data: {error}" if error else "--data is required")
+    if encode:
+        return encode_main(model, {"": a.data}, a.store, a.mcls, a.max_corpus, dict(kw, split=a.split))
+    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, protocol=a.protocol,
+              task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
+    return evaluate(model, a.data, a.split, depth=a.depth, **kw)
+
+
+def encode_main(model, dirs, store_dir, mcls, max_corpus, kw):
+    """eval.py encode: each corpus ({name: BEIR dir}) into store_dir/name, sharded over torchrun's ranks."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    get_model, key, _ = model_loader(model, need_key=True)
+    for lang, d in dirs.items():
+        texts = [passage_text(r) for r in load_beir(d, kw["split"], max_corpus)[0]]
+        meta = store_meta(key, texts, kw["passage_max_len"], mcls)
+        P = encode_store(get_model, texts, os.path.join(store_dir, lang), meta, kw["batch_size"], kw["shard_size"],
+                         rank, world)
+        if P is not None:
+            print(f"{os.path.join(store_dir, lang)}: {meta['n']} passages, {len(P['cb_vecs'])} token vectors")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
-             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True):
-    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint or a
-    function returning an M3; weights: a FUSION name or 3 numbers. out_dir/metrics.json records the checkpoint and
-    replaces another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3)."""
-    error = option_error(weights, depth=depth, colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
-                         passage_max_len=passage_max_len)
+             cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
+             protocol="exact", task="miracl", store=None, shard_size=4096):
+    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
+    function returning an M3; protocol "exact" (weights: a FUSION name or 3 numbers) or
+    "paper" (task: a retrieval.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
+    one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
+    overwrite. mcls applies to passages only (long documents, SPEC 5.3)."""
+    error = option_error(weights, protocol=protocol, task=task, sweep=sweep, depth=depth, colbert_k=colbert_k,
+                         batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                         shard_size=shard_size)
     if error:
         raise ValueError(error)
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
-    get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir))
+    get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
-    P = encode_cached(get_model, [passage_text(r) for r in corpus], passage_max_len, batch_size, mcls, cache_dir, key)
+    texts = [passage_text(r) for r in corpus]
+    if store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
+        meta = store_meta(key, texts, passage_max_len, mcls)
+        store = store or os.path.join(cache_dir, "store-" + hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:40])
+        P = encode_store(get_model, texts, store, meta, batch_size, shard_size, progress=verbose)
+    else:  # in memory; the paper protocol reads a store's dtypes, so its scores do not depend on where P is
+        P = encode_cached(get_model, texts, passage_max_len, batch_size, mcls, cache_dir, key)
+        P = as_stored(P) if protocol == "paper" else P
     Q = encode_cached(get_model, [r["text"] for r in queries], query_max_len, batch_size, False, cache_dir, key)
     t1 = time.time()
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))  # (N,) rank of each doc id in string order
-    results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
     qrels_list, langs = [qrels[r["_id"]] for r in queries], [r.get("lang") for r in queries]
-    name, w_ds, w_all = fusion_weights(weights)
+    res = dict(**ckpt, n_queries=len(queries), n_corpus=len(corpus), missing_qrels_ids=missing, split=split,
+               data=os.path.abspath(data_dir), protocol=protocol, index=index, query_max_len=query_max_len,
+               passage_max_len=passage_max_len, mcls=mcls, store=store and os.path.abspath(store))
+    if protocol == "paper":
+        lists = paper_rows(Q, P, task, tie, index, index_params, progress=verbose)
+        scored = {row: run_metrics([ids[c] for c, _ in lists[row]], qrels_list, langs, PAPER_DEPTH) for row in ROWS}
+        res.update(task=task, weights=list(PAPER[task]["w_all"]), paper=PAPER[task])
+    else:
+        results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
+        name, w_ds, w_all = fusion_weights(weights)
 
-    def score(w):
-        return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
-    rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
-    scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
-    res = dict(rows={k: v[0] for k, v in scored.items()}, **ckpt, weights=list(w_all), n_queries=len(queries),
-               n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir),
-               depth=depth, index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
-               passage_max_len=passage_max_len, mcls=mcls)
-    if name:
-        res["fusion"] = name
+        def score(w):
+            return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
+        rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
+        scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
+        res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
+                   **({"fusion": name} if name else {}))
+    res["rows"] = {k: v[0] for k, v in scored.items()}
     if any(l is not None for l in langs):
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
     if sweep:  # weights are scale-free, so a small grid around the m3 weights covers the useful ratios
@@ -95,8 +154,15 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
                               key=lambda r: -r["nDCG@10"])
     res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
     if verbose:
-        print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, depth {depth}; "
-              f"qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
+        print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, {protocol} protocol"
+              + (f", task {task}" if protocol == "paper" else f", depth {depth}")
+              + f"; qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
+    return report(res, out_dir, overwrite, ckpt, verbose)
+
+
+def report(res, out_dir, overwrite, ckpt, verbose):
+    """Print res's tables and write out_dir/metrics.json (through a temporary file, checked again first); res."""
+    if verbose:
         print_table(res["rows"])
         for l, r in res.get("per_lang", {}).items():
             print(f"-- lang {l}: " + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in r.items()))
@@ -110,6 +176,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         if verbose:
             print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return res
+
 
 # ----------------------------------------------------------------------------- retrieval: each head, then exact scores
 
@@ -225,8 +292,8 @@ def cli_parser(doc, split):
     p.add_argument("--ckpt", required=True, help="checkpoint dir (release layout: encoder, tokenizer, head .pt files)")
     p.add_argument("--data", help="BEIR-layout dir: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--split", default=split)
-    p.add_argument("--weights", default="m3", help=f"fusion weights (SPEC 6.2): one of {', '.join(FUSION)} or "
-                                                   "dense,sparse,colbert numbers, e.g. 1,0.3,1")
+    p.add_argument("--weights", help=f"fusion weights (SPEC 6.2): one of {', '.join(FUSION)} (default m3) or "
+                                     "dense,sparse,colbert numbers, e.g. 1,0.3,1")
     p.add_argument("--index", default="Flat", help="FAISS index_factory string for dense, e.g. HNSW32, IVF1024,PQ64")
     p.add_argument("--index_params", default="", help="FAISS search parameters, e.g. nprobe=64 or efSearch=1024")
     p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors")
@@ -246,6 +313,7 @@ def cli_setup(p, a, data, ranks=None, **ints):
     """Exit through p.error on a bad shared option, then ints and ranks (see option_error), then the BEIR dir data
     (unless None); else (model, keyword options) for evaluate/mine: model is --ckpt, or with --new_heads/--pooling a
     function loading it in memory (the cache then keys on the weights), called after the data checks."""
+    a.weights = a.weights or "m3"
     error = option_error(a.weights, "--", ranks, colbert_k=a.colbert_k, batch_size=a.batch_size,
                          query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, **ints)
     if error:
@@ -267,13 +335,20 @@ def cli_setup(p, a, data, ranks=None, **ints):
                        colbert_k=a.colbert_k, cache_dir=a.cache_dir or None)
 
 
-MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1)
+MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1)
 
 
-def option_error(weights, prefix="", ranks=None, **ints):
+def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl", sweep=False, **ints):
     """What is wrong with the options, naming the option (prefix "--" on the command line), or None: weights a FUSION
     name or 3 finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi" or
-    (lo, hi), 0 <= lo < hi."""
+    (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep."""
+    if protocol not in ("exact", "paper") or task not in PAPER:
+        name, value, want = (("protocol", protocol, "exact, paper") if task in PAPER else
+                             ("task", task, ", ".join(PAPER)))
+        return f"{prefix}{name}: expected one of {want}; got {value!r}"
+    if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
+        return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from task; "
+                f"got {weights!r}")
     try:
         w = [float(x) for x in fusion_weights(weights)[2]]
     except (TypeError, ValueError):
