@@ -8,7 +8,8 @@ python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     
 multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
 every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
 built it (retrieval.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
-Ranking ties everywhere: score descending, then doc id ascending (string order).
+Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
+per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
 Packed encodings (see pack): dense (N, D), sparse as CSR rows (sp_ptr, sp_ids, sp_w), colbert as (cb_ptr, cb_vecs).
 """
 import argparse
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints import check_out, default_out, write_atomic
-from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
+from data import data_error, lang_dirs, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
 from retrieval import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
                        sparse_index, sparse_pairs, sparse_search)
@@ -51,6 +52,7 @@ def main(argv=None):
     p.add_argument("--task", default="miracl", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2)")
     p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
     p.add_argument("--shard_size", type=int, default=4096, help="passages per shard of a store")
+    p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
     p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
@@ -65,18 +67,25 @@ def main(argv=None):
         p.error("encode needs --data and --store")
     model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
     kw["shard_size"] = a.shard_size
-    error = a.data and data_error(a.data, a.split)
+    langs = a.langs.split(",") if a.langs else None
+    try:
+        dirs = a.data and lang_dirs(a.data, a.split, langs)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"--data: {e}")
+    error = not dirs and a.data and data_error(a.data, a.split)
     if error or not a.data:
         p.error(f"--data: {error}" if error else "--data is required")
     if encode:
-        return encode_main(model, {"": a.data}, a.store, a.mcls, a.max_corpus, dict(kw, split=a.split))
+        return encode_main(model, dirs or {"": a.data}, a.store, a.mcls, a.max_corpus, dict(kw, split=a.split))
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, protocol=a.protocol,
               task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
+    if dirs:
+        return evaluate_langs(model, a.data, dirs, a.split, **kw)
     return evaluate(model, a.data, a.split, depth=a.depth, **kw)
 
 
 def encode_main(model, dirs, store_dir, mcls, max_corpus, kw):
-    """eval.py encode: each corpus ({name: BEIR dir}) into store_dir/name, sharded over torchrun's ranks."""
+    """eval.py encode: each corpus (one per language folder) into a store, sharded over torchrun's ranks."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         import torch
@@ -101,7 +110,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
              protocol="exact", task="miracl", store=None, shard_size=4096):
     """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
-    function returning an M3; protocol "exact" (weights: a FUSION name or 3 numbers) or
+    function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
     "paper" (task: a retrieval.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
     one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
     overwrite. mcls applies to passages only (long documents, SPEC 5.3)."""
@@ -146,8 +155,9 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
                    **({"fusion": name} if name else {}))
     res["rows"] = {k: v[0] for k, v in scored.items()}
-    if any(l is not None for l in langs):
+    if any(l is not None for l in langs):  # the lang field: per-language rows and their macro average
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
+        res["macro"] = macro(res["per_lang"])
     if sweep:  # weights are scale-free, so a small grid around the m3 weights covers the useful ratios
         grid = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
         res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(grid, desc="sweep")),
@@ -160,12 +170,35 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     return report(res, out_dir, overwrite, ckpt, verbose)
 
 
+def evaluate_langs(model, data_dir, dirs, split="test", store=None, out_dir=None, overwrite=False, verbose=True,
+                   **kw):
+    """evaluate on each per-language BEIR folder of data_dir (dirs: lang_dirs' {lang: folder}), with one model and one
+    store per language (store/<lang>); rows: the macro average over languages (SPEC 6.3's averages), per_lang: each."""
+    loaded = model_loader(model, need_key=True)
+    if out_dir and not overwrite:
+        check_out(out_dir, loaded[2])
+    per = {}
+    for lang, d in dirs.items():
+        per[lang] = evaluate(loaded, d, split, store=store and os.path.join(store, lang), verbose=False, **kw)
+        if verbose:
+            print(f"{lang}: {per[lang]['n_queries']} queries, {per[lang]['n_corpus']} passages: "
+                  + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in per[lang]["rows"].items()))
+    res = dict(next(iter(per.values())), data=os.path.abspath(data_dir), store=store and os.path.abspath(store),
+               per_lang={l: r["rows"] for l, r in per.items()}, macro=macro({l: r["rows"] for l, r in per.items()}))
+    for k in ("n_queries", "n_corpus", "missing_qrels_ids", "time_s"):
+        res[k] = {l: r[k] for l, r in per.items()}
+    res["rows"] = res["macro"]
+    return report(res, out_dir, overwrite, loaded[2], verbose)
+
+
 def report(res, out_dir, overwrite, ckpt, verbose):
     """Print res's tables and write out_dir/metrics.json (through a temporary file, checked again first); res."""
     if verbose:
         print_table(res["rows"])
-        for l, r in res.get("per_lang", {}).items():
-            print(f"-- lang {l}: " + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in r.items()))
+        for metric in ("nDCG@10", "Recall@100") if "per_lang" in res else ():
+            print(f"-- {metric} per language, then the macro average")
+            print_table({l: {row: m[metric] for row, m in r.items()} for l, r in res["per_lang"].items()}
+                        | {"macro avg": {row: m[metric] for row, m in res["macro"].items()}}, ROWS, "lang")
         for r in res.get("sweep", [])[:5]:
             print(f"sweep {r['weights']}: nDCG@10 {r['nDCG@10']:.4f} Recall@100 {r['Recall@100']:.4f}")
     if out_dir:
@@ -177,6 +210,12 @@ def report(res, out_dir, overwrite, ckpt, verbose):
             print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return res
 
+
+def macro(per_lang):
+    """{row: {metric: mean over languages}} of {lang: {row: {metric: value}}}: every language weighs the same."""
+    rows = next(iter(per_lang.values()))
+    return {row: {k: round(float(np.mean([r[row][k] for r in per_lang.values()])), 6) for k in m}
+            for row, m in rows.items()}
 
 # ----------------------------------------------------------------------------- retrieval: each head, then exact scores
 
@@ -276,10 +315,10 @@ def query_metrics(ranked, rels, depth):
     return m
 
 
-def print_table(rows):
-    """One line per row name: the metrics in METRICS order."""
-    keys = [k for k in METRICS if any(k in m for m in rows.values())]
-    print(f"{'row':<14}" + "".join(f"{k:>13}" for k in keys))
+def print_table(rows, keys=None, label="row"):
+    """One line per row name: the metrics in METRICS order (or the columns keys)."""
+    keys = keys or [k for k in METRICS if any(k in m for m in rows.values())]
+    print(f"{label:<14}" + "".join(f"{k:>13}" for k in keys))
     for name, m in rows.items():
         print(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
 

@@ -1,6 +1,7 @@
 """Evaluation at benchmark scale against brute force: the paper protocol (SPEC 6.2) against numpy in float64, a
 memory-mapped store against the same arrays in memory (bit for bit), sharded and resumed encoding against one
-uninterrupted process, and bad stores and options."""
+uninterrupted process, per-language folders and their macro average by hand, and bad stores, folders and options."""
+import json
 import math
 import os
 import re
@@ -202,6 +203,45 @@ def test_two_processes_encode_the_store_one_process_does(tmp_path):
     for k in ("dense", "sp_w", "cb_vecs"):  # float16 tokens: within one float16 step of [-1, 1]
         np.testing.assert_allclose(np.asarray(two[k], np.float32), np.asarray(one[k], np.float32), rtol=1e-5,
                                    atol=1e-3 if k == "cb_vecs" else 1e-6)
+
+
+def write_langs(root, sizes):
+    """Per-language BEIR folders root/<lang> with distinct corpora and query counts."""
+    for n, (lang, n_q) in enumerate(sizes.items()):
+        write_beir(os.path.join(root, lang), np.random.default_rng(30 + n), n_docs=25, n_q=n_q)
+
+
+def test_per_language_folders_and_macro_average_by_hand(tmp_path, capsys):
+    tiny_m3().save_pretrained(str(tmp_path / "ck"))
+    root = str(tmp_path / "miracl")
+    write_langs(root, {"fi": 3, "sw": 6, "te": 4})
+    out = str(tmp_path / "out")
+    cli = ["--ckpt", str(tmp_path / "ck"), "--data", root, "--cache_dir", str(tmp_path / "cache"), "--out", out]
+    res = ev.main(cli + ["--protocol", "paper", "--task", "mldr", "--langs", "te,fi"])
+    assert list(res["per_lang"]) == ["te", "fi"] and res["n_queries"] == {"te": 4, "fi": 3}
+    for lang in ("te", "fi"):  # each language: the same rows as evaluating its folder alone
+        alone = ev.evaluate(str(tmp_path / "ck"), os.path.join(root, lang), protocol="paper", task="mldr",
+                            verbose=False)
+        assert res["per_lang"][lang] == alone["rows"]
+    for row in rt.ROWS:
+        for k in ("nDCG@10", "Recall@100"):
+            by_hand = (res["per_lang"]["te"][row][k] + res["per_lang"]["fi"][row][k]) / 2
+            assert res["rows"][row][k] == res["macro"][row][k] == pytest.approx(by_hand, abs=1e-6)
+    assert json.load(open(os.path.join(out, "metrics.json")))["macro"] == res["macro"]
+    table = capsys.readouterr().out
+    assert "macro avg" in table and "Recall@100 per language" in table
+    one = ev.evaluate(FakeM3(), os.path.join(root, "sw"), verbose=False)  # one folder, queries with a lang field
+    langs = [json.loads(line)["lang"] for line in open(os.path.join(root, "sw", "queries.jsonl"))]
+    assert one["macro"]["all"]["nDCG@10"] == pytest.approx(np.mean([one["per_lang"][l]["all"]["nDCG@10"]
+                                                                    for l in sorted(set(langs))]), abs=1e-6)
+    shutil.rmtree(os.path.join(root, "sw", "qrels"))
+    before = open(os.path.join(out, "metrics.json")).read()
+    for extra, error in ((["--langs", "fi,xx"], r"miracl/xx: no such language folder.*fi, sw, te"),
+                         ([], r"miracl/sw: no qrels/test.tsv")):
+        with pytest.raises(SystemExit):
+            ev.main(cli + extra)
+        assert re.search(error, capsys.readouterr().err.splitlines()[-1])
+    assert open(os.path.join(out, "metrics.json")).read() == before
 
 
 def test_bad_protocol_task_or_weights_fail_early_naming_the_option(tmp_path, capsys):
