@@ -27,7 +27,7 @@ from data import data_error, lang_dirs, load_beir, passage_text, read_jsonl  # n
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
 from retrieval import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
                        sparse_index, sparse_pairs, sparse_search)
-from store import as_stored, encode_store, store_meta
+from store import as_stored, encode_corpora, encode_store, store_meta
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -76,33 +76,13 @@ def main(argv=None):
     if error or not a.data:
         p.error(f"--data: {error}" if error else "--data is required")
     if encode:
-        return encode_main(model, dirs or {"": a.data}, a.store, a.mcls, a.max_corpus, dict(kw, split=a.split))
+        return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
+                              a.batch_size, a.mcls, a.shard_size)
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, protocol=a.protocol,
               task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     return evaluate(model, a.data, a.split, depth=a.depth, **kw)
-
-
-def encode_main(model, dirs, store_dir, mcls, max_corpus, kw):
-    """eval.py encode: each corpus (one per language folder) into a store, sharded over torchrun's ranks."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch
-        import torch.distributed as dist
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    get_model, key, _ = model_loader(model, need_key=True)
-    for lang, d in dirs.items():
-        texts = [passage_text(r) for r in load_beir(d, kw["split"], max_corpus)[0]]
-        meta = store_meta(key, texts, kw["passage_max_len"], mcls)
-        P = encode_store(get_model, texts, os.path.join(store_dir, lang), meta, kw["batch_size"], kw["shard_size"],
-                         rank, world)
-        if P is not None:
-            print(f"{os.path.join(store_dir, lang)}: {meta['n']} passages, {len(P['cb_vecs'])} token vectors")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",

@@ -126,6 +126,7 @@ def sparse_pairs(Q, i, P, cand):
     t = np.searchsorted(qi, pi).clip(max=len(qi) - 1)  # query ids are sorted (pack)
     hit = qi[t] == pi
     out = np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
+    release(P["sp_ids"])
     release(P["sp_w"])
     return out
 
@@ -204,12 +205,14 @@ def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progre
     k, k_mv = min(max(cfg["first"], cfg["mv"], cfg["all"]), n), max(cfg["mv"], cfg["all"])
     w_all = np.asarray(cfg["w_all"], np.float64)
     out = {row: [] for row in ROWS}
+    d_s, d_i = np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)  # (nq, k) dense top-k of every query
+    for a in range(0, nq, 4096):  # all at once: FAISS Flat is 10x faster per query at 1,024 queries than at 32
+        d_s[a:a + 4096], d_i[a:a + 4096] = dense.search(np.ascontiguousarray(Q["dense"][a:a + 4096], np.float32), k)
     for a in tqdm(range(0, nq, qbatch), desc="paper protocol", disable=not progress or nq <= qbatch):
         qrows = np.arange(a, min(a + qbatch, nq))
-        d_s, d_i = dense.search(np.ascontiguousarray(Q["dense"][qrows], np.float32), k)  # (b, k) each
         sparse = sparse_search(inv, Qi, qrows, cfg["first"], tie, scores=True)
         for r, i in enumerate(qrows):
-            dc, ds = ranked(d_i[r][d_i[r] >= 0], d_s[r][d_i[r] >= 0], tie)  # FAISS order, ties by tie rank
+            dc, ds = ranked(d_i[i][d_i[i] >= 0], d_s[i][d_i[i] >= 0], tie)  # FAISS order, ties by tie rank
             sc, ss = ranked(sparse[r][0], sparse[r][1] / IMPACT ** 2, tie)
             c = maxsim(Q, i, P, dc[:k_mv])  # (<= k_mv,) MaxSim of the dense top candidates
             out["dense"].append((dc[:cfg["first"]], ds[:cfg["first"]]))

@@ -44,6 +44,29 @@ def as_stored(P):
     return {k: np.asarray(v, DTYPES[k]) for k, v in P.items()}
 
 
+def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_size=32, mcls=False, shard_size=4096):
+    """eval.py encode: the corpus of each BEIR dir ({name: dir}, e.g. one per language) into store_dir/name, sharded
+    over torchrun's ranks (RANK, WORLD_SIZE; one GPU each), with the passages and the key eval.py evaluates with."""
+    import torch
+    import torch.distributed as dist
+    from data import load_beir, passage_text
+    from model import model_loader
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    get_model, key, _ = model_loader(model, need_key=True)
+    for name, d in dirs.items():
+        texts = [passage_text(r) for r in load_beir(d, split, max_corpus)[0]]  # as eval.py reads them
+        meta = store_meta(key, texts, max_length, mcls)
+        P = encode_store(get_model, texts, os.path.join(store_dir, name), meta, batch_size, shard_size, rank, world)
+        if P is not None:
+            print(f"{os.path.join(store_dir, name)}: {meta['n']} passages, {len(P['cb_vecs'])} token vectors")
+    if world > 1:
+        dist.destroy_process_group()
+
+
 def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096, rank=0, world=1, progress=True):
     """The store of texts in out_dir (see the module docstring), encoded now where it is not yet: shard s by rank
     s % world; rank 0 merges once every shard is written (torch.distributed barriers when world > 1). Returns
