@@ -6,6 +6,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,6 +121,8 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
         for (ca, sa), (cb, sb) in zip(a[row], b[row]):
             np.testing.assert_array_equal(ca, cb)
             np.testing.assert_array_equal(sa, sb)  # bit for bit
+    for (ca, sa, ra), (cb, sb, rb) in zip(ev.retrieve(Q, P, depth=8, colbert_k=3), ev.retrieve(Q, mem, 8, colbert_k=3)):
+        assert np.array_equal(ca, cb) and np.array_equal(sa, sb) and np.array_equal(ra, rb)  # --protocol exact too
     cand = np.array([22, 3, 3, 17, 0])
     for i in range(6):
         np.testing.assert_array_equal(rt.maxsim(Q, i, P, cand, max_tokens=9), rt.maxsim(Q, i, mem, cand, max_tokens=9))
@@ -280,4 +284,18 @@ def test_encode_command_then_paper_protocol_reads_the_store(tmp_path, monkeypatc
     in_memory = ev.main(argv + ["--out", str(tmp_path / "o2")])  # no cache, no store: the same dtypes in memory
     assert calls == [st] and with_store["rows"] == in_memory["rows"] and with_store["store"] == os.path.abspath(st)
     exact = ev.main(argv[:-4] + ["--cache_dir", "", "--out", str(tmp_path / "o3")])
-    assert exact["protocol"] == "exact" and exact["rows"] != in_memory["rows"]
+    on_disk = ev.main(argv[:-4] + ["--cache_dir", "", "--out", str(tmp_path / "o4"), "--store", st, "--shard_size", "8"])
+    assert exact["protocol"] == on_disk["protocol"] == "exact" and calls == [st, st]
+    for row in rt.ROWS:  # float16 token vectors on disk: the same exact protocol within float16's precision
+        for k, v in exact["rows"][row].items():
+            assert on_disk["rows"][row][k] == pytest.approx(v, abs=0.02)
+
+
+def test_bench_quick_mode_runs_and_cleans_up(tmp_path):
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval_scale.py")
+    out = subprocess.run([sys.executable, bench, "--quick", "--dir", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    key_rss, key_ms = (kv.split("=") for kv in out[-1].split(" "))
+    assert (key_rss[0], key_ms[0]) == ("eval_rss_mb_2000", "ms_per_query_2000")
+    assert float(key_rss[1]) > 0 and float(key_ms[1]) > 0 and "reranked rows written 1.000" in out[-2]
+    assert os.listdir(tmp_path) == []
