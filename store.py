@@ -47,15 +47,17 @@ def as_stored(P):
 def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_size=32, mcls=False, shard_size=4096):
     """eval.py encode: the corpus of each BEIR dir ({name: dir}, e.g. one per language) into store_dir/name, sharded
     over torchrun's ranks (RANK, WORLD_SIZE; one GPU each), with the passages and the key eval.py evaluates with."""
+    import datetime
+
     import torch
     import torch.distributed as dist
     from data import load_beir, passage_text
     from model import model_loader
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
+    if world > 1:  # gloo: barriers only, and a wait as long as rank 0's merge of a huge store
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     get_model, key, _ = model_loader(model, need_key=True)
     for name, d in dirs.items():
         texts = [passage_text(r) for r in load_beir(d, split, max_corpus)[0]]  # as eval.py reads them
@@ -69,8 +71,8 @@ def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_
 
 def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096, rank=0, world=1, progress=True):
     """The store of texts in out_dir (see the module docstring), encoded now where it is not yet: shard s by rank
-    s % world; rank 0 merges once every shard is written (torch.distributed barriers when world > 1). Returns
-    open_store(out_dir) on rank 0 and when world is 1, else None. A store or shards of another meta: an error."""
+    s % world; rank 0 merges once every shard is written (a torch.distributed barrier when world > 1), the other ranks
+    return None at once. Returns open_store(out_dir) on rank 0. A store or shards of another meta: an error."""
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         return open_store(out_dir, meta) if rank == 0 else None
     sdir = os.path.join(out_dir, "shards")
@@ -86,17 +88,17 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
     with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
               desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
               smoothing=0.1) as bar:
+        from model import pack
         for s in todo:
-            from model import pack
             enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
                                           max_length=meta["max_length"], mcls=meta["mcls"], progress=False))
             write_shard(shard_path(out_dir, s), enc)
             bar.update(size(s))
-    barrier(world)
-    if rank == 0:
-        merge(out_dir, meta, n_shards, size)
-    barrier(world)
-    return open_store(out_dir, meta) if rank == 0 else None
+    barrier(world)  # every shard is written
+    if rank != 0:
+        return None
+    merge(out_dir, meta, n_shards, size)
+    return open_store(out_dir, meta)
 
 
 def barrier(world):
