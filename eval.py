@@ -7,7 +7,7 @@ python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     
 --protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
 multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
 every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
-built it (retrieval.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
+built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
 Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
 per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
 Packed encodings (see pack): dense (N, D), sparse as CSR rows (sp_ptr, sp_ids, sp_w), colbert as (cb_ptr, cb_vecs).
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoints import check_out, default_out, write_atomic
 from data import data_error, lang_dirs, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
-from retrieval import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
+from search import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
                        sparse_index, sparse_pairs, sparse_search)
 from store import as_stored, encode_corpora, encode_store, store_meta
 
@@ -91,7 +91,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              protocol="exact", task="miracl", store=None, shard_size=4096):
     """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
     function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
-    "paper" (task: a retrieval.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
+    "paper" (task: a search.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
     one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
     overwrite. mcls applies to passages only (long documents, SPEC 5.3)."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, depth=depth, colbert_k=colbert_k,

@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 from tqdm import tqdm
 
-from retrieval import release
+from search import release
 
 FORMAT = "m3-store-1"
 FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "sp_w": "sp_w.npy",

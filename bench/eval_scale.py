@@ -5,7 +5,7 @@ python bench/eval_scale.py --quick                                              
 For each N, a store.py store of N synthetic passages with the real shapes is written to disk: dense 1024-d unit
 vectors (float32, 4 GB at 1M); sparse: 200 Zipf(1.0) draws over a 250,002-token vocabulary per passage (about 155
 distinct ids), weights U(0.01, 0.3); 200 token vectors of 1024-d per passage (float16, offsets every 200). A fresh
-process then opens it as eval.py does (store.open_store: every array memory-mapped) and runs retrieval.paper_rows with
+process then opens it as eval.py does (store.open_store: every array memory-mapped) and runs search.paper_rows with
 task miracl (dense and sparse top-1000 from the FAISS Flat index and the impact-quantised inverted index, MaxSim over
 the dense top-200, all three heads over the dense top-100) for --queries queries of 32 tokens (query encodings in
 memory; dense searched in one batch, as eval.py does: FAISS Flat's time per query falls with the batch). It reports
@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from common import ROOT, rss_mb  # noqa: F401 (common puts the repository on sys.path)
-import retrieval  # noqa: E402
+import search  # noqa: E402
 import store  # noqa: E402
 
 V, P_DRAWS, Q_DRAWS, Q_TOK, SEED = 250_002, 200, 20, 32, 0
@@ -106,10 +106,10 @@ def child(path, task):
     P = store.open_store(path)
     with np.load(os.path.join(path, "queries.npz")) as z:
         Q = {k: z[k] for k in z.files}
-    indices = retrieval.paper_indices(P)
+    indices = search.paper_indices(P)
     build_s, rss_built = time.time() - t0, rss_mb()
     t0 = time.perf_counter()
-    rows = retrieval.paper_rows(Q, P, task, np.arange(len(P["sp_ptr"]) - 1), indices=indices, progress=False)
+    rows = search.paper_rows(Q, P, task, np.arange(len(P["sp_ptr"]) - 1), indices=indices, progress=False)
     ms = (time.perf_counter() - t0) * 1e3 / len(Q["dense"])
     written = np.mean([(s != 0).mean() for _, s in rows["multi-vector"]])  # a hole would score 0
     print(json.dumps(dict(build_s=round(build_s, 1), rss_built_mb=round(rss_built), peak_rss_mb=round(rss_mb("VmHWM")),
@@ -125,7 +125,7 @@ def main():
                                                             "their top-210 only)")
     p.add_argument("--tokens", type=int, default=200, help="token vectors per passage")
     p.add_argument("--dim", type=int, default=1024, help="dense and token vector size")
-    p.add_argument("--task", default="miracl", choices=tuple(retrieval.PAPER))
+    p.add_argument("--task", default="miracl", choices=tuple(search.PAPER))
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the synthetic store is written (and deleted)")
     p.add_argument("--quick", action="store_true", help="2,000 passages of 16 tokens x 64-d, 8 queries (tests)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -134,7 +134,7 @@ def main():
         return child(a.child, a.task)
     if a.quick:
         a.n, a.queries, a.distinct, a.tokens, a.dim = [2000], 8, 4, 16, 64
-    depth = retrieval.PAPER[a.task]["mv"] + 10  # a margin for the FAISS order at the boundary
+    depth = search.PAPER[a.task]["mv"] + 10  # a margin for the FAISS order at the boundary
     for n in a.n:
         path = tempfile.mkdtemp(prefix="m3-eval-scale-", dir=a.dir)
         try:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import eval as ev
-import retrieval as rt
+import search
 import store
 from test_eval import WORDS, FakeM3, NoisyTokens, rand_out, write_beir
 from tiny import spawn, tiny_m3
@@ -22,20 +22,20 @@ SMALL = dict(first=20, mv=8, all=5, w_ds=(1, 0.3), w_all=(0.15, 0.5, 0.35))  # d
 
 
 def test_paper_settings_are_spec_6_2():
-    assert rt.PAPER["mkqa"] == dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1))
-    assert rt.PAPER["mldr"] == dict(first=1000, mv=200, all=200, w_ds=(0.2, 0.8), w_all=(0.15, 0.5, 0.35))
-    assert rt.PAPER["miracl"] == rt.PAPER["mkqa"] and rt.IMPACT == 100
+    assert search.PAPER["mkqa"] == dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1))
+    assert search.PAPER["mldr"] == dict(first=1000, mv=200, all=200, w_ds=(0.2, 0.8), w_all=(0.15, 0.5, 0.35))
+    assert search.PAPER["miracl"] == search.PAPER["mkqa"] and search.IMPACT == 100
 
 
 def test_fuse_lists_fills_a_missing_passage_with_zero_exactly_in_float64():
     tie = np.array([5, 4, 3, 2, 1, 0, 6, 7])  # ties go to the lower tie rank
     dense = (np.array([3, 1, 5]), np.array([0.5, 0.25, 0.75], np.float32))
     sparse = (np.array([1, 7, 4]), np.array([2.0, 4.0, 2.5]))
-    c, f = rt.fuse_lists([dense, sparse], (1, 0.3), tie, depth=10)
+    c, f = search.fuse_lists([dense, sparse], (1, 0.3), tie, depth=10)
     want = {3: 0.5, 1: 0.25 + 0.3 * 2.0, 5: 0.75, 7: 0.3 * 4.0, 4: 0.3 * 2.5}  # float64, 0 for the missing part
     assert c.tolist() == [7, 1, 5, 4, 3] and f.dtype == np.float64  # 0.75 = 0.3 * 2.5: passage 4 has the lower tie
     np.testing.assert_array_equal(f, [want[j] for j in c.tolist()])
-    assert rt.fuse_lists([dense, sparse], (1, 0.3), tie, depth=2)[0].tolist() == [7, 1]
+    assert search.fuse_lists([dense, sparse], (1, 0.3), tie, depth=2)[0].tolist() == [7, 1]
 
 
 def brute_paper(qo, P, cfg, tie):
@@ -48,7 +48,7 @@ def brute_paper(qo, P, cfg, tie):
     s_lex = np.array([[sum(w * p[t] for t, w in q.items() if t in p) for p in ps] for q in qs])
     toks = [P["cb_vecs"][a:b].astype(np.float64) for a, b in zip(P["cb_ptr"], P["cb_ptr"][1:])]
     c = np.array([[(q.astype(np.float64) @ t.T).max(1).mean() for t in toks] for q in qo["colbert"]])
-    out = {r: [] for r in rt.ROWS}
+    out = {r: [] for r in search.ROWS}
     for i in range(len(d)):
         order = lambda s, among: among[np.lexsort((tie[among], -s[among]))]
         dl = order(d[i], np.arange(len(tie)))[:cfg["first"]]
@@ -73,8 +73,8 @@ def test_paper_protocol_equals_brute_force():
     Q, P = ev.pack(qo), store.as_stored(ev.pack(po))
     tie = rng.permutation(60)  # a rank per passage, not the index order
     want, S = brute_paper(qo, P, SMALL, tie)
-    got = rt.paper_rows(Q, P, SMALL, tie, qbatch=4, progress=False)
-    for row in rt.ROWS:
+    got = search.paper_rows(Q, P, SMALL, tie, qbatch=4, progress=False)
+    for row in search.ROWS:
         for i, ((c, s), (wc, ws)) in enumerate(zip(got[row], want[row])):
             np.testing.assert_array_equal(c, wc, err_msg=f"{row}, query {i}")
             if ws is not None:
@@ -116,8 +116,8 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
     Q = ev.pack(m.encode(TEXTS[:6], max_length=64))
     tie = np.arange(len(TEXTS))
     task = dict(SMALL, first=10, mv=6, all=4)
-    a, b = (rt.paper_rows(Q, x, task, tie, qbatch=2, progress=False) for x in (P, mem))
-    for row in rt.ROWS:
+    a, b = (search.paper_rows(Q, x, task, tie, qbatch=2, progress=False) for x in (P, mem))
+    for row in search.ROWS:
         for (ca, sa), (cb, sb) in zip(a[row], b[row]):
             np.testing.assert_array_equal(ca, cb)
             np.testing.assert_array_equal(sa, sb)  # bit for bit
@@ -125,10 +125,11 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
         assert np.array_equal(ca, cb) and np.array_equal(sa, sb) and np.array_equal(ra, rb)  # --protocol exact too
     cand = np.array([22, 3, 3, 17, 0])
     for i in range(6):
-        np.testing.assert_array_equal(rt.maxsim(Q, i, P, cand, max_tokens=9), rt.maxsim(Q, i, mem, cand, max_tokens=9))
+        np.testing.assert_array_equal(search.maxsim(Q, i, P, cand, max_tokens=9),
+                                      search.maxsim(Q, i, mem, cand, max_tokens=9))
         np.testing.assert_array_equal(ev.exact_scores(Q, i, P, cand), ev.exact_scores(Q, i, mem, cand))
     for x in (P["dense"], P["cb_vecs"], mem["cb_vecs"]):
-        rt.release(x)  # mapped: pages dropped; in memory: nothing to do
+        search.release(x)  # mapped: pages dropped; in memory: nothing to do
     calls = m.calls
     again = write_store(tmp_path, TEXTS, m)  # finished: opened, nothing encoded
     assert m.calls == calls and all(np.array_equal(again[k], P[k]) for k in P)
@@ -227,7 +228,7 @@ def test_per_language_folders_and_macro_average_by_hand(tmp_path, capsys):
         alone = ev.evaluate(str(tmp_path / "ck"), os.path.join(root, lang), protocol="paper", task="mldr",
                             verbose=False)
         assert res["per_lang"][lang] == alone["rows"]
-    for row in rt.ROWS:
+    for row in search.ROWS:
         for k in ("nDCG@10", "Recall@100"):
             by_hand = (res["per_lang"]["te"][row][k] + res["per_lang"]["fi"][row][k]) / 2
             assert res["rows"][row][k] == res["macro"][row][k] == pytest.approx(by_hand, abs=1e-6)
@@ -284,9 +285,10 @@ def test_encode_command_then_paper_protocol_reads_the_store(tmp_path, monkeypatc
     in_memory = ev.main(argv + ["--out", str(tmp_path / "o2")])  # no cache, no store: the same dtypes in memory
     assert calls == [st] and with_store["rows"] == in_memory["rows"] and with_store["store"] == os.path.abspath(st)
     exact = ev.main(argv[:-4] + ["--cache_dir", "", "--out", str(tmp_path / "o3")])
-    on_disk = ev.main(argv[:-4] + ["--cache_dir", "", "--out", str(tmp_path / "o4"), "--store", st, "--shard_size", "8"])
+    on_disk = ev.main(argv[:-4] + ["--cache_dir", "", "--out", str(tmp_path / "o4"), "--store", st,
+                                   "--shard_size", "8"])
     assert exact["protocol"] == on_disk["protocol"] == "exact" and calls == [st, st]
-    for row in rt.ROWS:  # float16 token vectors on disk: the same exact protocol within float16's precision
+    for row in search.ROWS:  # float16 token vectors on disk: the same exact protocol within float16's precision
         for k, v in exact["rows"][row].items():
             assert on_disk["rows"][row][k] == pytest.approx(v, abs=0.02)
 
