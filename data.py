@@ -353,6 +353,27 @@ def data_error(data_dir, split):
     return f"{data_dir}: no {', '.join(gone)}{splits}" if gone else None
 
 
+def lang_dirs(data_dir, split, langs=None):
+    """{lang: folder} of a root of per-language BEIR folders (MIRACL/MLDR layout: data_dir/<lang>/corpus.jsonl,
+    queries.jsonl, qrels/<split>.tsv), each checked by data_error; None for a BEIR dir itself (its queries' lang field,
+    if any, gives the languages) or a folder with neither. langs: the languages wanted, each must have its folder."""
+    if not os.path.isdir(data_dir) or os.path.isfile(os.path.join(data_dir, "corpus.jsonl")):
+        if langs:
+            raise ValueError(f"{data_dir}: langs {','.join(langs)} name per-language folders, but this is not a folder "
+                             "of them")
+        return None
+    found = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "corpus.jsonl")))
+    for lang in langs or ():
+        if lang not in found:
+            raise FileNotFoundError(f"{os.path.join(data_dir, lang)}: no such language folder with a corpus.jsonl "
+                                    f"(languages in {data_dir}: {', '.join(found) or 'none'})")
+    dirs = {lang: os.path.join(data_dir, lang) for lang in langs or found}
+    errors = [e for e in (data_error(d, split) for d in dirs.values()) if e]
+    if errors:
+        raise FileNotFoundError("; ".join(errors))
+    return dirs or None
+
+
 def read_jsonl(path, fields=(), unique=None, check=None):
     """JSON objects, one per non-empty line, each with a string value for every key in fields and, for the key unique,
     a value no other line has; check(record) -> an error or None (e.g. check_example for training records).

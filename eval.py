@@ -1,27 +1,35 @@
 """Evaluate an M3 checkpoint on BEIR-layout data with all three heads and their fusion (SPEC.md 6); mine.py mines.
 
 python eval.py --ckpt DIR --data DIR [--split test] [--weights m3|mldr|1,0.3,1] [--sweep] [--index Flat]
+python eval.py --ckpt DIR --data DIR --protocol paper --task miracl|mkqa|mldr [--store DIR]   # the paper's rows
 python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
-Each head retrieves on its own (dense: FAISS; sparse: exact inverted index; multi-vector: FAISS over passage tokens,
-then exact MaxSim). Every candidate of the union then gets the exact score of every head, so fusion never fills in 0
-for a passage that one head missed. Ranking ties everywhere: score descending, then doc id ascending (string order).
+[torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
+--protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
+multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
+every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
+built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
+Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
+per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
 Packed encodings (see pack): dense (N, D), sparse as CSR rows (sp_ptr, sp_ids, sp_w), colbert as (cb_ptr, cb_vecs).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from checkpoints import check_out, default_out, write_atomic
 from dashboard import eval_to_tensorboard
-from data import data_error, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
+from data import data_error, lang_dirs, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
 from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
+from search import (PAPER, PAPER_DEPTH, ROWS, build_index, maxsim, paper_rows, release, segments,  # noqa: F401
+                       sparse_index, sparse_pairs, sparse_search)
 from st_layout import prompts as st_prompts
+from store import as_stored, encode_corpora, encode_store, store_meta
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -40,19 +48,43 @@ def main(argv=None):
         import mine
         return mine.main(argv[1:])
     p = cli_parser(__doc__, split="test")
-    p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth")
+    p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth (exact protocol)")
+    p.add_argument("--protocol", default="exact", choices=("exact", "paper"), help="exact: every head retrieves, "
+                   "exact scores for the union; paper: SPEC 6.2's rows, with --task's depths and weights")
+    p.add_argument("--task", default="miracl", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2)")
+    p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
+    p.add_argument("--shard_size", type=int, default=4096, help="passages per shard of a store")
+    p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
     p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
     p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
                                  "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
     p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
-    a = p.parse_args(argv)
-    model, kw = cli_setup(p, a, a.data, depth=a.depth)
-    if not a.data:
-        p.error("--data is required")
-    res = evaluate(model, a.data, a.split, a.weights, a.depth, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep,
-                   out_dir=a.out or default_out(a.ckpt, a.data, a.split), overwrite=a.overwrite, **kw)
+    encode = argv[:1] == ["encode"]
+    a = p.parse_args(argv[encode:])
+    if a.protocol == "paper" and (a.weights or a.sweep):
+        p.error(f"--{'weights' if a.weights else 'sweep'}: the paper protocol takes its weights from --task")
+    if encode and not (a.store and a.data):
+        p.error("encode needs --data and --store")
+    model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
+    kw["shard_size"] = a.shard_size
+    langs = a.langs.split(",") if a.langs else None
+    try:
+        dirs = a.data and lang_dirs(a.data, a.split, langs)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(f"--data: {e}")
+    error = not dirs and a.data and data_error(a.data, a.split)
+    if error or not a.data:
+        p.error(f"--data: {error}" if error else "--data is required")
+    if encode:
+        return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
+                              a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
+    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, protocol=a.protocol,
+              task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
+    if dirs:
+        return evaluate_langs(model, a.data, dirs, a.split, **kw)
+    res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
     folder = eval_to_tensorboard(a.ckpt, res, a.data, a.split)  # the run's dashboard, if it reports to TensorBoard
     if folder:
         print(f"and its rows to TensorBoard in {folder}")
@@ -62,54 +94,100 @@ def main(argv=None):
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
-             query_prefix="", passage_prefix=""):
-    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint or a
-    function returning an M3; weights: a FUSION name or 3 numbers. out_dir/metrics.json records the checkpoint and
-    replaces another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go
-    before every query / passage, as training's Config.query_prefix / passage_prefix."""
-    error = option_error(weights, depth=depth, colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
-                         passage_max_len=passage_max_len)
+             protocol="exact", task="miracl", store=None, shard_size=4096, query_prefix="", passage_prefix=""):
+    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
+    function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
+    "paper" (task: a search.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
+    one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
+    overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every query /
+    passage, as training's Config.query_prefix / passage_prefix."""
+    error = option_error(weights, protocol=protocol, task=task, sweep=sweep, depth=depth, colbert_k=colbert_k,
+                         batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                         shard_size=shard_size)
     if error:
         raise ValueError(error)
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
-    get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir))
+    get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
-    P = encode_cached(get_model, [passage_prefix + passage_text(r) for r in corpus], passage_max_len, batch_size, mcls,
-                      cache_dir, key)
+    texts = [passage_prefix + passage_text(r) for r in corpus]
+    if store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
+        meta = store_meta(key, texts, passage_max_len, mcls)
+        store = store or os.path.join(cache_dir, "store-" + hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:40])
+        P = encode_store(get_model, texts, store, meta, batch_size, shard_size, progress=verbose)
+    else:  # in memory; the paper protocol reads a store's dtypes, so its scores do not depend on where P is
+        P = encode_cached(get_model, texts, passage_max_len, batch_size, mcls, cache_dir, key)
+        P = as_stored(P) if protocol == "paper" else P
     Q = encode_cached(get_model, [query_prefix + r["text"] for r in queries], query_max_len, batch_size, False,
                       cache_dir, key)
     t1 = time.time()
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))  # (N,) rank of each doc id in string order
-    results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
     qrels_list, langs = [qrels[r["_id"]] for r in queries], [r.get("lang") for r in queries]
-    name, w_ds, w_all = fusion_weights(weights)
+    res = dict(**ckpt, n_queries=len(queries), n_corpus=len(corpus), missing_qrels_ids=missing, split=split,
+               data=os.path.abspath(data_dir), protocol=protocol, index=index, query_max_len=query_max_len,
+               passage_max_len=passage_max_len, mcls=mcls, store=store and os.path.abspath(store),
+               query_prefix=query_prefix, passage_prefix=passage_prefix)
+    if protocol == "paper":
+        lists = paper_rows(Q, P, task, tie, index, index_params, progress=verbose)
+        scored = {row: run_metrics([ids[c] for c, _ in lists[row]], qrels_list, langs, PAPER_DEPTH) for row in ROWS}
+        res.update(task=task, weights=list(PAPER[task]["w_all"]), paper=PAPER[task])
+    else:
+        results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
+        name, w_ds, w_all = fusion_weights(weights)
 
-    def score(w):
-        return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
-    rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
-    scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
-    res = dict(rows={k: v[0] for k, v in scored.items()}, **ckpt, weights=list(w_all), n_queries=len(queries),
-               n_corpus=len(corpus), missing_qrels_ids=missing, split=split, data=os.path.abspath(data_dir),
-               depth=depth, index=index, colbert_index=colbert_index, colbert_k=colbert_k, query_max_len=query_max_len,
-               passage_max_len=passage_max_len, mcls=mcls, query_prefix=query_prefix, passage_prefix=passage_prefix)
-    if name:
-        res["fusion"] = name
-    if any(l is not None for l in langs):
+        def score(w):
+            return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
+        rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
+        scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
+        res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
+                   **({"fusion": name} if name else {}))
+    res["rows"] = {k: v[0] for k, v in scored.items()}
+    if any(l is not None for l in langs):  # the lang field: per-language rows and their macro average
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
+        res["macro"] = macro(res["per_lang"])
     if sweep:  # weights are scale-free, so a small grid around the m3 weights covers the useful ratios
         grid = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
         res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(grid, desc="sweep")),
                               key=lambda r: -r["nDCG@10"])
     res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
     if verbose:
-        print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, depth {depth}; "
-              f"qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
+        print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, {protocol} protocol"
+              + (f", task {task}" if protocol == "paper" else f", depth {depth}")
+              + f"; qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
+    return report(res, out_dir, overwrite, ckpt, verbose)
+
+
+def evaluate_langs(model, data_dir, dirs, split="test", store=None, out_dir=None, overwrite=False, verbose=True,
+                   **kw):
+    """evaluate on each per-language BEIR folder of data_dir (dirs: lang_dirs' {lang: folder}), with one model and one
+    store per language (store/<lang>); rows: the macro average over languages (SPEC 6.3's averages), per_lang: each."""
+    loaded = model_loader(model, need_key=True)
+    if out_dir and not overwrite:
+        check_out(out_dir, loaded[2])
+    per = {}
+    for lang, d in dirs.items():
+        per[lang] = evaluate(loaded, d, split, store=store and os.path.join(store, lang), verbose=False, **kw)
+        if verbose:
+            print(f"{lang}: {per[lang]['n_queries']} queries, {per[lang]['n_corpus']} passages: "
+                  + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in per[lang]["rows"].items()))
+    res = dict(next(iter(per.values())), data=os.path.abspath(data_dir), store=store and os.path.abspath(store),
+               per_lang={l: r["rows"] for l, r in per.items()}, macro=macro({l: r["rows"] for l, r in per.items()}))
+    for k in ("n_queries", "n_corpus", "missing_qrels_ids", "time_s"):
+        res[k] = {l: r[k] for l, r in per.items()}
+    res["rows"] = res["macro"]
+    return report(res, out_dir, overwrite, loaded[2], verbose)
+
+
+def report(res, out_dir, overwrite, ckpt, verbose):
+    """Print res's tables and write out_dir/metrics.json (through a temporary file, checked again first); res."""
+    if verbose:
         print_table(res["rows"])
-        for l, r in res.get("per_lang", {}).items():
-            print(f"-- lang {l}: " + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in r.items()))
+        for metric in ("nDCG@10", "Recall@100") if "per_lang" in res else ():
+            print(f"-- {metric} per language, then the macro average")
+            print_table({l: {row: m[metric] for row, m in r.items()} for l, r in res["per_lang"].items()}
+                        | {"macro avg": {row: m[metric] for row, m in res["macro"].items()}}, ROWS, "lang")
         for r in res.get("sweep", [])[:5]:
             print(f"sweep {r['weights']}: nDCG@10 {r['nDCG@10']:.4f} Recall@100 {r['Recall@100']:.4f}")
     if out_dir:
@@ -120,6 +198,13 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         if verbose:
             print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return res
+
+
+def macro(per_lang):
+    """{row: {metric: mean over languages}} of {lang: {row: {metric: value}}}: every language weighs the same."""
+    rows = next(iter(per_lang.values()))
+    return {row: {k: round(float(np.mean([r[row][k] for r in per_lang.values()])), 6) for k in m}
+            for row, m in rows.items()}
 
 # ----------------------------------------------------------------------------- retrieval: each head, then exact scores
 
@@ -157,67 +242,6 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     return results
 
 
-def build_index(x, spec="Flat", params=""):
-    """FAISS inner-product index over the rows of x (n, D) from an index_factory string; trained on <=256k rows."""
-    x = np.ascontiguousarray(x, np.float32)
-    index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(x[np.random.default_rng(0).permutation(len(x))[:1 << 18]])
-    index.add(x)
-    if params:  # e.g. "nprobe=64" for IVF, "efSearch=1024" for HNSW (must be >= depth)
-        faiss.ParameterSpace().set_index_parameters(index, params)
-    return index
-
-
-def sparse_index(P, head_df=None, head_bytes=1 << 28):
-    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w); the frequent
-    tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N), for one matmul
-    ("head": the head of the token frequency distribution, not a model head)."""
-    n = len(P["sp_ptr"]) - 1
-    order = np.argsort(P["sp_ids"], kind="stable")  # (nnz,) postings by token id, then passage
-    doc, w = np.repeat(np.arange(n), np.diff(P["sp_ptr"]))[order], P["sp_w"][order]  # (nnz,) passage, weight
-    toks, start = np.unique(P["sp_ids"][order], return_index=True)  # (n_tok,) distinct ids, first posting of each
-    ptr = np.append(start, len(order))  # (n_tok + 1,) postings of toks[t]: ptr[t]:ptr[t + 1]
-    df = np.diff(ptr)  # (n_tok,)
-    freq = np.argsort(-df, kind="stable")[:head_bytes // (4 * max(n, 1))]  # positions in toks, most frequent first
-    freq = np.sort(freq[df[freq] >= (max(1, n // 32) if head_df is None else head_df)])
-    head_row = np.full(len(toks), -1)  # (n_tok,) row in head, -1 for a token scored through its postings
-    head_row[freq] = np.arange(len(freq))
-    head = np.zeros((len(freq), n), np.float32)  # (n_head, N)
-    pos, seg = segments(ptr, freq)
-    head[seg, doc[pos]] = w[pos]
-    return dict(toks=toks, ptr=ptr, doc=doc, w=w, n=n, head=head, head_row=head_row)
-
-
-def sparse_search(inv, Q, qrows, k):
-    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: frequent tokens by one matmul, the others
-    by one bincount over their postings (a stop-word piece's postings cover most of the corpus)."""
-    n = inv["n"]
-    pos, qseg = segments(Q["sp_ptr"], qrows)
-    qi, qw = Q["sp_ids"][pos], Q["sp_w"][pos]  # (nnz of qrows,) token ids, weights; qseg: row in qrows
-    t = np.searchsorted(inv["toks"], qi).clip(max=max(len(inv["toks"]) - 1, 0))
-    hit = (inv["toks"][t] == qi) if len(inv["toks"]) else np.zeros(len(qi), bool)
-    t, qw, qseg = t[hit], qw[hit], qseg[hit]  # query tokens that occur in the corpus
-    h = inv["head_row"][t] >= 0
-    q_head = np.zeros((len(qrows), len(inv["head"])), np.float32)
-    q_head[qseg[h], inv["head_row"][t[h]]] = qw[h]  # (nq, n_head) query weights of the frequent tokens
-    t, qw, qseg = t[~h], qw[~h], qseg[~h]
-    ppos, tseg = segments(inv["ptr"], t)  # postings of the other query tokens
-    s = np.bincount(qseg[tseg] * n + inv["doc"][ppos], weights=qw[tseg] * inv["w"][ppos],
-                    minlength=len(qrows) * n).reshape(len(qrows), n) + q_head @ inv["head"]  # (nq, N) exact scores
-    k = min(k, n)
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k] if 0 < k < n else np.tile(np.arange(n), (len(qrows), 1))
-    return [t[s[r, t] > 0] for r, t in enumerate(top)]  # passages sharing no token are not candidates
-
-
-def segments(ptr, rows):
-    """Flat positions of CSR rows `rows` (in order) and, for each position, its index into rows.
-    E.g. ptr [0, 2, 5], rows [1, 0] -> positions [2, 3, 4, 0, 1], index [0, 0, 0, 1, 1]."""
-    lens = ptr[rows + 1] - ptr[rows]
-    seg = np.repeat(np.arange(len(rows)), lens)
-    return np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - ptr[rows], lens), seg  # ptr[row] + offset
-
-
 def exact_scores(Q, i, P, cand, use=(True, True, True)):
     """Exact (dense, sparse, colbert) scores of query i with passages cand; (3, n), zeros for heads not in use."""
     fns = (dense_pairs, sparse_pairs, maxsim)
@@ -226,47 +250,10 @@ def exact_scores(Q, i, P, cand, use=(True, True, True)):
 
 def dense_pairs(Q, i, P, cand):
     """Exact dense scores e_q . e_p of query i with passages cand; (n,)."""
-    return P["dense"][cand] @ Q["dense"][i]  # (n, D) @ (D,)
+    s = P["dense"][cand] @ Q["dense"][i]  # (n, D) @ (D,)
+    release(P["dense"])
+    return s
 
-
-def sparse_pairs(Q, i, P, cand):
-    """Exact lexical scores of query i with passages cand: sum over shared token ids of w_q w_p; (n,)."""
-    qi, qw = Q["sp_ids"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]], Q["sp_w"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]]
-    if len(qi) == 0:
-        return np.zeros(len(cand), np.float32)
-    pos, seg = segments(P["sp_ptr"], cand)  # the candidates' (token, weight) entries; seg: index into cand
-    pi = P["sp_ids"][pos]
-    t = np.searchsorted(qi, pi).clip(max=len(qi) - 1)  # query ids are sorted (pack)
-    hit = qi[t] == pi
-    return np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
-
-
-def maxsim(Q, i, P, cand, max_tokens=1 << 16):
-    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of at most
-    max_tokens candidate tokens in passage order; a chunk covering >= 1/3 of its token span multiplies that span."""
-    q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
-    ptr, out = P["cb_ptr"], np.zeros(len(cand), np.float32)
-    nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
-    if len(q) == 0 or len(nz) == 0:
-        return out
-    nz = nz[np.argsort(cand[nz], kind="stable")]  # positions in cand, in passage order
-    c = cand[nz]
-    lens = ptr[c + 1] - ptr[c]
-    end = np.cumsum(lens)
-    a = 0
-    while a < len(nz):
-        b = max(a + 1, int(np.searchsorted(end, end[a] - lens[a] + max_tokens, "right")))  # chunk c[a:b]
-        s0, s1 = ptr[c[a]], ptr[c[b - 1] + 1]
-        if 3 * (end[b - 1] - end[a] + lens[a]) >= s1 - s0:  # dense chunk: no copy, segments interleaved with gaps
-            sim = q @ P["cb_vecs"][s0:s1].T  # (Lq, span)
-            starts = np.stack([ptr[c[a:b]], ptr[c[a:b] + 1]], 1).ravel()[:-1] - s0
-            out[nz[a:b]] = np.maximum.reduceat(sim, starts, axis=1)[:, ::2].mean(0)
-        else:  # sparse chunk: gather the candidates' tokens
-            pos, _ = segments(ptr, c[a:b])
-            sim = q @ P["cb_vecs"][pos].T  # (Lq, sum of the chunk's passage lengths)
-            out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
-        a = b
-    return out
 
 # ----------------------------------------------------------------------------- fusion and metrics
 
@@ -317,10 +304,10 @@ def query_metrics(ranked, rels, depth):
     return m
 
 
-def print_table(rows):
-    """One line per row name: the metrics in METRICS order."""
-    keys = [k for k in METRICS if any(k in m for m in rows.values())]
-    print(f"{'row':<14}" + "".join(f"{k:>13}" for k in keys))
+def print_table(rows, keys=None, label="row"):
+    """One line per row name: the metrics in METRICS order (or the columns keys)."""
+    keys = keys or [k for k in METRICS if any(k in m for m in rows.values())]
+    print(f"{label:<14}" + "".join(f"{k:>13}" for k in keys))
     for name, m in rows.items():
         print(f"{name:<14}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
 
@@ -333,8 +320,8 @@ def cli_parser(doc, split):
     p.add_argument("--ckpt", required=True, help="checkpoint dir (release layout: encoder, tokenizer, head .pt files)")
     p.add_argument("--data", help="BEIR-layout dir: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--split", default=split)
-    p.add_argument("--weights", default="m3", help=f"fusion weights (SPEC 6.2): one of {', '.join(FUSION)} or "
-                                                   "dense,sparse,colbert numbers, e.g. 1,0.3,1")
+    p.add_argument("--weights", help=f"fusion weights (SPEC 6.2): one of {', '.join(FUSION)} (default m3) or "
+                                     "dense,sparse,colbert numbers, e.g. 1,0.3,1")
     p.add_argument("--index", default="Flat", help="FAISS index_factory string for dense, e.g. HNSW32, IVF1024,PQ64")
     p.add_argument("--index_params", default="", help="FAISS search parameters, e.g. nprobe=64 or efSearch=1024")
     p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors")
@@ -358,6 +345,7 @@ def cli_setup(p, a, data, ranks=None, **ints):
     """Exit through p.error on a bad shared option, then ints and ranks (see option_error), then the BEIR dir data
     (unless None); else (model, keyword options) for evaluate/mine: model is --ckpt, or with --new_heads/--pooling a
     function loading it in memory (the cache then keys on the weights), called after the data checks."""
+    a.weights = a.weights or "m3"
     error = option_error(a.weights, "--", ranks, colbert_k=a.colbert_k, batch_size=a.batch_size,
                          query_max_len=a.query_max_len, passage_max_len=a.passage_max_len, **ints)
     if error:
@@ -387,13 +375,20 @@ def cli_setup(p, a, data, ranks=None, **ints):
                        passage_prefix=a.passage_prefix)
 
 
-MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1)
+MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1)
 
 
-def option_error(weights, prefix="", ranks=None, **ints):
+def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl", sweep=False, **ints):
     """What is wrong with the options, naming the option (prefix "--" on the command line), or None: weights a FUSION
     name or 3 finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi" or
-    (lo, hi), 0 <= lo < hi."""
+    (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep."""
+    if protocol not in ("exact", "paper") or task not in PAPER:
+        name, value, want = (("protocol", protocol, "exact, paper") if task in PAPER else
+                             ("task", task, ", ".join(PAPER)))
+        return f"{prefix}{name}: expected one of {want}; got {value!r}"
+    if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
+        return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from task; "
+                f"got {weights!r}")
     try:
         w = [float(x) for x in fusion_weights(weights)[2]]
     except (TypeError, ValueError):

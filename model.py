@@ -370,7 +370,10 @@ def pack(out):
 
 def model_loader(model, need_key):
     """(get_model, key, ckpt) for a checkpoint path (loaded lazily, only on a cache miss), an in-memory M3 or a function
-    returning one (cli_setup's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records."""
+    returning one (cli_setup's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records.
+    A triple this returned is returned as is (eval.evaluate_langs: one model for every language)."""
+    if isinstance(model, tuple):
+        return model
     if not isinstance(model, str):
         model = model if hasattr(model, "encode") else model()
         key = model_key(model) if need_key else None

@@ -2,8 +2,6 @@
 import os
 import sys
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the flat modules, and tests/tiny.py's tokenizer
 ALL_HEADS = ["dense", "sparse", "colbert"]  # head_schedule "dense,sparse,colbert": every head trains
@@ -26,6 +24,7 @@ def random_batch(B, G, TQ, TP, tok, vocab, gen=None, device=None, ragged=False):
     """B queries x TQ tokens, B*G passages x TP tokens: random ids in [5, vocab), CLS first, SEP last, no teacher.
     ragged: lengths uniform in [T/2, T] (the first text full length), padded after; else every text is full.
     Drawn on the CPU (gen: a CPU generator), then moved to device."""
+    import torch  # here, so that a bench without torch (eval_scale.py) does not load it
     out = {"teacher": None}
     for k, n, T in (("q", B, TQ), ("p", B * G, TP)):
         ids = torch.randint(5, vocab, (n, T), generator=gen)  # (n, T)

@@ -150,7 +150,7 @@ class FakeM3:
     def state_dict(self):
         return {"E": torch.from_numpy(E)}
 
-    def encode(self, texts, batch_size=32, max_length=512, mcls=False):
+    def encode(self, texts, batch_size=32, max_length=512, mcls=False, progress=None):
         self.calls += 1
         toks = [[zlib.crc32(w.encode()) % V for w in t.lower().split()][:max_length] or [0] for t in texts]
         return {"dense": unit(np.stack([E[t].sum(0) + 0.1 for t in toks])),

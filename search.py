@@ -1,0 +1,226 @@
+"""First stages and exact scores over packed encodings, and the paper's evaluation protocol (SPEC.md 6.2).
+
+Packed encodings (model.pack in memory, store.open_store memory-mapped from disk): dense (N, D); sparse CSR sp_ptr
+(N+1,), sp_ids, sp_w (ids sorted within a row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D), float32 in memory or
+float16 on disk. Row i's entries: ptr[i]:ptr[i + 1]. A mapped array is read only where a score needs it, and its pages
+leave this process's resident set after each use (release): a store of any size costs the rows being scored.
+eval.py --protocol exact (the default) uses build_index, sparse_index/sparse_search and maxsim through eval.retrieve;
+--protocol paper is paper_rows: every row built the way the paper built it, with the per-task settings in PAPER.
+"""
+import mmap
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")
+# SPEC 6.2, per task: dense and sparse first-stage depth (first); dense candidates reranked by MaxSim (mv) and by all
+# three heads (all); weights of the dense+sparse row (w_d, w_s) and of the all row (w_d, w_s, w_c). MIRACL shares MKQA's
+# weights (SPEC 6.2); its all depth is not in SPEC: we take MKQA's 100 (README).
+PAPER = {"miracl": dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1)),
+         "mkqa": dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1)),
+         "mldr": dict(first=1000, mv=200, all=200, w_ds=(0.2, 0.8), w_all=(0.15, 0.5, 0.35))}
+PAPER_DEPTH = 100  # metrics of the paper protocol: nDCG@10, MRR@10, Recall@100 (the paper reports @10, @20, @100)
+IMPACT = 100  # SPEC 6.2: the Lucene impact index stores a weight w as int(ceil(100 w)); score = sum of products / 100^2
+
+
+def release(x):
+    """Drop the pages of the file mapping behind x (np.load(..., mmap_mode="r")) from this process's resident set; they
+    stay in the page cache. A no-op for an array in memory."""
+    while isinstance(x, np.ndarray):
+        x = x.base
+    if isinstance(x, mmap.mmap):
+        x.madvise(mmap.MADV_DONTNEED)
+
+
+def build_index(x, spec="Flat", params="", chunk=1 << 16):
+    """FAISS inner-product index over the rows of x (n, D) from an index_factory string; trained on <=256k rows, filled
+    chunk rows at a time as float32 (x may be float16 mapped from disk: it is never copied whole)."""
+    index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(len(x), min(len(x), 1 << 18), replace=False))  # O(sample)
+        index.train(np.ascontiguousarray(x[sample], np.float32))
+        release(x)
+    for a in range(0, len(x), chunk):
+        index.add(np.ascontiguousarray(x[a:a + chunk], np.float32))
+        release(x)
+    if params:  # e.g. "nprobe=64" for IVF, "efSearch=1024" for HNSW (must be >= depth)
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    return index
+
+
+def sparse_index(P, head_df=None, head_bytes=1 << 28):
+    """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w); the frequent
+    tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N), for one matmul
+    ("head": the head of the token frequency distribution, not a model head). Passage ids are int32 below 2^31."""
+    n = len(P["sp_ptr"]) - 1
+    order = np.argsort(P["sp_ids"], kind="stable")  # (nnz,) postings by token id, then passage
+    sid = P["sp_ids"][order]  # (nnz,) token id of each posting
+    release(P["sp_ids"])
+    doc = np.repeat(np.arange(n, dtype=np.int32 if n < 1 << 31 else np.int64), np.diff(P["sp_ptr"]))[order]
+    w = P["sp_w"][order]  # (nnz,) passage, weight
+    release(P["sp_w"])
+    del order
+    start = np.flatnonzero(np.concatenate([[True], sid[1:] != sid[:-1]])) if len(sid) else np.zeros(0, np.int64)
+    toks, ptr = sid[start], np.append(start, len(sid))  # (n_tok,) distinct ids; postings of toks[t]: ptr[t]:ptr[t + 1]
+    del sid
+    df = np.diff(ptr)  # (n_tok,)
+    freq = np.argsort(-df, kind="stable")[:head_bytes // (4 * max(n, 1))]  # positions in toks, most frequent first
+    freq = np.sort(freq[df[freq] >= (max(1, n // 32) if head_df is None else head_df)])
+    head_row = np.full(len(toks), -1)  # (n_tok,) row in head, -1 for a token scored through its postings
+    head_row[freq] = np.arange(len(freq))
+    head = np.zeros((len(freq), n), np.float32)  # (n_head, N)
+    for r, t in enumerate(freq):
+        head[r, doc[ptr[t]:ptr[t + 1]]] = w[ptr[t]:ptr[t + 1]]
+    return dict(toks=toks, ptr=ptr, doc=doc, w=w, n=n, head=head, head_row=head_row)
+
+
+def sparse_search(inv, Q, qrows, k, tie=None, scores=False):
+    """Exact top-k of s_lex = sum_v q[v] p[v] (SPEC 1.2) for queries qrows: frequent tokens by one matmul, the others
+    by one bincount over their postings (a stop-word piece's postings cover most of the corpus). Per query the passages
+    (with scores: (passages, float64 scores)); passages sharing no token are left out. Ties at the k-th score: the
+    lowest tie ranks (tie: a rank per passage) when given, else any."""
+    n = inv["n"]
+    pos, qseg = segments(Q["sp_ptr"], qrows)
+    qi, qw = Q["sp_ids"][pos], Q["sp_w"][pos]  # (nnz of qrows,) token ids, weights; qseg: row in qrows
+    t = np.searchsorted(inv["toks"], qi).clip(max=max(len(inv["toks"]) - 1, 0))
+    hit = (inv["toks"][t] == qi) if len(inv["toks"]) else np.zeros(len(qi), bool)
+    t, qw, qseg = t[hit], qw[hit], qseg[hit]  # query tokens that occur in the corpus
+    h = inv["head_row"][t] >= 0
+    q_head = np.zeros((len(qrows), len(inv["head"])), np.float32)
+    q_head[qseg[h], inv["head_row"][t[h]]] = qw[h]  # (nq, n_head) query weights of the frequent tokens
+    t, qw, qseg = t[~h], qw[~h], qseg[~h]
+    ppos, tseg = segments(inv["ptr"], t)  # postings of the other query tokens
+    s = np.bincount(qseg[tseg] * n + inv["doc"][ppos], weights=qw[tseg] * inv["w"][ppos],
+                    minlength=len(qrows) * n).reshape(len(qrows), n) + q_head @ inv["head"]  # (nq, N) exact scores
+    k = min(k, n)
+    if not 0 < k < n:
+        top = np.tile(np.arange(n), (len(qrows), 1))
+    elif tie is None:
+        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    else:  # every passage above the k-th score, then the k-th score's passages by tie rank
+        kth = -np.partition(-s, k - 1, axis=1)[:, k - 1]  # (nq,)
+        top = []
+        for r in range(len(qrows)):
+            above, at = np.flatnonzero(s[r] > kth[r]), np.flatnonzero(s[r] == kth[r])
+            top.append(np.concatenate([above, at[np.argsort(tie[at], kind="stable")[:k - len(above)]]]))
+    top = [t[s[r, t] > 0] for r, t in enumerate(top)]  # passages sharing no token are not candidates
+    return [(t, s[r, t]) for r, t in enumerate(top)] if scores else top
+
+
+def segments(ptr, rows):
+    """Flat positions of CSR rows `rows` (in order) and, for each position, its index into rows.
+    E.g. ptr [0, 2, 5], rows [1, 0] -> positions [2, 3, 4, 0, 1], index [0, 0, 0, 1, 1]."""
+    lens = ptr[rows + 1] - ptr[rows]
+    seg = np.repeat(np.arange(len(rows)), lens)
+    return np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens - ptr[rows], lens), seg  # ptr[row] + offset
+
+
+def sparse_pairs(Q, i, P, cand):
+    """Exact lexical scores of query i with passages cand: sum over shared token ids of w_q w_p; (n,)."""
+    qi, qw = Q["sp_ids"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]], Q["sp_w"][Q["sp_ptr"][i]:Q["sp_ptr"][i + 1]]
+    if len(qi) == 0:
+        return np.zeros(len(cand), np.float32)
+    pos, seg = segments(P["sp_ptr"], cand)  # the candidates' (token, weight) entries; seg: index into cand
+    pi = P["sp_ids"][pos]
+    t = np.searchsorted(qi, pi).clip(max=len(qi) - 1)  # query ids are sorted (pack)
+    hit = qi[t] == pi
+    out = np.bincount(seg[hit], weights=qw[t[hit]] * P["sp_w"][pos[hit]], minlength=len(cand)).astype(np.float32)
+    release(P["sp_ids"])
+    release(P["sp_w"])
+    return out
+
+
+def maxsim(Q, i, P, cand, max_tokens=1 << 16):
+    """Exact ColBERT scores mean_a max_b q_a . p_b (SPEC 1.3) of query i with passages cand; (n,). Chunks of at most
+    max_tokens candidate tokens in passage order; a chunk covering >= 1/3 of its token span multiplies that span.
+    Passage tokens are read as float32 (a float16 store: exactly its values), then released."""
+    q = Q["cb_vecs"][Q["cb_ptr"][i]:Q["cb_ptr"][i + 1]]  # (Lq, D)
+    ptr, vecs, out = P["cb_ptr"], P["cb_vecs"], np.zeros(len(cand), np.float32)
+    nz = np.flatnonzero(ptr[cand + 1] > ptr[cand])  # an empty passage or query scores 0
+    if len(q) == 0 or len(nz) == 0:
+        return out
+    nz = nz[np.argsort(cand[nz], kind="stable")]  # positions in cand, in passage order
+    c = cand[nz]
+    lens = ptr[c + 1] - ptr[c]
+    end = np.cumsum(lens)
+    a = 0
+    while a < len(nz):
+        b = max(a + 1, int(np.searchsorted(end, end[a] - lens[a] + max_tokens, "right")))  # chunk c[a:b]
+        s0, s1 = ptr[c[a]], ptr[c[b - 1] + 1]
+        if 3 * (end[b - 1] - end[a] + lens[a]) >= s1 - s0:  # dense chunk: no gather, segments interleaved with gaps
+            sim = q @ np.asarray(vecs[s0:s1], np.float32).T  # (Lq, span)
+            starts = np.stack([ptr[c[a:b]], ptr[c[a:b] + 1]], 1).ravel()[:-1] - s0
+            out[nz[a:b]] = np.maximum.reduceat(sim, starts, axis=1)[:, ::2].mean(0)
+        else:  # sparse chunk: gather the candidates' tokens
+            pos, _ = segments(ptr, c[a:b])
+            sim = q @ np.asarray(vecs[pos], np.float32).T  # (Lq, sum of the chunk's passage lengths)
+            out[nz[a:b]] = np.maximum.reduceat(sim, np.cumsum(lens[a:b]) - lens[a:b], axis=1).mean(0)
+        release(vecs)
+        a = b
+    return out
+
+# ----------------------------------------------------------------------------- the paper's protocol (SPEC 6.2)
+
+
+def impact(w):
+    """Lucene impact weights: int(ceil(100 w)) as float32 (exact integers, so equal sums tie exactly)."""
+    return np.ceil(np.asarray(w, np.float64) * IMPACT).astype(np.float32)
+
+
+def ranked(cand, score, tie, depth=None):
+    """(passages, scores) by score descending, then tie rank ascending, the first depth."""
+    order = np.lexsort((tie[cand], -score))[:depth]  # primary key last
+    return cand[order], score[order]
+
+
+def fuse_lists(lists, w, tie, depth):
+    """Weighted sum over (passages, scores) lists in float64; a passage missing from a list gets 0 for it (SPEC 6.2)."""
+    cand = np.unique(np.concatenate([c for c, _ in lists]))  # (n,)
+    f = np.zeros(len(cand), np.float64)
+    for (c, s), wi in zip(lists, w):
+        f[np.searchsorted(cand, c)] += np.float64(wi) * np.asarray(s, np.float64)
+    return ranked(cand, f, tie, depth)
+
+
+def paper_indices(P, index="Flat", index_params=""):
+    """The paper protocol's first stages: the sparse inverted index of impact weights, then the dense FAISS index (in
+    this order, so their build peaks do not add up)."""
+    inv = sparse_index(dict(P, sp_w=impact(P["sp_w"])))
+    release(P["sp_w"])
+    return inv, build_index(P["dense"], index, index_params)
+
+
+def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progress=True, indices=None):
+    """SPEC 6.2's five rows; task: a PAPER name or a dict like its entries. Per row, per query (passages, scores),
+    ranked by score, then tie (a rank per passage). dense: FAISS top-first; sparse: impact-quantised top-first
+    (score / 100^2); multi-vector: MaxSim reranks the dense top-mv; dense+sparse: the two top-first lists fused, 0 for a
+    passage missing from one; all: the dense top-all reranked by the weighted average of exact dense, sparse and MaxSim
+    scores.
+    indices: paper_indices(P, ...) when already built."""
+    cfg = PAPER[task] if isinstance(task, str) else task
+    n, nq = len(P["sp_ptr"]) - 1, len(Q["dense"])
+    inv, dense = indices or paper_indices(P, index, index_params)
+    Qi = dict(Q, sp_w=impact(Q["sp_w"]))
+    k, k_mv = min(max(cfg["first"], cfg["mv"], cfg["all"]), n), max(cfg["mv"], cfg["all"])
+    w_all = np.asarray(cfg["w_all"], np.float64)
+    out = {row: [] for row in ROWS}
+    d_s, d_i = np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)  # (nq, k) dense top-k of every query
+    for a in range(0, nq, 4096):  # all at once: FAISS Flat is 10x faster per query at 1,024 queries than at 32
+        d_s[a:a + 4096], d_i[a:a + 4096] = dense.search(np.ascontiguousarray(Q["dense"][a:a + 4096], np.float32), k)
+    for a in tqdm(range(0, nq, qbatch), desc="paper protocol", disable=not progress or nq <= qbatch):
+        qrows = np.arange(a, min(a + qbatch, nq))
+        sparse = sparse_search(inv, Qi, qrows, cfg["first"], tie, scores=True)
+        for r, i in enumerate(qrows):
+            dc, ds = ranked(d_i[i][d_i[i] >= 0], d_s[i][d_i[i] >= 0], tie)  # FAISS order, ties by tie rank
+            sc, ss = ranked(sparse[r][0], sparse[r][1] / IMPACT ** 2, tie)
+            c = maxsim(Q, i, P, dc[:k_mv])  # (<= k_mv,) MaxSim of the dense top candidates
+            out["dense"].append((dc[:cfg["first"]], ds[:cfg["first"]]))
+            out["sparse"].append((sc, ss))
+            out["multi-vector"].append(ranked(dc[:cfg["mv"]], c[:cfg["mv"]], tie))
+            out["dense+sparse"].append(fuse_lists([(dc[:cfg["first"]], ds[:cfg["first"]]), (sc, ss)], cfg["w_ds"], tie,
+                                                  cfg["first"]))
+            ca = dc[:cfg["all"]]
+            s3 = np.stack([ds[:cfg["all"]], sparse_pairs(Q, i, P, ca), c[:cfg["all"]]]).astype(np.float64)  # (3, n)
+            out["all"].append(ranked(ca, w_all @ s3 / w_all.sum(), tie))  # compute_score's weighted average
+    return out
