@@ -144,6 +144,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
                    **({"fusion": name} if name else {}))
     res["rows"] = {k: v[0] for k, v in scored.items()}
+    res["per_query_ndcg10"] = {"query_ids": [r["_id"] for r in queries], **{k: v[2] for k, v in scored.items()}}
     if any(l is not None for l in langs):  # the lang field: per-language rows and their macro average
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
         res["macro"] = macro(res["per_lang"])
@@ -282,11 +283,12 @@ def fuse(results, w, depth, tie):
 
 
 def run_metrics(ranked, qrels_list, langs, depth):
-    """Mean of query_metrics over queries, plus a per-language mean when queries carry a lang field."""
+    """Mean of query_metrics over queries, a per-language mean when queries carry a lang field, and each query's
+    nDCG@10 (bench/quality.py's paired intervals)."""
     per_q = [query_metrics(r, rels, depth) for r, rels in zip(ranked, qrels_list)]
     mean = lambda ms: {k: round(float(np.mean([m[k] for m in ms])), 6) for k in ms[0]} if ms else {}
     by_lang = {l: mean([m for m, ql in zip(per_q, langs) if ql == l]) for l in sorted(set(langs) - {None})}
-    return mean(per_q), by_lang
+    return mean(per_q), by_lang, [round(float(m["nDCG@10"]), 6) for m in per_q]
 
 
 def query_metrics(ranked, rels, depth):

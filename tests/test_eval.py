@@ -229,8 +229,12 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     results = ev.retrieve(Q, P, depth=100, colbert_k=1000)
     for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
         ranked = [ids[c] for c, _ in ev.fuse(results, w, 100, np.argsort(np.argsort(ids, kind="stable")))]
-        mean, by_lang = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries], 100)
+        mean, by_lang, per_q = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries],
+                                              100)
         assert res["rows"][row] == mean and res["per_lang"]["de"][row] == by_lang["de"]
+        assert res["per_query_ndcg10"][row] == per_q and res["per_query_ndcg10"]["query_ids"] == [r["_id"] for r in
+                                                                                                   queries]
+        assert np.mean(per_q) == pytest.approx(mean["nDCG@10"], abs=1e-5)  # the mean of the per-query figures
     saved = json.load(open(tmp_path / "out" / "metrics.json"))
     assert saved["weights"] == res["weights"] == [0.15, 0.5, 0.35] and saved["fusion"] == res["fusion"] == "mldr"
     m3 = ev.evaluate(m, data, **kw)  # the default: the training ensemble's weights (SPEC 1.4)
