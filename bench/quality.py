@@ -1,16 +1,21 @@
-"""Quality on SciFact test (nDCG@10, Recall@100): zero-shot MiniLM vs our M3 curriculum at the reference's budget.
+"""Quality on SciFact test (nDCG@10, Recall@100) with error bars: our M3 curriculum at the reference's budget over
+several seeds, its ablations, and the paired differences with 95% intervals (bench/stats.py).
 
 The reference's run on data/scifact/train_mined.jsonl (data/README.md): 100 steps of 4 queries x 8 passages, max
-lengths 64/256, lr 2e-5, tau 0.02, new random heads, unified fine-tuning with self-distillation. Ours, same budget:
-configs/demo.yaml at G=8 and 256 passage tokens, 20 dense-only + 40 all-heads + 40 unified (self-KD) steps, each stage
-with its own seed, and three ablations: the last 40 steps without self-distillation; stages 2-3 with the new heads at
-the encoder's learning rate (head_lr 0 = lr, as the reference trains them) instead of demo.yaml's head_lr; stages 2-3
-with the reference's random sparse head instead of ours (term matching at the start, model.SPARSE_INIT). Evaluation:
-exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over every document
-(colbert_k=0), fusion weights 1, 0.3, 1.
+lengths 64/256, lr 2e-5, tau 0.02, unified fine-tuning with self-distillation. Ours, same budget: configs/demo.yaml at
+G=8 and 256 passage tokens, 20 dense-only + 40 all-heads + 40 unified (self-KD) steps. Seed s moves every stage's
+seed (data order, head init, dropout) by 1000 s; s = 0 is the single-seed run of earlier rounds.
+Configurations over --seeds seeds: ours; the last 40 steps without self-distillation; the encoder at lr 5e-5 (the
+term-matching sparse head as in ours). One seed each (their effects are large): the new heads at the encoder's lr
+(head_lr 0, as the reference); the reference's random sparse head; CLS pooling; the zero-shot model.
+Evaluation: exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over
+every document (colbert_k=0), fusion weights 1, 0.3, 1; each query's nDCG@10 is kept for the paired intervals.
 
-    python bench/quality.py                # ~50 minutes on 2 idle CPU cores; last line: zs_dense=.. ft_dense=.. ...
-    python bench/quality.py --quick        # 2 steps per stage, 300-document slice: checks the script
+Every finished run writes <out>/results/<config>-s<seed>.json and every stage its checkpoint: a rerun resumes where
+the last one stopped (a session ends, a background job with it).
+
+    python bench/quality.py --seeds 3     # ~2 hours on 2 idle CPU cores; last line: ours_all=<mean> ...
+    python bench/quality.py --quick       # 2 steps per stage, 300-document slice: checks the script
 """
 import argparse
 import json
@@ -18,99 +23,128 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+import stats  # noqa: E402
 from eval import evaluate  # noqa: E402
 from model import M3  # noqa: E402
 
-REFERENCE = {"dense": 0.6325, "sparse": 0.130, "multi-vector": 0.7164, "dense+sparse": 0.6285, "all": 0.7148}
-ZERO_SHOT_BEST = 0.6451  # all-MiniLM-L6-v2, mean pooling (data/README.md)
+ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")
+REFERENCE_MEAN_POOLING = {"dense": 0.6671, "sparse": 0.1404, "multi-vector": 0.7164, "dense+sparse": 0.6722,
+                          "all": 0.7099}  # the reference at the same budget with mean pooling (data/README.md)
+HEADS = "--head_schedule=dense,sparse,colbert"
+# name -> (every seed?, train.py args of stage 1, of stages 2-3, of stage 3 only); equal args share a checkpoint
+CONFIGS = {"ours": (True, [], [], []),
+           "without self-KD": (True, [], [], ["--self_distill=false"]),
+           "encoder lr 5e-5": (True, ["--lr=5e-5"], ["--lr=5e-5"], []),
+           "heads at the encoder's lr": (False, [], ["--head_lr=0"], []),
+           "random sparse head": (False, [], [], []),  # stage 1's checkpoint with a random sparse head
+           "CLS pooling": (False, ["--pooling=cls"], ["--pooling=cls"], [])}
 
 
-def train(out, steps, stage, *extra):
-    """One stage of the curriculum through train.py, as a user runs it; returns its wall time in seconds. Each stage
-    has its own seed (42 + stage, as demo.sh) so that it draws new batches instead of replaying the first ones."""
-    t = time.time()
-    cmd = [sys.executable, "train.py", "configs/demo.yaml", "--train_group_size=8", "--passage_max_len=256",
-           f"--max_steps={steps}", f"--out_dir={out}", f"--seed={42 + stage}", "--overwrite=true", *extra]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - t
+def run_stage(out, name, steps, stage, seed, *extra):
+    """One stage through train.py, as a user runs it -> its checkpoint; an existing one is reused (resume)."""
+    final = os.path.join(out, "ckpt", name, "final")
+    if not os.path.isdir(final):
+        cmd = [sys.executable, "train.py", "configs/demo.yaml", "--train_group_size=8", "--passage_max_len=256",
+               f"--max_steps={steps}", f"--out_dir={os.path.dirname(final)}", f"--seed={42 + stage + 1000 * seed}",
+               "--overwrite=true", *extra]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return final
 
 
 def random_sparse_head(src, dst):
     """Copy of checkpoint src whose sparse head is re-drawn with nn.Linear's default random init, as the reference
-    starts it (ours starts as term matching: model.SPARSE_INIT). Stage 1 is dense-only, so this is exactly stage 1
-    run with the reference's head."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    H = torch.load(os.path.join(src, "sparse_linear.pt"), weights_only=True)["weight"].shape[1]
-    torch.manual_seed(42)
-    torch.save(torch.nn.Linear(H, 1).state_dict(), os.path.join(dst, "sparse_linear.pt"))
+    starts it (ours starts as term matching: model.SPARSE_INIT)."""
+    if not os.path.isdir(dst):
+        shutil.copytree(src, dst + ".tmp", dirs_exist_ok=True)
+        H = torch.load(os.path.join(src, "sparse_linear.pt"), weights_only=True)["weight"].shape[1]
+        torch.manual_seed(42)
+        torch.save(torch.nn.Linear(H, 1).state_dict(), os.path.join(dst + ".tmp", "sparse_linear.pt"))
+        os.replace(dst + ".tmp", dst)
+    return dst
+
+
+def train_config(out, config, seed, steps):
+    """The three stages of one configuration and seed -> the final checkpoint. A stage whose arguments equal another
+    configuration's (stage 1 of ours and of without self-KD, say) is trained once."""
+    _, first, later, last = CONFIGS[config]
+    tag = lambda args: "-".join(a.strip("-").replace("=", "") for a in args) or "base"  # noqa: E731
+    s1 = run_stage(out, f"1-{tag(first)}-s{seed}", steps[0], 0, seed, *first)
+    mid = later
+    if config == "random sparse head":
+        s1 = random_sparse_head(s1, os.path.join(out, "ckpt", f"1-random-sparse-s{seed}"))
+        mid = ["--random-sparse"]  # only names its stages
+    s2 = run_stage(out, f"2-{tag(mid)}-s{seed}", steps[1], 1, seed, HEADS, f"--init_from={s1}", *later)
+    return run_stage(out, f"3-{tag(mid + last)}-s{seed}", steps[2], 2, seed, HEADS, f"--init_from={s2}", *later,
+                     "--self_distill=true", *last)
+
+
+def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate):
+    """Every (configuration, seed) without a result file: train, evaluate, write the result -> {config: [results]}."""
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    todo = [("zero-shot", 0)] + [(c, s) for s in range(seeds) for c, (every, *_) in CONFIGS.items()
+                                 if every or s == 0]
+    results = {}
+    for config, seed in todo:
+        path = os.path.join(out, "results", f"{config}-s{seed}.json")
+        if not os.path.exists(path):
+            model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
+                train_fn(out, config, seed, steps)
+            res = eval_fn(model, data, **ev)
+            with open(path + ".tmp", "w") as f:
+                json.dump({"rows": res["rows"], "per_query_ndcg10": res["per_query_ndcg10"]}, f)
+            os.replace(path + ".tmp", path)  # a result file is whole or absent
+        results.setdefault(config, []).append(json.load(open(path)))
+    return results
+
+
+def table(results):
+    """Mean +- std per cell over seeds; for each multi-seed ablation the paired nDCG@10 difference to ours."""
+    lines = [f"{'model':28s} {'seeds':>5s} " + " ".join(f"{r:>22s}" for r in ROWS)]
+    for config, runs in results.items():
+        cells = []
+        for row in ROWS:
+            nd = stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs])
+            rc = stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])
+            cells.append(f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}")
+        lines.append(f"{config:28s} {len(runs):5d} " + " ".join(f"{c:>22s}" for c in cells))
+    ours = results["ours"]
+    per = lambda runs, row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
+    lines.append("paired nDCG@10 differences, 95% intervals over seeds (t) and over queries (bootstrap):")
+    for config, runs in results.items():
+        if config in ("ours", "zero-shot") or len(runs) != len(ours):
+            continue
+        for row in ROWS:
+            d, lo, hi = stats.seed_interval(per(ours, row), per(runs, row))
+            _, blo, bhi = stats.query_bootstrap(per(ours, row), per(runs, row))
+            lines.append(f"  ours - {config:24s} {row:13s} {d:+.4f}  seeds [{lo:+.4f}, {hi:+.4f}]  "
+                         f"queries [{blo:+.4f}, {bhi:+.4f}]")
+    best = max(("dense", "sparse", "multi-vector"), key=lambda r: per(ours, r).mean())
+    d, lo, hi = stats.query_bootstrap(per(ours, "all"), per(ours, best))
+    lines.append(f"  ours: all three - {best} {d:+.4f}  queries [{lo:+.4f}, {hi:+.4f}]")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "quality"))
+    p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     steps = (2, 2, 2) if a.quick else (20, 40, 40)
     ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000, colbert_k=0,
               max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"), verbose=False)
-    data = os.path.join(ROOT, "data", "scifact")
-    rows, times = {}, {}
-    t = time.time()
-    zero = M3.from_pretrained("minilm", new_heads=True, pooling="mean")
-    rows["zero-shot (mean pooling)"] = evaluate(zero, data, out_dir=os.path.join(a.out, "eval_zero"), **ev)
-    times["eval zero-shot"] = time.time() - t
-    out = lambda name: os.path.join(a.out, name)
-    heads = "--head_schedule=dense,sparse,colbert"
-    times["stage 1 dense"] = train(out("1_dense"), steps[0], 0)
-    times["stage 2 all heads"] = train(out("2_all_heads"), steps[1], 1, heads, f"--init_from={out('1_dense')}/final")
-    times["stage 3 unified"] = train(out("3_unified"), steps[2], 2, heads, "--self_distill=true",
-                                     f"--init_from={out('2_all_heads')}/final")
-    times["stage 3 without self-KD"] = train(out("3_no_self_kd"), steps[2], 2, heads, "--self_distill=false",
-                                             f"--init_from={out('2_all_heads')}/final")
-    times["stages 2-3, heads at lr"] = (
-        train(out("2_heads_at_lr"), steps[1], 1, heads, "--head_lr=0", f"--init_from={out('1_dense')}/final") +
-        train(out("3_heads_at_lr"), steps[2], 2, heads, "--head_lr=0", "--self_distill=true",
-              f"--init_from={out('2_heads_at_lr')}/final"))
-    random_sparse_head(out("1_dense/final"), out("1_random_sparse"))
-    times["stages 2-3, random sparse head"] = (
-        train(out("2_random_sparse"), steps[1], 1, heads, f"--init_from={out('1_random_sparse')}") +
-        train(out("3_random_sparse"), steps[2], 2, heads, "--self_distill=true",
-              f"--init_from={out('2_random_sparse')}/final"))
-    for name, ck in (("fine-tuned", "3_unified"), ("without self-KD", "3_no_self_kd"),
-                     ("heads at the encoder's lr", "3_heads_at_lr"), ("random sparse head", "3_random_sparse")):
-        t = time.time()
-        rows[name] = evaluate(out(f"{ck}/final"), data, out_dir=out(f"eval_{name}"), **ev)
-        times[f"eval {name}"] = time.time() - t
-    print(f"{'model':26s} {'row':14s} {'nDCG@10':>8s} {'R@100':>8s} {'reference nDCG@10':>18s}")
-    for name, res in rows.items():
-        for row, m in res['rows'].items():
-            if name.startswith("zero") and row not in ("dense", "sparse"):
-                continue  # zero-shot: the new sparse head is term matching; the colbert head is random
-            ref = REFERENCE.get(row, float("nan")) if name == "fine-tuned" else float("nan")
-            print(f"{name:26s} {row:14s} {m['nDCG@10']:8.4f} {m['Recall@100']:8.4f} {ref:18.4f}")
-    print("wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    ft, ab, hl, rs = (rows[k]["rows"] for k in ("fine-tuned", "without self-KD", "heads at the encoder's lr",
-                                                "random sparse head"))
-    with open(os.path.join(a.out, "quality.json"), "w") as f:
-        json.dump({"rows": {k: v["rows"] for k, v in rows.items()}, "times": times}, f, indent=1)
-    nd = lambda rows, r: rows[r]["nDCG@10"]
-    targets = {"every row beats the reference's": all(nd(ft, r) > REFERENCE[r] for r in REFERENCE),
-               "dense beats the zero-shot model's best": nd(ft, "dense") > ZERO_SHOT_BEST,
-               "all three >= the best single head": nd(ft, "all") >= max(nd(ft, r) for r in ("dense", "sparse",
-                                                                                           "multi-vector")),
-               "self-distillation helps every row": all(nd(ft, r) > nd(ab, r) for r in ft)}
-    print("targets: " + "; ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in targets.items()))
-    print(f"zs_dense={rows['zero-shot (mean pooling)']['rows']['dense']['nDCG@10']:.4f} "
-          f"ft_dense={ft['dense']['nDCG@10']:.4f} ft_sparse={ft['sparse']['nDCG@10']:.4f} "
-          f"ft_colbert={ft['multi-vector']['nDCG@10']:.4f} ft_dense_sparse={ft['dense+sparse']['nDCG@10']:.4f} "
-          f"ft_all={ft['all']['nDCG@10']:.4f} noskd_all={ab['all']['nDCG@10']:.4f} "
-          f"heads_at_lr_sparse={hl['sparse']['nDCG@10']:.4f} random_sparse={rs['sparse']['nDCG@10']:.4f}")
+    results = run_all(a.out, a.seeds, steps, ev, os.path.join(ROOT, "data", "scifact"))
+    print(table(results))
+    m = {row: np.mean([r["rows"][row]["nDCG@10"] for r in results["ours"]]) for row in ROWS}
+    print("reference, mean pooling: " + " ".join(f"{r} {v:.4f}" for r, v in REFERENCE_MEAN_POOLING.items()))
+    print(f"ours_dense={m['dense']:.4f} ours_sparse={m['sparse']:.4f} ours_colbert={m['multi-vector']:.4f} "
+          f"ours_dense_sparse={m['dense+sparse']:.4f} ours_all={m['all']:.4f} seeds={len(results['ours'])}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""bench/stats.py: the error bars of bench/quality.py against hand-computed values and a brute-force bootstrap."""
+"""bench/stats.py: the error bars of bench/quality.py against hand-computed values and a brute-force bootstrap; the
+quality runner's resume and its shared stages."""
 import os
 import sys
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import quality  # noqa: E402
 import stats  # noqa: E402
 
 
@@ -35,3 +37,40 @@ def test_query_bootstrap_equals_a_brute_force_loop_and_collapses_on_constant_dif
     assert got[2] == pytest.approx(np.percentile(means, 97.5), rel=1e-12)
     assert got[1] < got[0] < got[2]
     assert stats.query_bootstrap(b + 0.25, b) == pytest.approx((0.25, 0.25, 0.25), rel=1e-12)
+
+
+def fake_eval(model, data, **ev):
+    """Per-query nDCG@10 drawn from the model's name: results that differ per run but not per call."""
+    r = np.random.default_rng(sum(map(ord, str(model))))
+    per = {row: [float(x) for x in r.random(5)] for row in quality.ROWS}
+    return {"rows": {row: {"nDCG@10": float(np.mean(v)), "Recall@100": 0.5} for row, v in per.items()},
+            "per_query_ndcg10": {"query_ids": list("abcde"), **per}}
+
+
+def test_quality_runner_resumes_and_trains_each_run_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality.M3, "from_pretrained", lambda *a, **k: "zero-shot model")
+    calls = []
+    train = lambda out, config, seed, steps: calls.append((config, seed)) or f"{config} {seed}"  # noqa: E731
+    res = quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval)
+    every = [c for c, (all_seeds, *_) in quality.CONFIGS.items() if all_seeds]
+    assert calls == [(c, 0) for c in quality.CONFIGS] + [(c, 1) for c in every]  # one-seed ablations: seed 0 only
+    assert [len(res[c]) for c in every] == [2, 2, 2] and len(res["CLS pooling"]) == 1 and len(res["zero-shot"]) == 1
+    calls.clear()
+    assert quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval) == res and calls == []
+    os.remove(tmp_path / "results" / "ours-s1.json")  # a run that stopped before its result: redone, alone
+    quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval)
+    assert calls == [("ours", 1)]
+    text = quality.table(res)
+    assert "ours - without self-KD" in text and "ours - CLS pooling" not in text  # one seed: no paired interval
+
+
+def test_configurations_share_the_stages_they_have_in_common(tmp_path, monkeypatch):
+    names = []
+    monkeypatch.setattr(quality, "run_stage", lambda out, name, *a: names.append(name) or name)
+    monkeypatch.setattr(quality, "random_sparse_head", lambda src, dst: dst)
+    stages = {c: tuple(names[-3:]) for c in quality.CONFIGS if quality.train_config(str(tmp_path), c, 1, (1, 1, 1))}
+    ours = stages["ours"]
+    assert stages["without self-KD"][:2] == ours[:2] and stages["without self-KD"][2] != ours[2]
+    assert stages["heads at the encoder's lr"][0] == ours[0] != stages["encoder lr 5e-5"][0]
+    assert stages["random sparse head"][0] == ours[0] and stages["random sparse head"][1] != ours[1]
+    assert len({s for v in stages.values() for s in v}) == 3 + 1 + 3 + 2 + 2 + 3  # nothing else is shared
