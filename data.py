@@ -158,9 +158,9 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
             if group_by_length:
                 for s in range(0, len(idx), sort_window * gbs):
                     w = idx[s:s + sort_window * gbs]
-                    keys = ds.lengths[w]  # as uint16 when they fit: numpy's stable sort is then a radix sort
-                    idx[s:s + len(w)] = w[np.argsort(keys.astype(np.uint16) if keys.max(initial=0) < 2 ** 16 and
-                                                     keys.min(initial=0) >= 0 else keys, kind="stable")]
+                    keys = ds.lengths[w]  # token counts; as uint16 when they fit: numpy's stable sort is then radix
+                    keys = keys.astype(np.uint16) if keys.max(initial=0) < 2 ** 16 else keys
+                    idx[s:s + len(w)] = w[np.argsort(keys, kind="stable")]
             n_full = len(idx) // gbs
             glob += [(d, part) for part in idx[:n_full * gbs].reshape(n_full, W, bs)[:, rank].copy()]
             tail = len(idx) - n_full * gbs
@@ -278,6 +278,7 @@ def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max
     return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source, group_size=G,
                 no_in_batch_neg=bool(batch) and datasets[batch[0][0]].no_in_batch_neg,
                 special_ids=torch.tensor(special_token_ids(tokenizer)))  # the ids without a lexical weight
+
 
 def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, pin_memory=False, **make_kw):
     """make_batch(datasets, batches[j], tokenizer, **make_kw) for j = start, start + 1, ..., prepared ahead of the

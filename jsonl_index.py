@@ -15,6 +15,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from checkpoints import write_atomic
+
 INDEX_VERSION = 4  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files
 CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
 TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")  # `type` (SPEC 4.1)
@@ -275,7 +277,7 @@ def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
             log.warning(f"{cache}: unreadable ({e}); indexing {path} again")
         else:
             if verify and saved != key:  # same content, new mtime (a fresh clone, cp): record it for trusting ranks
-                write_atomic(os.path.join(cache, "key.json"), json.dumps(key, sort_keys=True))
+                write_atomic(os.path.join(cache, "key.json"), [json.dumps(key, sort_keys=True)])
             return ds
     ds = build_index(path, tokenizer, num_workers)
     save_index(cache, key if verify else dict(_file_key(path), tokenizer=tok_id), ds)
@@ -317,10 +319,3 @@ def save_index(cache, key, ds):
     os.rename(tmp, cache)
     if old:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -229,7 +229,7 @@ def main(argv):
         raw.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     raw.to(device).train()
     model = raw if not ddp else DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=False,  # off heads get a 0-weighted term instead
+                                    find_unused_parameters=False,  # off heads: M3.forward ties them in
                                     gradient_as_bucket_view=True)  # .grad views the all-reduce buckets: no 2nd copy
     opt, sched = make_optimizer(raw, cfg, total)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)

@@ -45,11 +45,9 @@ def write_data(path, n_queries, passage_words, G=8):
                                 "neg": [at(i * G + k + 2, passage_words) for k in range(G - 1)]}) + "\n")
 
 
-def wait_fraction(datasets, tok, B, max_len, workers, prefetch, steps, step_s):
+def wait_fraction(datasets, batches, tok, max_len, workers, prefetch, steps, step_s):
     """Run `steps` loop iterations with a step of step_s seconds (None: the batch's H200 time) -> the data wait
     fraction over steps 1.. (step 0 fills the pipeline)."""
-    batches = epoch_batches(datasets, epoch=0, seed=0, world_size=1, rank=0, length_ranges=[0, 8192],
-                            batch_sizes=[B])
     stream = batch_stream(datasets, batches, 0, tok, num_workers=workers, prefetch=prefetch, epoch=0, seed=0,
                           group_size=8, query_max_len=512, passage_max_len=max_len)
     waited = 0.0
@@ -81,9 +79,9 @@ def main():
             path = os.path.join(d, f"{name}.jsonl")
             write_data(path, B * (steps + 1), words // 20 if args.quick else words)
             ds = open_datasets(path, tok, cache_dir=d)
-            t0 = time.perf_counter()
             batches = epoch_batches(ds, epoch=0, seed=0, world_size=1, rank=0, length_ranges=[0, 8192],
                                     batch_sizes=[B])
+            t0 = time.perf_counter()
             made = make_batch(ds, batches[0], tok, epoch=0, seed=0, group_size=8, query_max_len=512,
                               passage_max_len=max_len)
             make_s = time.perf_counter() - t0
@@ -91,7 +89,7 @@ def main():
             print(f"{name}: {B} queries x 8 passages of up to {max_len} tokens ({tokens} tokens): a batch takes "
                   f"{make_s:.2f} s to make in the loop; an H200 step {tokens / H200_TOK_S[max_len]:.2f} s", flush=True)
             for label, step_s in (("200 ms step", STEP_S), ("H200 step", None)):
-                fr = {w: wait_fraction(ds, tok, B, max_len, w, cfg.prefetch, steps, step_s)
+                fr = {w: wait_fraction(ds, batches, tok, max_len, w, cfg.prefetch, steps, step_s)
                       for w in (0, cfg.num_workers)}
                 print(f"  {label}: wait fraction in the loop (num_workers=0) {fr[0]:.3f}, ahead (num_workers="
                       f"{cfg.num_workers}, prefetch={cfg.prefetch}) {fr[cfg.num_workers]:.3f}", flush=True)
