@@ -326,7 +326,8 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
                   "warmup_ratio=2": r"must be in \[0, 1\]", "length_ranges=0,64,32": "increasing",
                   "head_schedule=dense,colbrt": "unknown head 'colbrt'",
                   "head_schedule=sparse": "every epoch trains dense",
-                  "head_schedule=dense;dense,sparse,sparse": "listed twice", "lr=0": "must be > 0"}
+                  "head_schedule=dense;dense,sparse,sparse": "listed twice", "lr=0": "must be > 0",
+                  "num_workers=-1": "must be >= 0", "prefetch=0": "must be >= 1"}
     for arg, msg in bad_values.items():
         key, val = arg.split("=", 1)
         extra = ["--batch_sizes=2,2"] if key == "length_ranges" else []
