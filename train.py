@@ -20,6 +20,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import attention
 from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
 from dashboard import lexical_health, report_to_problem, tensorboard_writer
 from data import batch_stream, epoch_batches, open_datasets
@@ -85,6 +86,7 @@ class Config:
     # memory and speed
     dtype: str = "bf16"  # on GPU: bf16 autocast, fp16 (with a grad scaler) or fp32; CPU always runs fp32
     gradient_checkpointing: bool = True
+    attention: str = "auto"  # auto: attention.py's lean dropout kernel on CPU, SDPA on GPU; or lean, sdpa, eager
     sub_batch_size: int = 0  # encode the batch in chunks of this many texts (0 = all at once), loss on the full batch
     sub_batch_tokens: int = 0  # or chunks of at most this many padded tokens (texts x length): short texts, big chunks
     grad_cache: bool = False  # gradient cache: memory does not grow with the batch (same gradients)
@@ -228,6 +230,7 @@ def main(argv):
     if cfg.gradient_checkpointing:
         raw.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     raw.to(device).train()
+    attention.use(raw.encoder, cfg.attention, device.type)
     model = raw if not ddp else DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
                                     find_unused_parameters=False,  # off heads: M3.forward ties them in
                                     gradient_as_bucket_view=True)  # .grad views the all-reduce buckets: no 2nd copy
@@ -361,6 +364,7 @@ def config_problems(cfg):
               ("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
               ("colbert_dim", cfg.colbert_dim == -1 or cfg.colbert_dim >= 1, "must be >= 1, or -1 for the hidden size"),
               ("dtype", cfg.dtype in ("bf16", "fp16", "fp32"), "must be bf16, fp16 or fp32"),
+              ("attention", cfg.attention in attention.MODES, f"must be one of {', '.join(attention.MODES)}"),
               ("pooling", cfg.pooling in ("", "cls", "mean"), "must be cls, mean, or empty for the checkpoint's"),
               ("drop_threshold", cfg.drop_threshold == 0 or cfg.small_threshold > 0,
                "drops merged small files only: set small_threshold too (SPEC 4.4)"),
