@@ -39,7 +39,8 @@ def additive(mask, dtype):
     """Bool mask (True = attend) -> additive float mask (0 or the dtype's lowest), None stays None."""
     if mask is None:
         return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), torch.finfo(dtype).min)
+    low = torch.finfo(dtype).min
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask.logical_not(), low)
 
 
 def scores(q, k, bias, scale):
@@ -105,7 +106,7 @@ def random_int16(shape, device="cpu"):
 def dropout_attention(q, k, v, mask, p, scale, chunk_elems=CHUNK_ELEMS):
     """softmax(q k^T * scale, masked) with dropout p, @ v. q: (B, H, L, D), k, v: (B, H, S, D), mask: bool
     broadcastable to (B, H, L, S) (True = attend) or None -> (B, H, L, D)."""
-    B, H, L, S = *q.shape[:3], k.shape[2]
+    B, _, L, S = *q.shape[:3], k.shape[2]
     m = None if mask is None else mask.expand(B, mask.shape[1], L, S)
     return DropoutAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), m, p, scale, chunk_elems)
 
