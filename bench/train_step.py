@@ -9,11 +9,24 @@ Then a breakdown of where the extra time goes: the optimizer part of (a), and th
 backward of compute_loss on detached representations; the rest of (a) - (b) is the heads inside M3.forward).
 
     python bench/train_step.py          # last line: step_over_encoder=<f>   (target <= 1.10)
+
+--vs_reference: whole training runs against the reference trainer (issue 15), each its own process: train.py on the
+real all-MiniLM-L6-v2 (CLS pooling, new heads), data/scifact/train_mined.jsonl, 4 queries x 8 passages, 64/256
+tokens, unified loss + self-distillation from step 0, lr 1e-5, 12 steps, data in the training process (num_workers
+0, as the reference's dataloader_num_workers 0); steady rate over steps 2..12, peak RSS of the process (wait4). With
+--reference_python (a throwaway venv with FlagEmbedding 1.4.2: bench/reference_step.py) the reference runs first.
+
+    python bench/train_step.py --vs_reference --reference_python /work/refvenv/bin/python
+        # last line: samples_s=<f> peak_rss_mb=<f>   (ours, lean attention, no checkpointing; targets: >= 1.5x the
+        # reference's samples/s and <= 0.5x its peak RSS)
 """
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,24 +34,68 @@ from transformers import BertConfig, BertModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ALL_HEADS, random_batch  # noqa: E402  (puts the repository on sys.path)
+import attention  # noqa: E402
 import train  # noqa: E402
 from model import M3  # noqa: E402
 from tiny import make_tokenizer  # noqa: E402
 
 B, G, TQ, TP, V = 4, 8, 64, 256, 30522
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTING = ["--model=minilm", "--init_new_heads=true", "--pooling=cls", "--train_data=data/scifact/train_mined.jsonl",
+           f"--train_group_size={G}", f"--query_max_len={TQ}", f"--passage_max_len={TP}", f"--batch_sizes=[{B}]",
+           "--length_ranges=[0,8192]", "--lr=1e-5", "--head_schedule=dense,sparse,colbert", "--self_distill=true",
+           "--self_distill_start=0", "--max_steps=12", "--log_every=1", "--num_workers=0", "--seed=42"]
+RUNS = {"ours, SDPA attention, no checkpointing": ["--attention=sdpa", "--gradient_checkpointing=false"],
+        "ours, SDPA attention, checkpointing": ["--attention=sdpa", "--gradient_checkpointing=true"],
+        "ours, lean attention, checkpointing": ["--attention=lean", "--gradient_checkpointing=true"],
+        "ours, lean attention, no checkpointing": ["--attention=lean", "--gradient_checkpointing=false"]}
+
+
+def train_run(args):
+    """train.py SETTING + args in its own process -> (steady samples/s over steps 2..12, peak RSS MB)."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.Popen([sys.executable, "train.py", *SETTING, *args, f"--out_dir={out}"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert status == 0, f"train.py {' '.join(args)} failed"
+        ms = [json.loads(line)["ms"] for line in open(os.path.join(out, "log.jsonl"))]
+    return B * (len(ms) - 1) / (sum(ms[1:]) / 1000), usage.ru_maxrss / 1024
+
+
+def vs_reference(reference_python):
+    """The table of whole runs, ratios against the reference (or against the first row without it)."""
+    rows = {}
+    if reference_python:
+        out = subprocess.run([reference_python, "bench/reference_step.py", "--steps", "12"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+        rows["reference (FlagEmbedding 1.4.2, no checkpointing)"] = tuple(float(w.split("=")[1]) for w in out[-2:])
+    for name, args in RUNS.items():
+        rows[name] = train_run(args)
+        print(f"{name}: {rows[name][0]:.3f} samples/s, {rows[name][1]:.0f} MB", flush=True)
+    base_s, base_m = next(iter(rows.values()))
+    print(f"{'run':52s} {'samples/s':>9s} {'ratio':>6s} {'peak RSS MB':>11s} {'ratio':>6s}")
+    for name, (s, m) in rows.items():
+        print(f"{name:52s} {s:9.3f} {s / base_s:6.2f} {m:11.0f} {m / base_m:6.2f}")
+    s, m = rows["ours, lean attention, no checkpointing"]
+    print(f"samples_s={s:.3f} peak_rss_mb={m:.0f}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--vs_reference", action="store_true")
+    ap.add_argument("--reference_python", default="", help="python of a venv with FlagEmbedding==1.4.2")
     args = ap.parse_args()
+    if args.vs_reference:
+        return vs_reference(args.reference_python)
     torch.manual_seed(0)
     tok = make_tokenizer("xlmr")
     enc = BertModel(BertConfig(vocab_size=V, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                intermediate_size=1536, max_position_embeddings=512,
                                pad_token_id=tok.pad_token_id), add_pooling_layer=False)
     model = M3(enc, tok).train()
+    attention.use(enc, "auto", "cpu")  # train.py's default on CPU: the lean attention kernel
     cfg = train.Config(train_group_size=G, query_max_len=TQ, passage_max_len=TP, self_distill=True,
                        gradient_checkpointing=False, sub_batch_size=0, grad_cache=False)
     opt, sched = train.make_optimizer(model, cfg, total_steps=1000)
