@@ -29,5 +29,6 @@ def test_demo_pipeline_on_a_tiny_slice(tmp_path):
     text = json.dumps(metrics)
     for row in ("dense", "sparse", "multi-vector", "dense+sparse", "all"):
         assert f'"{row}"' in text
+    assert "reference implementation, mean pooling" in out.stdout  # the table ends beside the reference's rows
     times = open(tmp_path / "wall_times.txt").read().split(": ")[1].split()
     assert [t.split("=")[0] for t in times] == [*stages, "eval"] and all(t.endswith("s") for t in times)
