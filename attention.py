@@ -2,17 +2,17 @@
 
 On CPU, scaled_dot_product_attention has no fused kernel with dropout: it falls back to the math path, which
 materialises the scores, the probabilities, the float dropout noise and the dropped probabilities of every layer and
-keeps three of them for backward (4 bytes each per (head, query, key)). This path walks the (batch x head) rows in
-chunks of ~chunk_elems scores, so the big temporaries stay small and are reused, and keeps for backward only q, k, v,
-the output, the row log-sum-exp and the dropout mask as bool (1 byte). Backward recomputes the probabilities from
-q, k and the log-sum-exp (one more matmul per chunk), as flash attention does.
+keeps three of them for backward (4 bytes each per (head, query, key)). This kernel walks the batch in chunks of
+~chunk_elems scores, so the big temporaries stay small and are reused, and keeps for backward only q, k, v and the
+dropout mask as bool (1 byte per score). Backward recomputes the chunk's scores and softmax (one more matmul), as
+flash attention does. Measured against SDPA's math path: README, "Speed and memory on CPU".
 The mask draws 16 random bits per score from torch's generator (4 scores per 64-bit draw, ~3x faster than
 bernoulli_): a score is dropped with probability round(p * 65536) / 65536 (0.1 -> 0.10000610) and the kept ones
-are scaled by 1 / (1 - that), so the layer stays unbiased. Checkpoint recomputation replays the same mask (the
-draws come from torch's RNG, whose state checkpoint restores).
+are scaled by 1 / (1 - that), so the layer stays unbiased. Recomputations replay the same mask (gradient
+checkpointing and the gradient cache restore torch's RNG state before they run the forward again).
 
 Without dropout (eval, dropout 0) the encoder keeps torch's SDPA (its fused CPU kernel is then faster); on CUDA the
-fused kernels handle dropout themselves, so model.set_attention("auto") uses this path only for CPU training.
+fused kernels handle dropout themselves, so use(encoder, "auto", device) picks this kernel only for CPU training.
 """
 import math
 
