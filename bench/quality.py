@@ -7,8 +7,9 @@ G=8 and 256 passage tokens, 20 dense-only + 40 all-heads + 40 unified (self-KD) 
 seed (data order, head init, dropout) by 1000 s; s = 0 is the single-seed run of earlier rounds.
 Configurations over --seeds seeds: ours; the last 40 steps without self-distillation; the encoder at lr 5e-5 (the
 term-matching sparse head as in ours). One seed each (their effects are large): the new heads at the encoder's lr
-(head_lr 0, as the reference); the reference's random sparse head; CLS pooling; SDPA attention (the kernel before
-attention.py's lean one: same dropout, other random draws); the zero-shot model.
+(head_lr 0, as the reference); the reference's random sparse head, with and without self-distillation (the paper's
+effect is on a weak head: does self-KD lift a sparse head that starts random?); CLS pooling; SDPA attention (the
+kernel before attention.py's lean one: same dropout, other random draws); the zero-shot model.
 Evaluation: exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over
 every document (colbert_k=0), fusion weights 1, 0.3, 1; each query's nDCG@10 is kept for the paired intervals.
 
@@ -45,10 +46,11 @@ HEADS = "--head_schedule=dense,sparse,colbert"
 CONFIGS = {"ours": (True, [], [], []),
            "without self-KD": (True, [], [], ["--self_distill=false"]),
            "encoder lr 5e-5": (True, ["--lr=5e-5"], ["--lr=5e-5"], []),
-           "heads at the encoder's lr": (False, [], ["--head_lr=0"], []),
+           "attention sdpa": (False, ["--attention=sdpa"], ["--attention=sdpa"], []),  # the old CPU kernel
            "random sparse head": (False, [], [], []),  # stage 1's checkpoint with a random sparse head
+           "random sparse head, without self-KD": (False, [], [], ["--self_distill=false"]),  # self-KD on a weak head
            "CLS pooling": (False, ["--pooling=cls"], ["--pooling=cls"], []),
-           "attention sdpa": (False, ["--attention=sdpa"], ["--attention=sdpa"], [])}  # the old CPU kernel
+           "heads at the encoder's lr": (False, [], ["--head_lr=0"], [])}  # one-seed runs in this order
 
 
 def run_stage(out, name, steps, stage, seed, *extra):
@@ -81,7 +83,7 @@ def train_config(out, config, seed, steps):
     tag = lambda args: "-".join(a.strip("-").replace("=", "") for a in args) or "base"  # noqa: E731
     s1 = run_stage(out, f"1-{tag(first)}-s{seed}", steps[0], 0, seed, *first)
     mid = later
-    if config == "random sparse head":
+    if config.startswith("random sparse head"):
         s1 = random_sparse_head(s1, os.path.join(out, "ckpt", f"1-random-sparse-s{seed}"))
         mid = ["--random-sparse"]  # only names its stages
     s2 = run_stage(out, f"2-{tag(mid)}-s{seed}", steps[1], 1, seed, HEADS, f"--init_from={s1}", *later)
@@ -139,6 +141,12 @@ def table(results):
             _, blo, bhi = stats.query_bootstrap(per(base, row), per(runs, row))
             seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
             lines.append(f"  {name} - {config:26s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+    weak = [results.get(c) for c in ("random sparse head", "random sparse head, without self-KD")]
+    if all(weak):
+        for row in ROWS:  # self-distillation's effect where a head starts weak
+            d, blo, bhi = stats.query_bootstrap(per(weak[0], row), per(weak[1], row))
+            lines.append(f"  random sparse head: with - without self-KD {row:13s} {d:+.4f}  "
+                         f"queries [{blo:+.4f}, {bhi:+.4f}]")
     best = max(("dense", "sparse", "multi-vector"), key=lambda r: per(ours, r).mean())
     d, lo, hi = stats.query_bootstrap(per(ours, "all"), per(ours, best))
     lines.append(f"  ours: all three - {best} {d:+.4f}  queries [{lo:+.4f}, {hi:+.4f}]")

@@ -76,4 +76,6 @@ def test_configurations_share_the_stages_they_have_in_common(tmp_path, monkeypat
     assert stages["without self-KD"][:2] == ours[:2] and stages["without self-KD"][2] != ours[2]
     assert stages["heads at the encoder's lr"][0] == ours[0] != stages["encoder lr 5e-5"][0]
     assert stages["random sparse head"][0] == ours[0] and stages["random sparse head"][1] != ours[1]
-    assert len({s for v in stages.values() for s in v}) == 3 + 1 + 3 + 2 + 2 + 3 + 3  # nothing else is shared
+    weak, weak_no_kd = stages["random sparse head"], stages["random sparse head, without self-KD"]
+    assert weak[:2] == weak_no_kd[:2] and weak[2] != weak_no_kd[2]
+    assert len({s for v in stages.values() for s in v}) == 3 + 1 + 3 + 2 + 2 + 1 + 3 + 3  # nothing else is shared
