@@ -1,4 +1,4 @@
-"""Data (SPEC 4): JSONL datasets read by offset, length-range batches per rank, negative sampling, collation.
+"""Data (SPEC 4): JSONL datasets read by their index, length-range batches per rank, negative sampling, collation.
 
 Read in this order: open_datasets (one checked, indexed dataset per file: jsonl_index.py), epoch_batches (this rank's
 batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad), batch_stream
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from jsonl_index import JsonlDataset, open_index, parse_line, query_text, tokenizer_id  # noqa: F401 (JsonlDataset)
+from jsonl_index import INDEX_BLOCK, JsonlDataset, open_index, parse_line, query_text, tokenizer_id  # noqa: F401
 from model import special_token_ids
 
 SORT_WINDOW = 64  # group_by_length sorts windows of this many global batches by length (bench/padding.py: 0.999)
@@ -75,24 +75,24 @@ def merge_small(datasets, small_threshold, drop_threshold):
     fewer than drop_threshold examples. Larger files stay as they are."""
     out, small = [], {}
     for ds in datasets:
-        if len(ds.offsets) >= small_threshold:
+        if len(ds.lengths) >= small_threshold:
             out.append(ds)
         else:
             small.setdefault((os.path.dirname(ds.path), ds.meta["type"], ds.no_in_batch_neg), []).append(ds)
     for (folder, _, _), parts in small.items():
-        n = sum(len(p.offsets) for p in parts)
+        n = sum(len(p.lengths) for p in parts)
         if n < drop_threshold:
             log.warning(f"{folder}: dropped {len(parts)} small files ({n} examples < drop_threshold {drop_threshold})")
             continue
         if len(parts) == 1:
             out.append(parts[0])
             continue
-        cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
         meta = dict(parts[0].meta, empty_neg=sum(p.meta["empty_neg"] for p in parts),
                     min_neg=min(p.meta["min_neg"] for p in parts), batch_size=None)
         name = os.path.join(folder, f"[{len(parts)} files < small_threshold {small_threshold}]")
-        out.append(JsonlDataset(name, cat("offsets"), cat("lines"), cat("lengths"), meta, parts[0].no_in_batch_neg,
-                                parts, np.repeat(np.arange(len(parts)), [len(p.offsets) for p in parts])))
+        out.append(JsonlDataset(name, np.concatenate([p.lengths for p in parts]), meta=meta,  # (n,) uint16
+                                no_in_batch_neg=parts[0].no_in_batch_neg, parts=parts,
+                                part_starts=np.cumsum([0] + [len(p.lengths) for p in parts])))  # (parts + 1,) int64
     if not out:
         raise ValueError(f"{os.path.dirname(datasets[0].path)}: no data left: every file has fewer than "
                          f"small_threshold {small_threshold} examples, and each merged set fewer than drop_threshold")
@@ -158,9 +158,7 @@ def epoch_batches(datasets, *, epoch, seed, world_size, rank, length_ranges, bat
             if group_by_length:
                 for s in range(0, len(idx), sort_window * gbs):
                     w = idx[s:s + sort_window * gbs]
-                    keys = ds.lengths[w]  # token counts; as uint16 when they fit: numpy's stable sort is then radix
-                    keys = keys.astype(np.uint16) if keys.max(initial=0) < 2 ** 16 else keys
-                    idx[s:s + len(w)] = w[np.argsort(keys, kind="stable")]
+                    idx[s:s + len(w)] = w[np.argsort(ds.lengths[w], kind="stable")]  # uint16: a radix sort
             n_full = len(idx) // gbs
             glob += [(d, part) for part in idx[:n_full * gbs].reshape(n_full, W, bs)[:, rank].copy()]
             tail = len(idx) - n_full * gbs
@@ -204,13 +202,13 @@ def _chunk_shuffle(text, rng):
 
 def _borrow(ds, i, k, rng):
     """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
-    n = len(ds.offsets)
+    n = len(ds.lengths)
     if n < 2:
-        path, line = where(ds, i)
+        path, line = _read(ds, i)[1]
         raise ValueError(f"{path}, line {line}: field 'neg': empty and no other example to borrow from")
     out = []
     for j in rng.integers(n - 1, size=k):
-        other = _read(ds, j + (j >= i))  # any example but i
+        other, _ = _read(ds, j + (j >= i))  # any example but i
         texts = other["pos"] + other.get("neg", [])
         out.append(texts[rng.integers(len(texts))])
     return out
@@ -261,16 +259,16 @@ def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max
         ds = datasets[d]
         if G > 1 and ds.meta.get("empty_neg") and ds.path not in _warned:
             _warned.add(ds.path)
-            log.warning(f"{ds.path}: {ds.meta['empty_neg']} of {len(ds.offsets)} queries have no 'neg'; "
+            log.warning(f"{ds.path}: {ds.meta['empty_neg']} of {len(ds.lengths)} queries have no 'neg'; "
                         f"their {G - 1} negatives are drawn from other examples of this file")
         rng = np.random.default_rng([seed, epoch, d, i])
-        ex = _read(ds, i)
+        ex, src = _read(ds, i)  # src: (file, line), for error messages
         texts, scores = _sample_group(ds, i, ex, rng, G, teacher_kd, shuffle_ratio)
         queries.append(query_text(ex, query_prefix))
         symmetric = ds.meta.get("type") in ("symmetric_sts", "symmetric_clustering")  # passages are queries too
         passages += [query_text({**ex, "query": t}, query_prefix) if symmetric else passage_prefix + t for t in texts]
         teacher += scores or []
-        source.append(where(ds, i))
+        source.append(src)
     enc = dict(add_special_tokens=True, truncation=True, return_attention_mask=False, return_token_type_ids=False)
     q_ids, q_mask = _pad(tokenizer(queries, max_length=query_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
     p_ids, p_mask = _pad(tokenizer(passages, max_length=passage_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
@@ -297,23 +295,42 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
 # ----------------------------------------------------------------------------- reading one example
 
 
-def where(ds, i):
-    """(file, line) of example i; a merged dataset's examples live in its parts' files."""
-    return ds.parts[ds.part_of[i]].path if ds.parts else ds.path, int(ds.lines[i])
+def _part(ds, i):
+    """(the dataset holding example i, its index there): a merged dataset's examples live in its parts' files."""
+    if not ds.parts:
+        return ds, i
+    p = int(np.searchsorted(ds.part_starts, i, side="right")) - 1
+    return ds.parts[p], i - int(ds.part_starts[p])
 
 
 def _read(ds, i):
-    """Example i, checked again as it is read: a file edited after its index was built stops with its line."""
-    off = int(ds.offsets[i])
-    with open(where(ds, i)[0], "rb") as f:
+    """Example i and its (file, line): from the line of its block's first example, forward over i % INDEX_BLOCK
+    examples, skipping blank lines as build_index does. Checked again as it is read: a file edited after its index
+    was built stops with its line (a block that starts mid-line, an end of file before the example, a line that no
+    longer parses, or a new size)."""
+    ds, i = _part(ds, i)
+    b, k = divmod(i, INDEX_BLOCK)
+    off, line = int(ds.block_offsets[b]), int(ds.block_lines[b])
+    with open(ds.path, "rb") as f:
         f.seek(max(off - 1, 0))
-        before, raw = (f.read(1) if off else b"\n"), f.readline()
-    ex, err = parse_line(raw) if before == b"\n" else (None, "not at the start of a line")
+        err = None if off == 0 or f.read(1) == b"\n" else "not at the start of a line"
+        while not err:
+            raw = f.readline()
+            if not raw:
+                err = "the file ends before this example"
+            elif raw.strip() and k == 0:
+                break  # example i's line
+            else:
+                k -= bool(raw.strip())  # an example before it, or a blank line
+                line += 1
+        size = os.fstat(f.fileno()).st_size
+    ex, err = (None, err) if err else parse_line(raw)
+    if not err and size != ds.meta["size"]:
+        err = f"the file has {size} bytes, {ds.meta['size']} when indexed"
     if err:
-        path, line = where(ds, i)
-        raise ValueError(f"{path}, line {line}: {err} (did the file change after its index was built? "
+        raise ValueError(f"{ds.path}, line {line}: {err} (did the file change after its index was built? "
                          "a changed file is indexed again on the next start)")
-    return ex
+    return ex, (ds.path, line)
 
 # ----------------------------------------------------------------------------- evaluation data in BEIR layout
 

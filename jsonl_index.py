@@ -1,7 +1,9 @@
-"""The offset/length index of a JSONL training file (SPEC 4.1, 4.3): every line checked, its byte offset, line number
-and token length, built in parallel over byte chunks and cached next to the data under a content key, as .npy files
-that every rank memory-maps. data.py reads examples by these offsets and batches them by these lengths; nothing else
-of a file is held in memory.
+"""The compact index of a JSONL training file (SPEC 4.1, 4.3): every line checked; per example its token length
+(uint16, clipped at 65,535), and per block of INDEX_BLOCK = 16 examples the byte offset and 1-based line number of
+the block's first example: 2 + 16 / 16 = 3 bytes per example. Built in parallel over byte chunks and cached next to
+the data under a content key, as .npy files that every rank memory-maps (block_offsets, block_lines, lengths).
+data.py reads example i from its block's first line forward, skipping blank lines as build_index does, and batches
+examples by their lengths; nothing else of a file is held in memory.
 """
 import hashlib
 import json
@@ -17,7 +19,10 @@ from tqdm import tqdm
 
 from checkpoints import write_atomic
 
-INDEX_VERSION = 4  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files
+INDEX_VERSION = 5  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files;
+# 5: offsets and line numbers per block of INDEX_BLOCK examples, uint16 lengths
+INDEX_BLOCK = 16  # examples per block: one offset and one line number each
+LENGTH_MAX = 2 ** 16 - 1  # lengths are uint16: longer examples count as this long (the batcher only compares lengths)
 CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
 TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")  # `type` (SPEC 4.1)
 FILE_FIELDS = ("type", "batch_size")  # one value per file: its batches share one group size and one batch size
@@ -26,16 +31,17 @@ log = logging.getLogger("data")
 
 @dataclass
 class JsonlDataset:
-    """One JSONL file: example i is the JSON line at byte offsets[i]; nothing else of the file is held in memory."""
+    """One JSONL file: example i is the (i % 16)-th non-blank line from byte block_offsets[i // 16]; nothing else of
+    the file is held in memory. A merged dataset (data.merge_small) has parts instead of blocks."""
     path: str
-    offsets: np.ndarray  # (n,) int64 byte offset of each example's line
-    lines: np.ndarray  # (n,) int64 1-based line number, for error messages
-    lengths: np.ndarray  # (n,) int32 max token length (with special tokens) over query, pos and neg texts
+    lengths: np.ndarray  # (n,) uint16 max token length (with special tokens) over query, pos and neg texts, clipped
+    block_offsets: np.ndarray = None  # (ceil(n / 16),) int64 byte offset of the line of example 16 b
+    block_lines: np.ndarray = None  # (ceil(n / 16),) int64 its 1-based line number (error messages)
     meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of
-    # each); the file's type and batch_size (FILE_FIELDS) and min_neg (fewest negatives of an example)
+    # each); the file's type and batch_size (FILE_FIELDS), min_neg (fewest negatives of an example) and size (bytes)
     no_in_batch_neg: bool = False  # the file or a folder above it ends in no_in_batch_neg (data.open_datasets)
     parts: list = field(default_factory=list)  # small files merged into this dataset (small_threshold), in order
-    part_of: np.ndarray = None  # (n,) the part each example comes from, when parts
+    part_starts: np.ndarray = None  # (len(parts) + 1,) int64 index of each part's first example, then n
 
 
 # ----------------------------------------------------------------------------- checking one line
@@ -103,6 +109,11 @@ def parse_line(raw):
 _TOK = None  # length tokenizer of the forked index workers
 
 
+def clip_lengths(lengths):
+    """Token counts as uint16, those above LENGTH_MAX clipped to it (not wrapped)."""
+    return np.minimum(lengths, LENGTH_MAX).astype(np.uint16)
+
+
 def _token_lengths(tok, texts):
     if isinstance(tok, Tokenizer):
         return np.array([len(e) for e in getattr(tok, "encode_batch_fast", tok.encode_batch)(texts)], np.int32)
@@ -148,8 +159,8 @@ def _index_chunk(task, tok=None):
         n_texts.append(len(ex_texts))
     # example length = max over its texts: reduce the flat token lengths over each example's slice
     lengths = np.maximum.reduceat(_token_lengths(tok or _TOK, texts), np.cumsum([0] + n_texts[:-1])) if texts else []
-    out.update(offsets=np.array(offsets, np.int64), rel_lines=np.array(rel, np.int64),
-               lengths=np.array(lengths, np.int32))
+    out.update(offsets=np.array(offsets, np.int64), rel_lines=np.array(rel, np.int64),  # (m,) int64 each
+               lengths=clip_lengths(np.array(lengths, np.int64)))  # (m,) uint16
     return out
 
 
@@ -206,7 +217,8 @@ def _file_key(path, verify=True):
 
 
 def build_index(path, tokenizer, num_workers):
-    """Check and tokenize every line (in parallel over byte chunks) into offsets, line numbers and lengths."""
+    """Check and tokenize every line (in parallel over byte chunks) into lengths, and offsets and line numbers of
+    every INDEX_BLOCK-th example (kept as each chunk arrives: a file's per-example offsets are never held)."""
     size = os.path.getsize(path)
     starts = [0]
     with open(path, "rb") as f:  # chunk boundaries at line starts, so each line belongs to exactly one chunk
@@ -220,7 +232,7 @@ def build_index(path, tokenizer, num_workers):
     tok = _length_tokenizer(tokenizer)
     pool = mp.get_context("fork").Pool(num_workers, _set_tok, (tok,)) if num_workers > 1 and len(tasks) > 1 else None
     results = pool.imap(_index_chunk, tasks) if pool else (_index_chunk(t, tok) for t in tasks)
-    parts, meta, lines_before = [], dict(blank=0, empty_neg=0, no_scores=0), 0
+    parts, meta, lines_before, n_before = [], dict(blank=0, empty_neg=0, no_scores=0, size=size), 0, 0
     try:
         with tqdm(total=size, unit="B", unit_scale=True, desc=f"index {os.path.basename(path)}", disable=None) as bar:
             for r in results:
@@ -236,8 +248,10 @@ def build_index(path, tokenizer, num_workers):
                     meta.setdefault("empty_neg_line", lines_before + r["empty_neg_line"] + 1)
                 if "no_scores_at" in r:
                     meta.setdefault("no_scores_at", [lines_before + r["no_scores_at"][0] + 1, r["no_scores_at"][1]])
-                parts.append((r["offsets"], r["rel_lines"] + lines_before + 1, r["lengths"]))
-                lines_before += r["n_lines"]
+                first = -n_before % INDEX_BLOCK  # the chunk's first example that starts a block
+                parts.append((r["offsets"][first::INDEX_BLOCK], r["rel_lines"][first::INDEX_BLOCK] + lines_before + 1,
+                              r["lengths"]))
+                lines_before, n_before = lines_before + r["n_lines"], n_before + len(r["lengths"])
                 bar.update(r["nbytes"])
     finally:
         if pool:
@@ -245,11 +259,12 @@ def build_index(path, tokenizer, num_workers):
     if meta["blank"]:
         log.warning(f"{path}: skipped {meta['blank']} blank lines")
     meta.update(meta.pop("file", None) or file_values({}))  # type, batch_size
-    offsets, lines, lengths = (np.concatenate(p) for p in zip(*parts)) if parts else [np.zeros(0, np.int64)] * 3
-    return JsonlDataset(path, offsets, lines, lengths.astype(np.int32), meta)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint16))
+    offsets, lines, lengths = (np.concatenate(p) for p in zip(*parts)) if parts else empty  # (n / 16,) x 2, (n,)
+    return JsonlDataset(path, lengths, offsets, lines, meta)
 
 
-ARRAYS = ("offsets", "lines", "lengths")  # one .npy each in the cache directory
+ARRAYS = ("block_offsets", "block_lines", "lengths")  # one .npy each in the cache directory
 
 
 def cache_path(path, tok_id, cache_dir):
@@ -295,11 +310,13 @@ def _saved_key(cache):
 def load_index(path, cache):
     """The JsonlDataset of `path` from its cache directory, arrays memory-mapped (read-only)."""
     arrays = {a: np.load(os.path.join(cache, f"{a}.npy"), mmap_mode="r", allow_pickle=False) for a in ARRAYS}
-    if len({len(x) for x in arrays.values()}) != 1:
-        raise ValueError(f"arrays of different lengths {[len(x) for x in arrays.values()]}")
+    n_blocks = -(-len(arrays["lengths"]) // INDEX_BLOCK)
+    if len(arrays["block_offsets"]) != n_blocks or len(arrays["block_lines"]) != n_blocks:
+        raise ValueError(f"arrays of lengths {[len(x) for x in arrays.values()]}: expected {n_blocks} blocks for "
+                         f"{len(arrays['lengths'])} examples")
     with open(os.path.join(cache, "meta.json")) as f:
         meta = json.load(f)
-    return JsonlDataset(path, arrays["offsets"], arrays["lines"], arrays["lengths"], meta)
+    return JsonlDataset(path, arrays["lengths"], arrays["block_offsets"], arrays["block_lines"], meta)
 
 
 def save_index(cache, key, ds):

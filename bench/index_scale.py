@@ -1,13 +1,14 @@
 """The training index and epoch plan at pre-training scale, extrapolated to the paper's 1.2B pairs (SPEC 5.1).
 
-Memory: N synthetic examples (offsets, line numbers and token lengths with bench/padding.py's length mix; no text,
-no tokenizer) in files of --per_file examples, each written once as a cached index (jsonl_index.save_index). W
-processes (the local ranks of one node) each open every index memory-mapped, plan one epoch at the paper's
-pre-training world size (96 ranks, SPEC 4.5's unsupervised batch sizes; data.epoch_batches) and then read the
-offsets and line numbers of their first 2,000 batches, as the loop does. Per rank: PSS growth from before opening the
-index to the end, with all W alive (pages shared by the W ranks count 1/W each), plus the plan's transient numpy peak
-(tracemalloc) = the memory per rank that the index and the plan take; also its anonymous part (what the kernel
-cannot drop: the plan), apart from the index's file pages (page cache, shared, droppable).
+Memory: N synthetic examples (uint16 token lengths with bench/padding.py's length mix, the offset and line number of
+every 16th: jsonl_index's layout, ~3 bytes per pair; no text, no tokenizer) in files of --per_file examples, each
+written once as a cached index (jsonl_index.save_index). W processes (the local ranks of one node) each open every
+index memory-mapped, plan one epoch at the paper's pre-training world size (96 ranks, SPEC 4.5's unsupervised batch
+sizes; data.epoch_batches) and then read the block offsets and line numbers of their first 2,000 batches' examples,
+as the loop does. Per rank: PSS growth from before opening the index to the end, with all W alive (pages shared by
+the W ranks count 1/W each), plus the plan's transient numpy peak (tracemalloc) = the memory per rank that the index
+and the plan take; also its anonymous part (what the kernel cannot drop: the plan), apart from the index's file pages
+(page cache, shared, droppable).
 Plan time: one process alone (the W ranks of a real node plan in parallel on their own cores).
 Indexing throughput: jsonl_index.build_index with one worker on real text (SciFact titles -> abstracts, the bundled
 all-MiniLM-L6-v2 tokenizer).
@@ -44,9 +45,9 @@ def write_indexes(d, n, per_file):
         m = min(per_file, n - s)
         short = r.lognormal(np.log(120), 0.8, m)  # bench/padding.py's mix: 90% short, 10% a long tail
         tail = np.exp(r.uniform(np.log(500), np.log(8192), m))
-        lengths = np.clip(np.where(r.random(m) < 0.9, short, tail), 8, 8192).astype(np.int32)
-        ds = jsonl_index.JsonlDataset(f"part-{f}.jsonl", np.arange(m, dtype=np.int64) * 300,
-                                      np.arange(1, m + 1, dtype=np.int64), lengths, {})
+        lengths = jsonl_index.clip_lengths(np.clip(np.where(r.random(m) < 0.9, short, tail), 8, 8192))  # (m,)
+        first = np.arange(0, m, jsonl_index.INDEX_BLOCK, dtype=np.int64)  # (ceil(m / 16),) each block's first example
+        ds = jsonl_index.JsonlDataset(f"part-{f}.jsonl", lengths, first * 300, first + 1, {})  # 300-byte lines
         caches.append(os.path.join(d, f"part-{f}.jsonl.idx"))
         jsonl_index.save_index(caches[-1], {}, ds)
     return caches
@@ -77,9 +78,10 @@ def pss_mb():
 def rank_proc(caches, rank, barrier, out):
     base = pss_mb()  # the interpreter and its libraries: not the index's
     dss, batches, _, extra = plan(caches, rank)
-    for b in range(min(2000, len(batches))):  # the loop reads each example's offset (and its line on an error)
+    for b in range(min(2000, len(batches))):  # the loop reads each example's block offset and line (data._read)
         for d, i in batches[b]:
-            int(dss[d].offsets[i]), int(dss[d].lines[i])
+            block = i // jsonl_index.INDEX_BLOCK
+            int(dss[d].block_offsets[block]), int(dss[d].block_lines[block])
     barrier.wait()  # every rank alive: shared pages are split between them
     out.put((rank, *(pss_mb() - base), extra))
     barrier.wait()
@@ -131,10 +133,12 @@ def main():
         d = tempfile.mkdtemp(prefix="index_scale_")
         try:
             caches = write_indexes(d, n, per_file)
+            per_pair = sum(os.path.getsize(os.path.join(c, f)) for c in caches for f in os.listdir(c)) / n
             _, batches, dt, extra = plan(caches, 0)
             mem, pss, private = memory_per_rank(caches, W)
             rows.append((n, mem, dt, private))
-            print(f"N={n:,} in {len(caches)} files: plan {dt:.1f} s ({len(batches):,} batches for rank 0 of {WORLD}), "
+            print(f"N={n:,} in {len(caches)} files, index {per_pair:.2f} bytes per pair: plan {dt:.1f} s "
+                  f"({len(batches):,} batches for rank 0 of {WORLD}), "
                   f"per rank with {W} sharing: PSS {pss:.0f} MB + plan transient {extra:.0f} MB -> {mem:.0f} MB, "
                   f"of which anonymous (not page cache) {private:.0f} MB", flush=True)
         finally:

@@ -46,12 +46,12 @@ def padding(n, world):
     r = np.random.default_rng(0)
     short = r.lognormal(np.log(120), 0.8, n)
     tail = np.exp(r.uniform(np.log(500), np.log(8192), n))
-    lengths = np.clip(np.where(r.random(n) < 0.9, short, tail), 8, 8192).astype(np.int32)
+    lengths = np.clip(np.where(r.random(n) < 0.9, short, tail), 8, 8192).astype(np.uint16)  # as the index holds them
     print(f"lengths: n={n} median={np.median(lengths):.0f} mean={lengths.mean():.0f} "
           f"p90={np.percentile(lengths, 90):.0f} p99={np.percentile(lengths, 99):.0f} max={lengths.max()}")
     perm = r.permutation(n)
     eff_random = efficiency(lengths, [perm[s:s + 32] for s in range(0, n, 32)])
-    ds = JsonlDataset("synthetic", np.arange(n), np.arange(n) + 1, lengths)
+    ds = JsonlDataset("synthetic", lengths)
     effs = {}
     for group in (False, True):
         t0 = time.time()

@@ -1,4 +1,4 @@
-"""data.py: offset index and its cache, bad-input errors, length-range batches per rank, sampling, collation, resume."""
+"""data.py: the index and its cache, bad-input errors, length-range batches per rank, sampling, collation, resume."""
 import json
 import logging
 import os
@@ -43,8 +43,7 @@ def rows_of(p):
 
 
 def fake(lengths):
-    n = len(lengths)
-    return data.JsonlDataset("fake", np.arange(n), np.arange(n) + 1, np.asarray(lengths, np.int32))
+    return data.JsonlDataset("fake", jsonl_index.clip_lengths(np.asarray(lengths)))  # the plan needs lengths only
 
 
 def mixed_rows(n, seed=0):
@@ -73,14 +72,13 @@ def test_index_matches_brute_force_and_workers_agree(tmp_path, monkeypatch):
     ds = data.open_datasets(path, TOK, num_workers=1, cache_dir=str(tmp_path / "c1"))[0]
     assert len(ds.lengths) == len(rows) and ds.meta["blank"] == 1
     for i, ex in enumerate(rows):
-        assert data._read(ds, i) == ex
-        assert ds.lines[i] == i + 1 + (i >= 5)
+        assert data._read(ds, i) == (ex, (path, i + 1 + (i >= 5)))  # the example and its line
         texts = [(ex.get("prompt") or "") + ex["query"]] + ex["pos"] + ex.get("neg", [])
         assert ds.lengths[i] == max(len(TOK(t)["input_ids"]) for t in texts)
     assert ds.meta["empty_neg"] == sum(not r.get("neg") for r in rows)
     monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", 300)  # many chunks over 2 forked workers
     ds2 = data.open_datasets(path, TOK, num_workers=2, cache_dir=str(tmp_path / "c2"))[0]
-    for a in ("offsets", "lines", "lengths"):
+    for a in jsonl_index.ARRAYS:
         assert np.array_equal(getattr(ds, a), getattr(ds2, a))
     assert ds.meta == ds2.meta
 
@@ -124,6 +122,10 @@ def test_cached_index_is_memory_mapped_equals_the_built_one_and_a_damaged_cache_
     with caplog.at_level(logging.WARNING):
         fixed = data.open_datasets(path, TOK)[0]
     assert "unreadable" in caplog.text and np.array_equal(fixed.lengths, built.lengths)
+    np.save(npy, np.ones(33, np.uint16))  # 33 examples need 3 blocks, the index has 2
+    with caplog.at_level(logging.WARNING):
+        data.open_datasets(path, TOK)
+    assert "arrays of lengths [2, 2, 33]: expected 3 blocks for 33 examples" in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["d.jsonl", os.path.basename(cache)]  # no temporary directory left
 
 
@@ -151,7 +153,7 @@ def test_same_size_edit_with_preserved_mtime_is_indexed_again(tmp_path, monkeypa
     # an index held from before the edit (a long run) stops at the line instead of training on a garbage text
     with pytest.raises(ValueError, match=r"d.jsonl, line 31: field 'query': missing \(did the file change"):
         data._read(stale, 30)
-    assert data._read(stale, 29) == rows[29]
+    assert data._read(stale, 29) == (rows[29], (path, 30))
 
 
 def test_index_cache_survives_a_new_mtime_and_trusting_ranks_reuse_it(tmp_path, monkeypatch):
@@ -166,7 +168,7 @@ def test_index_cache_survives_a_new_mtime_and_trusting_ranks_reuse_it(tmp_path, 
     os.utime(path, ns=(1, 2 * 10 ** 18))
     a = data.open_datasets(path, TOK)[0]  # the content hash matches: reused, the new mtime recorded
     b = data.open_datasets(path, TOK, verify=False)[0]  # so the other ranks trust it without hashing
-    assert len(built) == 2 and np.array_equal(a.offsets, b.offsets) and a.meta == b.meta
+    assert len(built) == 2 and np.array_equal(a.block_offsets, b.block_offsets) and a.meta == b.meta
 
 
 def test_read_refuses_a_line_that_moved_since_indexing(tmp_path):
@@ -181,6 +183,88 @@ def test_read_refuses_a_line_that_moved_since_indexing(tmp_path):
         except ValueError as e:
             errs.append(str(e))
     assert len(errs) == 7 and all(re.search(r"d.jsonl, line \d+: ", e) for e in errs)
+
+
+def blank_spaced(n, seed):
+    """n example lines with blank lines at the start, just before and after every block's first example (16 b) and
+    its predecessor, and at the end -> (the raw lines, [(1-based line, example)] per example)."""
+    raw, want = ["", "  "], []
+    for i, ex in enumerate(mixed_rows(n, seed)):
+        if i % jsonl_index.INDEX_BLOCK in (0, 1, 15):
+            raw += ["", " \t "][:1 + i % 2]
+        raw.append(json.dumps(ex))
+        want.append((len(raw), ex))
+    return raw + ["", "   ", ""], want
+
+
+@pytest.mark.parametrize("n", [1, 5, 15, 16, 17, 33, 50])
+def test_compact_index_reads_every_example_as_a_line_by_line_parse(tmp_path, monkeypatch, n):
+    raw, want = blank_spaced(n, seed=n)
+    path = write(tmp_path / "d.jsonl", raw)
+    content = open(path, "rb").read()
+    assert [(k, json.loads(x)) for k, x in enumerate(content.split(b"\n"), 1) if x.strip()] == want  # brute force
+    ds = data.open_datasets(path, TOK)[0]  # built, then memory-mapped from its cache
+    assert [data._read(ds, i) for i in range(n)] == [(ex, (path, line)) for line, ex in want]
+    starts = np.cumsum([0] + [len(x) + 1 for x in content.split(b"\n")])  # (lines + 1,) byte offset of every line
+    first = [want[i][0] for i in range(0, n, jsonl_index.INDEX_BLOCK)]  # the line of each block's first example
+    assert ds.block_lines.tolist() == first and ds.block_offsets.tolist() == [starts[x - 1] for x in first]
+    assert ds.lengths.dtype == np.uint16 and ds.block_offsets.dtype == ds.block_lines.dtype == np.int64
+    assert sum(getattr(ds, a).nbytes for a in jsonl_index.ARRAYS) == 2 * n + 16 * len(first)  # ~3 bytes per example
+    for chunk in (200, 5_000, 12_000):  # chunks of 1, ~2 and ~5 lines that cut blocks, over 2 workers: the same index
+        monkeypatch.setattr(jsonl_index, "CHUNK_BYTES", chunk)
+        built = jsonl_index.build_index(path, TOK, 2)
+        for a in jsonl_index.ARRAYS:
+            assert isinstance(getattr(ds, a), np.memmap) and np.array_equal(getattr(ds, a), getattr(built, a)), a
+        assert built.meta == ds.meta and ds.meta["blank"] == len(raw) - n
+
+
+def test_a_file_edited_after_indexing_stops_at_the_line_of_the_example(tmp_path):
+    raw, want = blank_spaced(40, seed=1)
+    path = write(tmp_path / "d.jsonl", raw)
+    ds = data.open_datasets(path, TOK)[0]
+    content = open(path, "rb").read()
+    starts = np.cumsum([0] + [len(x) + 1 for x in content.split(b"\n")])  # (lines + 1,) byte offset of every line
+
+    def read_edited(i, at, new):  # example i after the same number of bytes at byte `at` became `new`
+        open(path, "wb").write(content[:at] + new + content[at + len(new):])
+        return data._read(ds, i)
+
+    line = want[20][0]  # block 1, after the blank lines around its first example
+    at = starts[line - 1] + raw[line - 1].index('"query"')
+    with pytest.raises(ValueError, match=rf"d.jsonl, line {line}: field 'query': missing \(did the file change"):
+        read_edited(20, at, b'"qxery"')
+    assert read_edited(21, at, b'"qxery"') == (want[21][1], (path, want[21][0]))  # its neighbour reads as before
+    block_1 = want[16][0]  # a blank line before it: "\n\n{" becomes " \n" + the line without its "{"
+    with pytest.raises(ValueError, match=rf"d.jsonl, line {block_1}: not at the start of a line"):
+        read_edited(20, starts[block_1 - 2], b" \n")
+    last = want[39][0]  # the last example's line blanked out: the file ends before it
+    with pytest.raises(ValueError, match=rf"d.jsonl, line {len(raw) + 1}: the file ends before this example"):
+        read_edited(39, starts[last - 1], b" " * len(raw[last - 1]))
+    open(path, "ab").write(b"\n")
+    with pytest.raises(ValueError, match=rf"d.jsonl, line {want[0][0]}: the file has {len(content) + 1} bytes, "
+                                         rf"{len(content)} when indexed"):
+        data._read(ds, 0)
+
+
+def test_merged_small_files_read_each_example_from_its_part_at_its_line(tmp_path):
+    files = {"a.jsonl": blank_spaced(20, 2), "b.jsonl": blank_spaced(17, 3), "c.jsonl": blank_spaced(3, 4)}
+    for name, (raw, _) in files.items():
+        write(tmp_path / name, raw)
+    (merged,) = data.open_datasets(str(tmp_path), TOK, small_threshold=100)
+    want = [(ex, (str(tmp_path / name), line)) for name, (_, w) in files.items() for line, ex in w]
+    assert merged.part_starts.tolist() == [0, 20, 37, 40] and merged.block_offsets is None
+    assert [data._read(merged, j) for j in range(40)] == want
+    assert np.array_equal(merged.lengths, np.concatenate([p.lengths for p in merged.parts]))
+    out = data.make_batch([merged], [(0, 19), (0, 20), (0, 36), (0, 39)], TOK, group_size=2, **BATCH_KW)
+    assert out["source"] == [want[j][1] for j in (19, 20, 36, 39)]
+
+
+def test_lengths_past_uint16_are_clipped_not_wrapped(tmp_path):
+    got = jsonl_index.clip_lengths(np.array([0, 8192, 65534, 65535, 65536, 70_000, 2 ** 31 - 1], np.int64))
+    assert got.dtype == np.uint16 and got.tolist() == [0, 8192, 65534, 65535, 65535, 65535, 65535]
+    path = write(tmp_path / "long.jsonl", [{"query": "q", "pos": [words(70_000)]}, GOOD])
+    want = max(len(ids(t)) for t in ("q", "p", "n"))
+    assert data.open_datasets(path, TOK)[0].lengths.tolist() == [65535, want]
 
 
 def test_directory_gives_one_dataset_per_file(tmp_path):
@@ -338,7 +422,7 @@ def reference_epoch_batches(datasets, *, epoch, seed, world_size, rank, length_r
 def test_memory_light_plan_equals_the_reference_plan():
     r = np.random.default_rng(0)
     for trial in range(12):
-        cap = 200_000 if trial % 3 == 0 else 9000  # lengths past 2**16 take the int32 sort
+        cap = 200_000 if trial % 3 == 0 else 9000  # lengths past 2**16 are clipped, as the index holds them
         dss = [fake(np.minimum(r.lognormal(5 + 3 * (cap > 9000), 1.2, r.integers(50, 3000)).astype(np.int32) + 3, cap))
                for _ in range(r.integers(1, 4))]
         W = int(r.integers(1, 6))
