@@ -98,15 +98,15 @@ def runs(seeds):
         [(c, 0) for c in CONFIGS if c not in every]
 
 
-def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate):
+def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate, only=None):
     """Every (configuration, seed) without a result file: train, evaluate, write the result -> {config: [results]}.
-    train_fn None: only read the results written so far."""
+    train_fn None: only read the results written so far. only: train that configuration alone."""
     os.makedirs(os.path.join(out, "results"), exist_ok=True)
     results = {}
     for config, seed in runs(seeds):
         path = os.path.join(out, "results", f"{config}-s{seed}.json")
-        if train_fn is None and not os.path.exists(path):
-            continue  # only the results written so far
+        if (train_fn is None or only and config != only) and not os.path.exists(path):
+            continue  # only the results written so far (or only those of one configuration)
         if not os.path.exists(path):
             model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
                 train_fn(out, config, seed, steps)
@@ -173,6 +173,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--beside", metavar="METRICS_JSON", help="only print an eval.py result beside the reference's rows")
     p.add_argument("--table", action="store_true", help="only print the table of the results written so far")
+    p.add_argument("--only", metavar="CONFIG", help="train only this configuration, e.g. 'attention sdpa'")
     a = p.parse_args()
     if a.beside:
         return print(beside(a.beside))
@@ -180,7 +181,7 @@ def main():
     ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000, colbert_k=0,
               max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"), verbose=False)
     data = os.path.join(ROOT, "data", "scifact")
-    results = run_all(a.out, a.seeds, steps, ev, data, None if a.table else train_config)
+    results = run_all(a.out, a.seeds, steps, ev, data, None if a.table else train_config, only=a.only)
     print(table(results))
     m = {row: np.mean([r["rows"][row]["nDCG@10"] for r in results["ours"]]) for row in ROWS}
     print("reference, mean pooling: " + " ".join(f"{r} {v[0]:.4f}" for r, v in REFERENCE["mean pooling"].items()))
