@@ -20,14 +20,13 @@ from collections import defaultdict
 
 import torch
 from torch.profiler import profile
-from transformers import XLMRobertaConfig, XLMRobertaModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ALL_HEADS, random_batch  # noqa: E402  (puts the repository on sys.path)
 import attention  # noqa: E402
+from gpu_check import random_m3  # noqa: E402
 import train  # noqa: E402
 from model import M3  # noqa: E402
-from tiny import make_tokenizer  # noqa: E402
 
 SHAPES = {"minilm": (4, 8, 64, 256), "xlmr-large": (1, 4, 64, 256)}  # B queries, G passages each, TQ, TP
 ATTENTION_OPS = ("bmm", "_softmax", "_softmax_backward_data", "random_", "ge", "bernoulli_", "masked_fill",
@@ -37,11 +36,7 @@ ATTENTION_OPS = ("bmm", "_softmax", "_softmax_backward_data", "random_", "ge", "
 def build(shape):
     if shape == "minilm":
         return M3.from_pretrained("minilm", new_heads=True, pooling="cls")
-    tok = make_tokenizer("xlmr")
-    torch.manual_seed(0)
-    cfg = XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                           intermediate_size=4096, max_position_embeddings=8194, pad_token_id=tok.pad_token_id)
-    return M3(XLMRobertaModel(cfg, add_pooling_layer=False), tok)
+    return random_m3("large", torch.device("cpu"), dropout=0.1)[0]  # gpu_check's XLM-R-large-shaped M3
 
 
 def category(name, shapes, T, H):

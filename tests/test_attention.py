@@ -1,12 +1,17 @@
 """attention.py's lean dropout attention: the kernel against a brute-force softmax with the same dropout mask (float64),
 its drop rate, the encoder with it against SDPA, and the recomputations that must replay its mask (gradient
 checkpointing, gradient cache) against the plain path."""
+import os
+import sys
+
 import pytest
 import torch
 
-import attention
-import train
-from tiny import make_tokenizer, tiny_m3
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import attention  # noqa: E402
+import train  # noqa: E402
+from common import random_batch  # noqa: E402
+from tiny import make_tokenizer, tiny_m3  # noqa: E402
 
 
 def brute_force(q, k, v, mask, p, scale, keep):
@@ -64,16 +69,7 @@ def set_dropout(model, attn, hidden):
 
 def batch(tok, B=2, G=3, TQ=9, TP=14):
     """Random ids, CLS first, SEP last, padded to ragged lengths (the first text full) -> a train_step batch."""
-    g = torch.Generator().manual_seed(1)
-    out = {"teacher": None}
-    for key, n, T in (("q", B, TQ), ("p", B * G, TP)):
-        lens = torch.randint(T // 2, T + 1, (n,), generator=g)
-        lens[0] = T
-        mask = (torch.arange(T)[None] < lens[:, None]).long()  # (n, T)
-        ids = torch.randint(5, len(tok), (n, T), generator=g)
-        ids[:, 0], ids[torch.arange(n), lens - 1] = tok.cls_token_id, tok.sep_token_id
-        out[f"{key}_ids"], out[f"{key}_mask"] = ids.masked_fill(mask == 0, tok.pad_token_id), mask
-    return out
+    return random_batch(B, G, TQ, TP, tok, len(tok), torch.Generator().manual_seed(1), ragged=True)
 
 
 @pytest.mark.parametrize("style", ["xlmr", "bert"])
