@@ -173,7 +173,8 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--beside", metavar="METRICS_JSON", help="only print an eval.py result beside the reference's rows")
     p.add_argument("--table", action="store_true", help="only print the table of the results written so far")
-    p.add_argument("--only", metavar="CONFIG", help="train only this configuration, e.g. 'attention sdpa'")
+    p.add_argument("--only", metavar="CONFIG", choices=list(CONFIGS),
+                   help="train only this configuration, e.g. 'attention sdpa'")
     a = p.parse_args()
     if a.beside:
         return print(beside(a.beside))
