@@ -1,6 +1,7 @@
 """Evaluate an M3 checkpoint on BEIR-layout data with all three heads and their fusion (SPEC.md 6); mine.py mines.
 
 python eval.py --ckpt DIR --data DIR [--split test] [--weights m3|mldr|1,0.3,1] [--sweep] [--index Flat]
+python eval.py --ckpt DIR --data DIR --tune_on train   # + fusion rows whose weights the train queries chose
 python eval.py --ckpt DIR --data DIR --protocol paper --task miracl|mkqa|mldr [--store DIR]   # the paper's rows
 python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
 [torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
@@ -37,6 +38,9 @@ METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # the ensemble that self-distillation trains towards (SPEC 1.4), also the MKQA and MIRACL weights.
 FUSION = {"m3": ((1, 0.3, 0), (1, 0.3, 1)), "mldr": ((0.2, 0.8, 0), (0.15, 0.5, 0.35))}
 FUSION["miracl"] = FUSION["mkqa"] = FUSION["m3"]
+# --sweep's grid and --tune_on's choices (w_dense, w_sparse, w_colbert); weights are scale-free, so a small grid around
+# the m3 weights covers the useful ratios (sparse/dense 0.1-2, colbert/dense 0.5-2)
+SWEEP = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
 
 # ----------------------------------------------------------------------------- command line and evaluate
 
@@ -57,6 +61,8 @@ def main(argv=None):
     p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
+    p.add_argument("--tune_on", metavar="SPLIT", help="another split (e.g. train) whose queries choose the fusion "
+                   "weights from --sweep's grid: adds rows 'tuned d+s' and 'tuned all'")
     p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
     p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
                                  "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
@@ -65,6 +71,10 @@ def main(argv=None):
     a = p.parse_args(argv[encode:])
     if a.protocol == "paper" and (a.weights or a.sweep):
         p.error(f"--{'weights' if a.weights else 'sweep'}: the paper protocol takes its weights from --task")
+    error = option_error("m3", "--", protocol=a.protocol, tune_on=a.tune_on, split=a.split)
+    error = error or a.tune_on and a.data and data_error(a.data, a.tune_on)
+    if error:
+        p.error(error if error.startswith("--") else f"--tune_on: {error}")
     if encode and not (a.store and a.data):
         p.error("encode needs --data and --store")
     model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
@@ -80,7 +90,8 @@ def main(argv=None):
     if encode:
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
                               a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
-    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, protocol=a.protocol,
+    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, tune_on=a.tune_on,
+              protocol=a.protocol,
               task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
@@ -94,16 +105,20 @@ def main(argv=None):
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
-             protocol="exact", task="miracl", store=None, shard_size=4096, query_prefix="", passage_prefix=""):
+             protocol="exact", task="miracl", store=None, shard_size=4096, query_prefix="", passage_prefix="",
+             tune_on=None):
     """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
     function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
     "paper" (task: a search.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
     one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
     overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every query /
-    passage, as training's Config.query_prefix / passage_prefix."""
-    error = option_error(weights, protocol=protocol, task=task, sweep=sweep, depth=depth, colbert_k=colbert_k,
-                         batch_size=batch_size, query_max_len=query_max_len, passage_max_len=passage_max_len,
-                         shard_size=shard_size)
+    passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose the fusion
+    weights (tune_weights; with cache_dir the passages are encoded once); adds rows "tuned d+s" and "tuned all", and
+    res["tuned"]."""
+    error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
+                         colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
+                         passage_max_len=passage_max_len, shard_size=shard_size)
+    error = error or tune_on and data_error(data_dir, tune_on) and f"tune_on: {data_error(data_dir, tune_on)}"
     if error:
         raise ValueError(error)
     t0 = time.time()
@@ -111,6 +126,12 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
+    if tune_on:  # first, so that a tuning split that shares queries with this one stops before the long part
+        tuned = tune_weights((get_model, key, ckpt), data_dir, tune_on, {r["_id"] for r in queries}, depth=depth,
+                             index=index, index_params=index_params, colbert_index=colbert_index,
+                             colbert_k=colbert_k, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                             batch_size=batch_size, mcls=mcls, cache_dir=cache_dir, max_corpus=max_corpus,
+                             query_prefix=query_prefix, passage_prefix=passage_prefix)
     texts = [passage_prefix + passage_text(r) for r in corpus]
     if store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
         meta = store_meta(key, texts, passage_max_len, mcls)
@@ -140,24 +161,39 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         def score(w):
             return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
         rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
+        rows.update({"tuned d+s": tuned["dense+sparse"], "tuned all": tuned["all"]} if tune_on else {})
         scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
         res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
-                   **({"fusion": name} if name else {}))
+                   **({"fusion": name} if name else {}), **({"tuned": tuned} if tune_on else {}))
     res["rows"] = {k: v[0] for k, v in scored.items()}
     res["per_query_ndcg10"] = {"query_ids": [r["_id"] for r in queries], **{k: v[2] for k, v in scored.items()}}
     if any(l is not None for l in langs):  # the lang field: per-language rows and their macro average
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
         res["macro"] = macro(res["per_lang"])
-    if sweep:  # weights are scale-free, so a small grid around the m3 weights covers the useful ratios
-        grid = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
-        res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(grid, desc="sweep")),
-                              key=lambda r: -r["nDCG@10"])
+    if sweep:  # best first; equal nDCG@10 in grid order
+        res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(SWEEP, desc="sweep", disable=not
+                                                                                   verbose)), key=lambda r: -r["nDCG@10"])
     res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
     if verbose:
         print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, {protocol} protocol"
               + (f", task {task}" if protocol == "paper" else f", depth {depth}")
               + f"; qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
     return report(res, out_dir, overwrite, ckpt, verbose)
+
+
+def tune_weights(model, data_dir, split, held_out, **kw):
+    """Fusion weights chosen on split's queries, none of which may be in held_out (the evaluated queries' ids): of the
+    SWEEP grid, the dense+sparse weights (both > 0, colbert 0) and the all-three weights (all > 0) with the best
+    nDCG@10 there (equal: the first in grid order) -> {"split", "dense+sparse", "all", "nDCG@10": {row: there}}."""
+    res = evaluate(model, data_dir, split, sweep=True, verbose=False, **kw)
+    shared = sorted(held_out & set(res["per_query_ndcg10"]["query_ids"]))
+    if shared:
+        raise ValueError(f"tune_on: {len(shared)} queries of split {split} are also evaluated (e.g. id {shared[0]!r} "
+                         f"in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on other queries")
+    best = {"dense+sparse": next(r for r in res["sweep"] if all(r["weights"][:2]) and not r["weights"][2]),
+            "all": next(r for r in res["sweep"] if all(r["weights"]))}
+    return {"split": split, **{row: r["weights"] for row, r in best.items()},
+            "nDCG@10": {row: r["nDCG@10"] for row, r in best.items()}}
 
 
 def evaluate_langs(model, data_dir, dirs, split="test", store=None, out_dir=None, overwrite=False, verbose=True,
@@ -380,10 +416,12 @@ def cli_setup(p, a, data, ranks=None, **ints):
 MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1)
 
 
-def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl", sweep=False, **ints):
+def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl", sweep=False, tune_on=None,
+                 split=None, **ints):
     """What is wrong with the options, naming the option (prefix "--" on the command line), or None: weights a FUSION
     name or 3 finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi" or
-    (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep."""
+    (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep, no
+    tune_on; tune_on not the evaluated split."""
     if protocol not in ("exact", "paper") or task not in PAPER:
         name, value, want = (("protocol", protocol, "exact, paper") if task in PAPER else
                              ("task", task, ", ".join(PAPER)))
@@ -391,6 +429,9 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
     if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
         return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from task; "
                 f"got {weights!r}")
+    if tune_on and (protocol == "paper" or tune_on == split):
+        return (f"{prefix}tune_on: " + ("the paper protocol takes its weights from task" if protocol == "paper" else
+                                        f"{split} is the evaluated split; the weights must be chosen on other queries"))
     try:
         w = [float(x) for x in fusion_weights(weights)[2]]
     except (TypeError, ValueError):

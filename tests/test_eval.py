@@ -251,6 +251,72 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     assert named == explicit
 
 
+def add_split(root, rng, name, n_q, first=0, n_docs=40):
+    """Queries t<first>..t<first+n_q-1> appended to root's queries.jsonl and their qrels as split name."""
+    with open(os.path.join(root, "queries.jsonl"), "a") as f:
+        f.writelines(json.dumps({"_id": f"t{i}", "text": " ".join(rng.choice(WORDS, 3))}) + "\n"
+                     for i in range(first, first + n_q))
+    with open(os.path.join(root, "qrels", f"{name}.tsv"), "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"t{i}\td{j}\t1\n" for i in range(first, first + n_q)
+                                                        for j in rng.choice(n_docs, 3, False)))
+
+
+def test_tune_on_chooses_the_grid_weights_best_on_the_other_split(tmp_path):
+    rng = np.random.default_rng(21)
+    data = str(tmp_path / "data")
+    docs, _, _ = write_beir(data, rng)
+    add_split(data, rng, "train", 12)
+    m, kw = FakeM3(), dict(depth=1000, colbert_k=1000, verbose=False, cache_dir=str(tmp_path / "cache"))
+    res = ev.evaluate(m, data, tune_on="train", out_dir=str(tmp_path / "out"), **kw)
+    assert res["tuned"]["split"] == "train" and m.calls == 3  # passages encoded once, queries once per split
+    _, queries, qrels, _ = ev.load_beir(data, "train")  # brute force on the train queries: every grid point's nDCG@10
+    S = brute(m.encode([r["text"] for r in queries]), m.encode([ev.passage_text(r) for r in docs]))
+    ids = np.array([r["_id"] for r in docs])
+
+    def ndcg(w):
+        F = np.tensordot(np.array(w, np.float32), S, 1)  # (queries, docs)
+        return np.mean([ev.query_metrics(ids[np.lexsort((ids, -f))], qrels[q["_id"]], 1000)["nDCG@10"]
+                        for f, q in zip(F, queries)])
+    for row, ok in (("dense+sparse", lambda w: w[0] and w[1] and not w[2]), ("all", lambda w: all(w))):
+        grid = [w for w in ev.SWEEP if ok(w)]
+        got, scores = res["tuned"][row], [ndcg(w) for w in grid]
+        i = grid.index(tuple(got))
+        assert scores[i] >= max(scores) - 1e-6 and all(x < scores[i] + 1e-6 for x in scores[:i])  # first best
+        assert res["tuned"]["nDCG@10"][row] == pytest.approx(scores[i], abs=1e-6)
+        fixed = ev.evaluate(m, data, weights=got, **kw)  # the test rows with those weights given by hand
+        assert res["rows"]["tuned " + ("d+s" if row == "dense+sparse" else "all")] == fixed["rows"][row]
+    assert len(set(map(tuple, (res["tuned"]["all"], (1, 0.3, 1))))) == 2  # this data chooses other weights than m3's
+    assert {k: res["rows"][k] for k in ev.ROWS} == ev.evaluate(m, data, **kw)["rows"]  # the paper rows unchanged
+    assert json.load(open(tmp_path / "out" / "metrics.json"))["tuned"] == res["tuned"]
+
+
+def test_tune_on_never_tunes_on_the_evaluated_queries(tmp_path, capsys):
+    rng = np.random.default_rng(22)
+    data = str(tmp_path / "data")
+    write_beir(data, rng)
+    add_split(data, rng, "train", 4)
+    m = FakeM3()
+    for kw, msg in ((dict(tune_on="test"), "tune_on: test is the evaluated split"),
+                    (dict(tune_on="dev"), r"tune_on: .*no qrels/dev.tsv \(splits there: \['test.tsv', 'train.tsv'\]\)"),
+                    (dict(tune_on="train", protocol="paper"), "tune_on: the paper protocol")):
+        with pytest.raises(ValueError, match=msg):
+            ev.evaluate(m, data, verbose=False, **kw)
+    with open(os.path.join(data, "qrels", "train.tsv"), "a") as f:
+        f.write("q3\td5\t1\n")  # a test query among the tuning queries
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"tune_on: 1 queries of split train are also evaluated \(e.g. id 'q3'"):
+        ev.evaluate(m, data, tune_on="train", out_dir=str(out), verbose=False)
+    assert not out.exists()  # nothing written
+    nope = str(tmp_path / "no_such_ckpt")  # the command line: before the checkpoint is looked at
+    for extra, msg in ((["--tune_on", "test"], "--tune_on: test is the evaluated split"),
+                       (["--tune_on", "train", "--split", "train"], "--tune_on: train is the evaluated split"),
+                       (["--tune_on", "dev"], "--tune_on: " + data + ": no qrels/dev.tsv"),
+                       (["--tune_on", "train", "--protocol", "paper"], "--tune_on: the paper protocol")):
+        with pytest.raises(SystemExit):
+            ev.main(["--ckpt", nope, "--data", data] + extra)
+        assert msg in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_mine_range_positives_scores(tmp_path):
     rng = np.random.default_rng(5)
     passages = list(dict.fromkeys(" ".join(rng.choice(WORDS, 5)) for _ in range(80)))
