@@ -11,10 +11,13 @@ term-matching sparse head as in ours). One seed each (their effects are large): 
 effect is on a weak head: does self-KD lift a sparse head that starts random?); CLS pooling; SDPA attention (the
 kernel before attention.py's lean one: same dropout, other random draws); the zero-shot model.
 Evaluation: exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over
-every document (colbert_k=0), fusion weights 1, 0.3, 1; each query's nDCG@10 is kept for the paired intervals.
+every document (colbert_k=0), fusion weights 1, 0.3, 1 (the paper's) and, rows "tuned d+s" / "tuned all", the weights
+each checkpoint's own scores on the 809 train queries choose (eval.py --tune_on train: never the test queries); each
+query's nDCG@10 is kept for the paired intervals.
 
 Every finished run writes <out>/results/<config>-s<seed>.json and every stage its checkpoint: a rerun resumes where
-the last one stopped (a session ends, a background job with it).
+the last one stopped (a session ends, a background job with it); a result without a row of ROWS (written before the
+row existed) is evaluated again from its checkpoint.
 
     python bench/quality.py --seeds 3     # ~2 hours on 2 idle CPU cores; last line: ours_all=<mean> ...
     python bench/quality.py --quick       # 2 steps per stage, 300-document slice: checks the script
@@ -35,7 +38,7 @@ import stats  # noqa: E402
 from eval import evaluate  # noqa: E402
 from model import M3  # noqa: E402
 
-ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")
+ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all", "tuned d+s", "tuned all")
 REFERENCE = {  # the reference implementation at the same budget, one seed (data/README.md): nDCG@10, Recall@100
     "mean pooling": {"dense": (0.6671, 0.9383), "sparse": (0.1404, 0.5099), "multi-vector": (0.7164, 0.9410),
                      "dense+sparse": (0.6722, 0.9410), "all": (0.7099, 0.9593)},
@@ -105,30 +108,34 @@ def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate
     results = {}
     for config, seed in runs(seeds):
         path = os.path.join(out, "results", f"{config}-s{seed}.json")
-        if (train_fn is None or only and config != only) and not os.path.exists(path):
-            continue  # only the results written so far (or only those of one configuration)
-        if not os.path.exists(path):
+        whole = os.path.exists(path) and set(ROWS) <= set(json.load(open(path))["rows"])
+        if not whole and train_fn is not None and (not only or config == only):
+            torch.manual_seed(0)  # zero-shot: the same seeded random colbert head every run, as eval.py's
             model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
-                train_fn(out, config, seed, steps)
+                train_fn(out, config, seed, steps)  # an existing checkpoint is not trained again
             res = eval_fn(model, data, **ev)
             with open(path + ".tmp", "w") as f:
-                json.dump({"rows": res["rows"], "per_query_ndcg10": res["per_query_ndcg10"]}, f)
+                json.dump({k: res[k] for k in ("rows", "per_query_ndcg10", "tuned") if k in res}, f)
             os.replace(path + ".tmp", path)  # a result file is whole or absent
-        results.setdefault(config, []).append(json.load(open(path)))
+        if os.path.exists(path):  # else: only the results written so far (or only those of one configuration)
+            results.setdefault(config, []).append(json.load(open(path)))
     return results
 
 
 def table(results):
     """Mean +- std per cell over seeds; for each ablation the paired nDCG@10 difference to ours (a one-seed one:
-    to ours's seed 0, with the interval over queries only)."""
-    lines = [f"{'model':28s} {'seeds':>5s} " + " ".join(f"{r:>22s}" for r in ROWS)]
+    to ours's seed 0, with the interval over queries only). A row some seed of a configuration lacks (a result written
+    before the row existed) is left blank for that configuration."""
+    has = lambda runs, row: all(row in r["rows"] for r in runs)  # noqa: E731
+    rows = [row for row in ROWS if any(has(runs, row) for runs in results.values())]
+    lines = [f"{'model':28s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in rows)]
     for config, runs in results.items():
         cells = []
-        for row in ROWS:
-            nd = stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs])
-            rc = stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])
-            cells.append(f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}")
-        lines.append(f"{config:28s} {len(runs):5d} " + " ".join(f"{c:>22s}" for c in cells))
+        for row in rows:
+            nd = stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs]) if has(runs, row) else None
+            rc = nd and stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])
+            cells.append(f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}" if nd else "-")
+        lines.append(f"{config:28s} {len(runs):5d} " + " ".join(f"{c:>21s}" for c in cells))
     ours = results["ours"]
     per = lambda runs, row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
     lines.append("paired nDCG@10 differences, 95% intervals over seeds (t) and over queries (bootstrap):")
@@ -136,32 +143,39 @@ def table(results):
         if config in ("ours", "zero-shot") or len(runs) not in (1, len(ours)):
             continue
         base, name = (ours, "ours") if len(runs) == len(ours) else (ours[:1], "ours s0")  # one seed: against seed 0
-        for row in ROWS:
+        for row in (row for row in rows if has(base, row) and has(runs, row)):
             d, lo, hi = stats.seed_interval(per(base, row), per(runs, row))
             _, blo, bhi = stats.query_bootstrap(per(base, row), per(runs, row))
             seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
             lines.append(f"  {name} - {config:26s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
     weak = [results.get(c) for c in ("random sparse head", "random sparse head, without self-KD")]
     if all(weak):
-        for row in ROWS:  # self-distillation's effect where a head starts weak
+        for row in (row for row in rows if has(weak[0], row) and has(weak[1], row)):  # self-KD on a weak head
             d, blo, bhi = stats.query_bootstrap(per(weak[0], row), per(weak[1], row))
             lines.append(f"  random sparse head: with - without self-KD {row:13s} {d:+.4f}  "
                          f"queries [{blo:+.4f}, {bhi:+.4f}]")
     best = max(("dense", "sparse", "multi-vector"), key=lambda r: per(ours, r).mean())
-    d, lo, hi = stats.query_bootstrap(per(ours, "all"), per(ours, best))
-    lines.append(f"  ours: all three - {best} {d:+.4f}  queries [{lo:+.4f}, {hi:+.4f}]")
+    for row in (row for row in ("all", "tuned all") if has(ours, row)):  # the fused rows against the best head
+        d, lo, hi = stats.seed_interval(per(ours, row), per(ours, best))
+        _, blo, bhi = stats.query_bootstrap(per(ours, row), per(ours, best))
+        seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(ours) > 1 else ""
+        lines.append(f"  ours: {row} - {best} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+    for config, runs in results.items():  # the all-three weights the train queries chose
+        if has(runs, "tuned all"):
+            lines.append(f"  weights chosen on train (dense, sparse, colbert), {config}: " +
+                         "  ".join(f"s{i} {r['tuned']['all']}" for i, r in enumerate(runs)))
     return "\n".join(lines)
 
 
 def beside(metrics_json):
     """An eval.py metrics.json (nDCG@10 / Recall@100 per row) printed above the reference's rows."""
-    rows = json.load(open(metrics_json))["rows"]
-    lines = [f"{'SciFact test, nDCG@10 / Recall@100':40s} " + " ".join(f"{r:>15s}" for r in ROWS),
+    rows, names = json.load(open(metrics_json))["rows"], list(REFERENCE["mean pooling"])  # the reference's rows
+    lines = [f"{'SciFact test, nDCG@10 / Recall@100':40s} " + " ".join(f"{r:>15s}" for r in names),
              f"{'ours (' + metrics_json + ')':40s} " +
-             " ".join(f"{rows[r]['nDCG@10']:.4f} / {rows[r]['Recall@100']:.4f}" for r in ROWS)]
+             " ".join(f"{rows[r]['nDCG@10']:.4f} / {rows[r]['Recall@100']:.4f}" for r in names)]
     for pooling, ref in REFERENCE.items():
         lines.append(f"{'reference implementation, ' + pooling:40s} " +
-                     " ".join(f"{ref[r][0]:.4f} / {ref[r][1]:.4f}" for r in ROWS))
+                     " ".join(f"{ref[r][0]:.4f} / {ref[r][1]:.4f}" for r in names))
     return "\n".join(lines) + "\n(the reference: FlagEmbedding's M3 fine-tuning at the same budget, one seed, " \
         "data/README.md; ours over 3 seeds: README)"
 
@@ -180,14 +194,16 @@ def main():
         return print(beside(a.beside))
     steps = (2, 2, 2) if a.quick else (20, 40, 40)
     ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000, colbert_k=0,
-              max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"), verbose=False)
+              tune_on="train", max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"),
+              verbose=False)
     data = os.path.join(ROOT, "data", "scifact")
     results = run_all(a.out, a.seeds, steps, ev, data, None if a.table else train_config, only=a.only)
     print(table(results))
-    m = {row: np.mean([r["rows"][row]["nDCG@10"] for r in results["ours"]]) for row in ROWS}
+    m = {row: np.mean([r["rows"].get(row, {"nDCG@10": np.nan})["nDCG@10"] for r in results["ours"]]) for row in ROWS}
     print("reference, mean pooling: " + " ".join(f"{r} {v[0]:.4f}" for r, v in REFERENCE["mean pooling"].items()))
     print(f"ours_dense={m['dense']:.4f} ours_sparse={m['sparse']:.4f} ours_colbert={m['multi-vector']:.4f} "
-          f"ours_dense_sparse={m['dense+sparse']:.4f} ours_all={m['all']:.4f} seeds={len(results['ours'])}")
+          f"ours_dense_sparse={m['dense+sparse']:.4f} ours_all={m['all']:.4f} seeds={len(results['ours'])} "
+          f"ours_tuned_all={m['tuned all']:.4f}")
 
 
 if __name__ == "__main__":

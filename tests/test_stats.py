@@ -1,5 +1,6 @@
 """bench/stats.py: the error bars of bench/quality.py against hand-computed values and a brute-force bootstrap; the
 quality runner's resume and its shared stages."""
+import json
 import os
 import sys
 
@@ -44,7 +45,7 @@ def fake_eval(model, data, **ev):
     r = np.random.default_rng(sum(map(ord, str(model))))
     per = {row: [float(x) for x in r.random(5)] for row in quality.ROWS}
     return {"rows": {row: {"nDCG@10": float(np.mean(v)), "Recall@100": 0.5} for row, v in per.items()},
-            "per_query_ndcg10": {"query_ids": list("abcde"), **per}}
+            "per_query_ndcg10": {"query_ids": list("abcde"), **per}, "tuned": {"all": [1, 0.5, 1]}}
 
 
 def test_quality_runner_resumes_and_trains_each_run_once(tmp_path, monkeypatch):
@@ -68,6 +69,16 @@ def test_quality_runner_resumes_and_trains_each_run_once(tmp_path, monkeypatch):
     calls.clear()
     quality.run_all(str(tmp_path), 3, (1, 1, 1), {}, "data", train, fake_eval, only="without self-KD")  # --only
     assert calls == [("without self-KD", 2)]
+    path, calls[:] = tmp_path / "results" / "ours-s0.json", []
+    before = json.load(open(path))
+    with open(path, "w") as f:  # written before the tuned rows existed
+        json.dump({**before, "rows": {k: v for k, v in before["rows"].items() if not k.startswith("tuned")}}, f)
+    text = quality.table(quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", None, fake_eval))  # --table
+    ours0 = next(line for line in text.splitlines() if line.startswith("ours "))
+    assert ours0.split()[-2:] == ["-", "-"] and "ours: all - " in text and "ours: tuned all" not in text  # blank
+    quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval)
+    assert calls == [("ours", 0), ("ours", 1)] and json.load(open(path)) == before  # s0 evaluated again; s1 missing
+    assert "tuned all" in quality.table(quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", None, fake_eval))
 
 
 def test_configurations_share_the_stages_they_have_in_common(tmp_path, monkeypatch):
