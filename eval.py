@@ -41,6 +41,7 @@ FUSION["miracl"] = FUSION["mkqa"] = FUSION["m3"]
 # --sweep's grid and --tune_on's choices (w_dense, w_sparse, w_colbert); weights are scale-free, so a small grid around
 # the m3 weights covers the useful ratios (sparse/dense 0.1-2, colbert/dense 0.5-2)
 SWEEP = [(d, s, c) for d in (0, 0.5, 1) for s in (0, 0.1, 0.3, 0.5, 1) for c in (0, 0.5, 1) if d or s or c]
+TUNE_DEPTH = 100  # --tune_on's candidates: each query's dense and sparse top 100
 
 # ----------------------------------------------------------------------------- command line and evaluate
 
@@ -128,8 +129,8 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         check_out(out_dir, ckpt)
     if tune_on:  # first, so that a tuning split that shares queries with this one stops before the long part
         tuned = tune_weights((get_model, key, ckpt), data_dir, tune_on, {r["_id"] for r in queries}, depth=depth,
-                             index=index, index_params=index_params, colbert_index=colbert_index,
-                             colbert_k=colbert_k, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                             index=index, index_params=index_params, query_max_len=query_max_len,
+                             passage_max_len=passage_max_len,
                              batch_size=batch_size, mcls=mcls, cache_dir=cache_dir, max_corpus=max_corpus,
                              query_prefix=query_prefix, passage_prefix=passage_prefix)
     texts = [passage_prefix + passage_text(r) for r in corpus]
@@ -181,11 +182,15 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     return report(res, out_dir, overwrite, ckpt, verbose)
 
 
-def tune_weights(model, data_dir, split, held_out, **kw):
+def tune_weights(model, data_dir, split, held_out, depth=TUNE_DEPTH, **kw):
     """Fusion weights chosen on split's queries, none of which may be in held_out (the evaluated queries' ids): of the
     SWEEP grid, the dense+sparse weights (both > 0, colbert 0) and the all-three weights (all > 0) with the best
-    nDCG@10 there (equal: the first in grid order) -> {"split", "dense+sparse", "all", "nDCG@10": {row: there}}."""
-    res = evaluate(model, data_dir, split, sweep=True, verbose=False, **kw)
+    nDCG@10 there (equal: the first in grid order) -> {"split", "dense+sparse", "all", "nDCG@10": {row: there}}.
+    Candidates: the dense and sparse top-TUNE_DEPTH (at most depth), every one scored exactly by all three heads; no
+    colbert candidates (a full MaxSim search costs ~50x more on CPU, and a passage that only colbert ranks in its top
+    100 seldom reaches a fused top 10)."""
+    res = evaluate(model, data_dir, split, sweep=True, verbose=False, depth=min(depth, TUNE_DEPTH), **kw,
+                   colbert_k=None)
     shared = sorted(held_out & set(res["per_query_ndcg10"]["query_ids"]))
     if shared:
         raise ValueError(f"tune_on: {len(shared)} queries of split {split} are also evaluated (e.g. id {shared[0]!r} "
@@ -249,13 +254,14 @@ def macro(per_lang):
 def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Flat", colbert_k=64,
              use=(True, True, True), qbatch=64):
     """Per query (cand (n,), s (3, n), src (3, n)): union of dense top-depth, sparse top-depth and colbert token hits
-    (each query token's colbert_k nearest passage tokens; all passages if colbert_k <= 0); s = exact scores of all
-    heads; src = which heads found it. use: the heads to run (the others score 0 and find nothing)."""
+    (each query token's colbert_k nearest passage tokens; all passages if colbert_k <= 0; none if None: colbert then
+    only scores the others' candidates, a rerank); s = exact scores of all heads; src = which heads found it. use: the
+    heads to run (the others score 0 and find nothing)."""
     nq, n = len(Q["dense"]), len(P["dense"])
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
-    if use[2] and colbert_k > 0:
+    if use[2] and colbert_k is not None and colbert_k > 0:
         tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
@@ -263,14 +269,14 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=nq <= qbatch):
         rows = np.arange(a, min(a + qbatch, nq))
         sparse_top = sparse_search(inv, Q, rows, depth) if use[1] else [empty] * len(rows)
-        if use[2] and colbert_k <= 0:  # exhaustive: every passage is a candidate
+        if not use[2] or colbert_k is None:
+            colbert_hits = [empty] * len(rows)
+        elif colbert_k <= 0:  # exhaustive: every passage is a candidate
             colbert_hits = [np.arange(n)] * len(rows)
-        elif use[2]:
+        else:
             ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
             hits = tok_index.search(Q["cb_vecs"][ta:tb], min(colbert_k, len(tok2doc)))[1]  # (batch tokens, k')
             colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in np.split(hits, Q["cb_ptr"][rows[1:]] - ta)]
-        else:
-            colbert_hits = [empty] * len(rows)
         for r, i in enumerate(rows):
             lists = [dense_top[i][dense_top[i] >= 0] if use[0] else empty, sparse_top[r], colbert_hits[r]]
             cand = np.unique(np.concatenate(lists))  # (n,)
@@ -440,7 +446,7 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
         return (f"{prefix}weights: expected one of {', '.join(FUSION)} or 3 numbers dense,sparse,colbert, not all 0; "
                 f"got {weights!r}")
     for k, v in ints.items():
-        if not isinstance(v, (int, np.integer)) or v < MINIMUM[k]:
+        if (not isinstance(v, (int, np.integer)) or v < MINIMUM[k]) and not (k == "colbert_k" and v is None):
             return f"{prefix}{k}: expected an integer >= {MINIMUM[k]}; got {v!r}"
     lo_hi = ranks.split("-") if isinstance(ranks, str) else ranks
     if ranks is not None and not (len(lo_hi) == 2 and all(str(x).isdecimal() for x in lo_hi)

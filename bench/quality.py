@@ -12,8 +12,8 @@ effect is on a weak head: does self-KD lift a sparse head that starts random?); 
 kernel before attention.py's lean one: same dropout, other random draws); the zero-shot model.
 Evaluation: exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over
 every document (colbert_k=0), fusion weights 1, 0.3, 1 (the paper's) and, rows "tuned d+s" / "tuned all", the weights
-each checkpoint's own scores on the 809 train queries choose (eval.py --tune_on train: never the test queries); each
-query's nDCG@10 is kept for the paired intervals.
+each checkpoint's own scores on the 809 train queries choose (eval.py --tune_on train: the dense and sparse top 100
+reranked by all three heads, never the test queries); each query's nDCG@10 is kept for the paired intervals.
 
 Every finished run writes <out>/results/<config>-s<seed>.json and every stage its checkpoint: a rerun resumes where
 the last one stopped (a session ends, a background job with it); a result without a row of ROWS (written before the

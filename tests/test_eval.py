@@ -84,6 +84,15 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive():
         assert (-np.diff(np.sort(sim, 1)[:, ::-1][:, k - 1:k + 1])).min() > 1e-5  # no near-tie at the k boundary
         np.testing.assert_array_equal(cand, np.unique(tok2doc[near]))
         np.testing.assert_allclose(s[2], C[i, cand], rtol=1e-5, atol=1e-6)
+    S = brute(qo, po)  # colbert_k None (--tune_on's rerank): dense and sparse candidates, all three scored exactly
+    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4)):
+        ranked = -np.sort(-S[:2, i], 1)  # (2, 50) dense and sparse scores, best first
+        assert ((ranked[:, 5] - ranked[:, 6] > 1e-6) | (ranked[:, 5] == 0)).all()  # no near-tie at the depth
+        sparse_top = np.argsort(-S[1, i])[:6]
+        sparse_top = sparse_top[S[1, i, sparse_top] > 0]  # passages sharing no token are not sparse candidates
+        np.testing.assert_array_equal(cand, np.union1d(np.argsort(-S[0, i])[:6], sparse_top))
+        np.testing.assert_allclose(s, S[:, i, cand], rtol=1e-5, atol=1e-6)
+        assert not src[2].any() and src[:2].any(0).all()
     for cand in (rng.permutation(50), np.array([40, 2, 2, 17]), np.arange(0, 50, 3), np.arange(1, 50, 4)):
         for mt in (5, 40, 1 << 16):  # chunking, order, duplicates, dense (span) and sparse (gather) chunks
             np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=mt), C[0, cand], rtol=1e-5, atol=1e-6)
