@@ -92,8 +92,8 @@ def main(argv=None):
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
                               a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, tune_on=a.tune_on,
-              protocol=a.protocol,
-              task=a.task, store=a.store, overwrite=a.overwrite, out_dir=a.out or default_out(a.ckpt, a.data, a.split))
+              protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite,
+              out_dir=a.out or default_out(a.ckpt, a.data, a.split))
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
@@ -130,9 +130,8 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     if tune_on:  # first, so that a tuning split that shares queries with this one stops before the long part
         tuned = tune_weights((get_model, key, ckpt), data_dir, tune_on, {r["_id"] for r in queries}, depth=depth,
                              index=index, index_params=index_params, query_max_len=query_max_len,
-                             passage_max_len=passage_max_len,
-                             batch_size=batch_size, mcls=mcls, cache_dir=cache_dir, max_corpus=max_corpus,
-                             query_prefix=query_prefix, passage_prefix=passage_prefix)
+                             passage_max_len=passage_max_len, batch_size=batch_size, mcls=mcls, cache_dir=cache_dir,
+                             max_corpus=max_corpus, query_prefix=query_prefix, passage_prefix=passage_prefix)
     texts = [passage_prefix + passage_text(r) for r in corpus]
     if store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
         meta = store_meta(key, texts, passage_max_len, mcls)
@@ -172,8 +171,8 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         res["per_lang"] = {l: {k: v[1][l] for k, v in scored.items()} for l in scored["all"][1]}
         res["macro"] = macro(res["per_lang"])
     if sweep:  # best first; equal nDCG@10 in grid order
-        res["sweep"] = sorted(({"weights": list(w), **score(w)[0]} for w in tqdm(SWEEP, desc="sweep", disable=not
-                                                                                   verbose)), key=lambda r: -r["nDCG@10"])
+        swept = [{"weights": list(w), **score(w)[0]} for w in tqdm(SWEEP, desc="sweep", disable=not verbose)]
+        res["sweep"] = sorted(swept, key=lambda r: -r["nDCG@10"])
     res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
     if verbose:
         print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, {protocol} protocol"
