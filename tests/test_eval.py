@@ -387,6 +387,11 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
                                           for p in po["sparse"]], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(s[2], [colbert_score(qo["colbert"][i], p) for p in po["colbert"]], rtol=1e-5,
                                    atol=1e-5)
+    add_split(data, np.random.default_rng(7), "train", 5, n_docs=25)  # --tune_on: the same as from Python
+    argv = ["--ckpt", str(tmp_path / "ck"), "--data", data, "--depth", "100", "--cache_dir", str(tmp_path / "cache")]
+    tuned = ev.main(argv + ["--tune_on", "train", "--out", str(tmp_path / "tuned")])
+    assert tuned["tuned"] == ev.evaluate(str(tmp_path / "ck"), data, tune_on="train", depth=100, verbose=False)["tuned"]
+    assert {k: v for k, v in tuned["rows"].items() if "tuned" not in k} == res["rows"] and "tuned all" in tuned["rows"]
     mined = str(tmp_path / "mined.jsonl")
     mine.main(["--ckpt", str(tmp_path / "ck"), "--data", data, "--split", "test", "--range", "2-10",
                "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
