@@ -147,7 +147,7 @@ def table(results):
             d, lo, hi = stats.seed_interval(per(base, row), per(runs, row))
             _, blo, bhi = stats.query_bootstrap(per(base, row), per(runs, row))
             seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
-            lines.append(f"  {name} - {config:26s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+            lines.append(f"  {name + ' - ' + config:43s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
     weak = [results.get(c) for c in ("random sparse head", "random sparse head, without self-KD")]
     if all(weak):
         for row in (row for row in rows if has(weak[0], row) and has(weak[1], row)):  # self-KD on a weak head
