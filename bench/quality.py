@@ -128,14 +128,14 @@ def table(results):
     before the row existed) is left blank for that configuration."""
     has = lambda runs, row: all(row in r["rows"] for r in runs)  # noqa: E731
     rows = [row for row in ROWS if any(has(runs, row) for runs in results.values())]
-    lines = [f"{'model':28s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in rows)]
+    lines = [f"{'model':36s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in rows)]
     for config, runs in results.items():
         cells = []
         for row in rows:
             nd = stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs]) if has(runs, row) else None
             rc = nd and stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])
             cells.append(f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}" if nd else "-")
-        lines.append(f"{config:28s} {len(runs):5d} " + " ".join(f"{c:>21s}" for c in cells))
+        lines.append(f"{config:36s} {len(runs):5d} " + " ".join(f"{c:>21s}" for c in cells))
     ours = results["ours"]
     per = lambda runs, row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
     lines.append("paired nDCG@10 differences, 95% intervals over seeds (t) and over queries (bootstrap):")
@@ -147,12 +147,12 @@ def table(results):
             d, lo, hi = stats.seed_interval(per(base, row), per(runs, row))
             _, blo, bhi = stats.query_bootstrap(per(base, row), per(runs, row))
             seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
-            lines.append(f"  {name + ' - ' + config:43s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+            lines.append(f"  {name + ' - ' + config:51s} {row:13s} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
     weak = [results.get(c) for c in ("random sparse head", "random sparse head, without self-KD")]
     if all(weak):
         for row in (row for row in rows if has(weak[0], row) and has(weak[1], row)):  # self-KD on a weak head
             d, blo, bhi = stats.query_bootstrap(per(weak[0], row), per(weak[1], row))
-            lines.append(f"  random sparse head: with - without self-KD {row:13s} {d:+.4f}  "
+            lines.append(f"  {'random sparse head: with - without self-KD':51s} {row:13s} {d:+.4f}  "
                          f"queries [{blo:+.4f}, {bhi:+.4f}]")
     best = max(("dense", "sparse", "multi-vector"), key=lambda r: per(ours, r).mean())
     for row in (row for row in ("all", "tuned all") if has(ours, row)):  # the fused rows against the best head
