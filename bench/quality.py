@@ -19,7 +19,7 @@ Every finished run writes <out>/results/<config>-s<seed>.json and every stage it
 the last one stopped (a session ends, a background job with it); a result without a row of ROWS (written before the
 row existed) is evaluated again from its checkpoint.
 
-    python bench/quality.py --seeds 3     # ~2 hours on 2 idle CPU cores; last line: ours_all=<mean> ...
+    python bench/quality.py --seeds 3     # ~2.5 hours on 2 idle CPU cores; last line: ours_dense=<mean> ...
     python bench/quality.py --quick       # 2 steps per stage, 300-document slice: checks the script
 """
 import argparse
