@@ -119,7 +119,9 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size)
-    error = error or tune_on and data_error(data_dir, tune_on) and f"tune_on: {data_error(data_dir, tune_on)}"
+    if not error and tune_on:  # the tuning split's files, checked before anything is read
+        error = data_error(data_dir, tune_on)
+        error = error and f"tune_on: {error}"
     if error:
         raise ValueError(error)
     t0 = time.time()
