@@ -35,7 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import stats  # noqa: E402
-from eval import evaluate  # noqa: E402
+from eval import SWEEP, evaluate  # noqa: E402
 from model import M3  # noqa: E402
 
 ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all", "tuned d+s", "tuned all")
@@ -101,25 +101,97 @@ def runs(seeds):
         [(c, 0) for c in CONFIGS if c not in every]
 
 
+def best_fused(res):
+    """The all-three weights of res's sweep (every head > 0) with the best nDCG@10 on the evaluated queries themselves:
+    an upper bound for any choice of weights, not a result -> {"weights", "nDCG@10"}."""
+    best = next(r for r in res["sweep"] if all(r["weights"]))
+    return {"weights": best["weights"], "nDCG@10": best["nDCG@10"]}
+
+
+def current(path):
+    """A result file with every row of ROWS whose weights were chosen on eval.SWEEP as it is now."""
+    r = os.path.exists(path) and json.load(open(path))
+    return bool(r) and set(ROWS) <= set(r["rows"]) and r.get("grid") == [list(w) for w in SWEEP]
+
+
 def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate, only=None):
-    """Every (configuration, seed) without a result file: train, evaluate, write the result -> {config: [results]}.
-    train_fn None: only read the results written so far. only: train that configuration alone."""
+    """Every (configuration, seed) without a current result file: train, evaluate, write the result -> {config:
+    [results]}. train_fn None: only read the results written so far. only: train that configuration alone."""
     os.makedirs(os.path.join(out, "results"), exist_ok=True)
     results = {}
     for config, seed in runs(seeds):
         path = os.path.join(out, "results", f"{config}-s{seed}.json")
-        whole = os.path.exists(path) and set(ROWS) <= set(json.load(open(path))["rows"])
-        if not whole and train_fn is not None and (not only or config == only):
+        if not current(path) and train_fn is not None and (not only or config == only):
             torch.manual_seed(0)  # zero-shot: the same seeded random colbert head every run, as eval.py's
             model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
                 train_fn(out, config, seed, steps)  # an existing checkpoint is not trained again
             res = eval_fn(model, data, **ev)
             with open(path + ".tmp", "w") as f:
-                json.dump({k: res[k] for k in ("rows", "per_query_ndcg10", "tuned") if k in res}, f)
+                json.dump({**{k: res[k] for k in ("rows", "per_query_ndcg10", "tuned") if k in res},
+                           "best on test": best_fused(res), "grid": [list(w) for w in SWEEP]}, f)
             os.replace(path + ".tmp", path)  # a result file is whole or absent
         if os.path.exists(path):  # else: only the results written so far (or only those of one configuration)
             results.setdefault(config, []).append(json.load(open(path)))
     return results
+
+
+def xquad_english(dst, src=os.path.join(ROOT, "data", "xquad-r")):
+    """XQuAD-R's English monolingual subset (data/README.md) as a BEIR folder: its 1,190 English questions against its
+    1,180 English sentences, each question's one relevant sentence the English one -> dst (written once)."""
+    if not os.path.isdir(dst):
+        tmp = dst + ".tmp"
+        os.makedirs(os.path.join(tmp, "qrels"), exist_ok=True)
+        for name, keys in (("corpus.jsonl", ("_id", "title", "text")), ("queries.jsonl", ("_id", "text"))):
+            with open(os.path.join(src, name), encoding="utf-8") as f, \
+                    open(os.path.join(tmp, name), "w", encoding="utf-8") as g:
+                for r in map(json.loads, f):
+                    if r["lang"] == "en":
+                        g.write(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n")
+        with open(os.path.join(src, "qrels", "test.tsv"), encoding="utf-8") as f, \
+                open(os.path.join(tmp, "qrels", "test.tsv"), "w", encoding="utf-8") as g:
+            g.writelines(line for n, line in enumerate(f) if n == 0 or line.startswith("en-") and
+                         line.split("\t")[1].startswith("en-"))  # header; English question -> English sentence
+        os.replace(tmp, dst)  # whole or absent
+    return dst
+
+
+def run_transfer(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate):
+    """Ours's checkpoints (trained on SciFact) evaluated on data (another test set) with the paper's weights and, row
+    "tuned all", the all-three weights that checkpoint's SciFact train queries chose (its SciFact result's "tuned") ->
+    [result per seed]; one JSON per seed in <out>/results/transfer/, a rerun resumes (and redoes a result whose
+    tuned weights the SciFact result no longer has)."""
+    os.makedirs(os.path.join(out, "results", "transfer"), exist_ok=True)
+    results = []
+    for seed in range(seeds):
+        path, scifact = (os.path.join(out, "results", *sub, f"ours-s{seed}.json") for sub in (["transfer"], []))
+        if not current(scifact):
+            raise FileNotFoundError(f"{scifact}: no such file or written before eval.SWEEP's grid; the transfer rows "
+                                    f"need its tuned weights: run bench/quality.py --seeds {seeds} first")
+        w = json.load(open(scifact))["tuned"]["all"]
+        if not os.path.exists(path) or json.load(open(path))["tuned"]["all"] != w:
+            ckpt = train_fn(out, "ours", seed, steps)  # the existing checkpoint
+            res, tuned = eval_fn(ckpt, data, **ev), eval_fn(ckpt, data, **{**ev, "weights": w, "sweep": False})
+            per = {**res["per_query_ndcg10"], "tuned all": tuned["per_query_ndcg10"]["all"]}
+            with open(path + ".tmp", "w") as f:
+                json.dump({"rows": {**res["rows"], "tuned all": tuned["rows"]["all"]}, "per_query_ndcg10": per,
+                           "tuned": {"all": w}, "best on test": best_fused(res)}, f)
+            os.replace(path + ".tmp", path)
+        results.append(json.load(open(path)))
+    return results
+
+
+def fused_vs_best(runs, name="ours"):
+    """Lines: the fused rows "all" and "tuned all" minus the head with the best mean, paired, with 95% intervals over
+    seeds and over queries."""
+    per = lambda row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
+    best = max(("dense", "sparse", "multi-vector"), key=lambda row: per(row).mean())
+    lines = []
+    for row in (row for row in ("all", "tuned all") if all(row in r["rows"] for r in runs)):
+        d, lo, hi = stats.seed_interval(per(row), per(best))
+        _, blo, bhi = stats.query_bootstrap(per(row), per(best))
+        seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
+        lines.append(f"  {name}: {row} - {best} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+    return lines
 
 
 def table(results):
@@ -154,17 +226,24 @@ def table(results):
             d, blo, bhi = stats.query_bootstrap(per(weak[0], row), per(weak[1], row))
             lines.append(f"  {'random sparse head: with - without self-KD':51s} {row:13s} {d:+.4f}  "
                          f"queries [{blo:+.4f}, {bhi:+.4f}]")
-    best = max(("dense", "sparse", "multi-vector"), key=lambda r: per(ours, r).mean())
-    for row in (row for row in ("all", "tuned all") if has(ours, row)):  # the fused rows against the best head
-        d, lo, hi = stats.seed_interval(per(ours, row), per(ours, best))
-        _, blo, bhi = stats.query_bootstrap(per(ours, row), per(ours, best))
-        seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(ours) > 1 else ""
-        lines.append(f"  ours: {row} - {best} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+    lines += fused_vs_best(ours)
     for config, runs in results.items():  # the all-three weights the train queries chose
         if has(runs, "tuned all"):
             lines.append(f"  weights chosen on train (dense, sparse, colbert), {config}: " +
                          "  ".join(f"s{i} {r['tuned']['all']}" for i, r in enumerate(runs)))
     return "\n".join(lines)
+
+
+def transfer_table(runs, name):
+    """run_transfer's results: mean +- std per row over seeds (nDCG@10 / Recall@100), then fused_vs_best."""
+    rows = ("dense", "sparse", "multi-vector", "dense+sparse", "all", "tuned all")
+    cells = [stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs]) +
+             stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])[:1] for row in rows]
+    return "\n".join([f"{name}, ours over {len(runs)} seeds (trained on SciFact): nDCG@10 mean+-std / Recall@100",
+                      " ".join(f"{r:>21s}" for r in rows),
+                      " ".join(f"{f'{m:.4f}+-{sd:.4f}/{rc:.3f}':>21s}" for m, sd, rc in cells),
+                      "paired nDCG@10 differences, 95% intervals over seeds (t) and over queries (bootstrap):",
+                      *fused_vs_best(runs)])
 
 
 def beside(metrics_json):
@@ -189,13 +268,20 @@ def main():
     p.add_argument("--table", action="store_true", help="only print the table of the results written so far")
     p.add_argument("--only", metavar="CONFIG", choices=list(CONFIGS),
                    help="train only this configuration, e.g. 'attention sdpa'")
+    p.add_argument("--transfer", action="store_true", help="only evaluate ours's seeds on XQuAD-R's English subset")
     a = p.parse_args()
     if a.beside:
         return print(beside(a.beside))
     steps = (2, 2, 2) if a.quick else (20, 40, 40)
     ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000, colbert_k=0,
-              tune_on="train", max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"),
+              tune_on="train", sweep=True, max_corpus=300 if a.quick else None, cache_dir=os.path.join(a.out, "cache"),
               verbose=False)
+    if a.transfer:
+        data = xquad_english(os.path.join(a.out, "xquad-r-en"))
+        runs = run_transfer(a.out, a.seeds, steps, {**ev, "tune_on": None}, data)
+        print(transfer_table(runs, "XQuAD-R English (1,190 questions, 1,180 sentences)"))
+        return print("xquad_en " + " ".join(f"{row}={np.mean([r['rows'][row]['nDCG@10'] for r in runs]):.4f}"
+                                             for row in ("multi-vector", "all", "tuned all")) + f" seeds={len(runs)}")
     data = os.path.join(ROOT, "data", "scifact")
     results = run_all(a.out, a.seeds, steps, ev, data, None if a.table else train_config, only=a.only)
     print(table(results))

@@ -41,11 +41,12 @@ def test_query_bootstrap_equals_a_brute_force_loop_and_collapses_on_constant_dif
 
 
 def fake_eval(model, data, **ev):
-    """Per-query nDCG@10 drawn from the model's name: results that differ per run but not per call."""
-    r = np.random.default_rng(sum(map(ord, str(model))))
+    """Per-query nDCG@10 drawn from the model's name and weights: results that differ per run but not per call."""
+    r = np.random.default_rng(sum(map(ord, str(model) + str(ev.get("weights")))))
     per = {row: [float(x) for x in r.random(5)] for row in quality.ROWS}
+    sweep = [{"weights": [0, 0.1, 1], "nDCG@10": 0.9}, {"weights": [0.2, 0.1, 1], "nDCG@10": float(r.random())}]
     return {"rows": {row: {"nDCG@10": float(np.mean(v)), "Recall@100": 0.5} for row, v in per.items()},
-            "per_query_ndcg10": {"query_ids": list("abcde"), **per}, "tuned": {"all": [1, 0.5, 1]}}
+            "per_query_ndcg10": {"query_ids": list("abcde"), **per}, "tuned": {"all": [1, 0.5, 1]}, "sweep": sweep}
 
 
 def test_quality_runner_resumes_and_trains_each_run_once(tmp_path, monkeypatch):
@@ -79,6 +80,12 @@ def test_quality_runner_resumes_and_trains_each_run_once(tmp_path, monkeypatch):
     quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval)
     assert calls == [("ours", 0), ("ours", 1)] and json.load(open(path)) == before  # s0 evaluated again; s1 missing
     assert "tuned all" in quality.table(quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", None, fake_eval))
+    assert json.load(open(path))["best on test"] == {"weights": [0.2, 0.1, 1], "nDCG@10": before["best on test"][
+        "nDCG@10"]}  # the sweep's best with every head weighted, not the better one without dense
+    monkeypatch.setattr(quality, "SWEEP", quality.SWEEP[:-1])  # eval.py's grid changed: every result is redone
+    calls.clear()
+    quality.run_all(str(tmp_path), 2, (1, 1, 1), {}, "data", train, fake_eval)
+    assert len(calls) == len(quality.runs(2)) - 1  # zero-shot: no training
 
 
 def test_configurations_share_the_stages_they_have_in_common(tmp_path, monkeypatch):
@@ -93,3 +100,46 @@ def test_configurations_share_the_stages_they_have_in_common(tmp_path, monkeypat
     weak, weak_no_kd = stages["random sparse head"], stages["random sparse head, without self-KD"]
     assert weak[:2] == weak_no_kd[:2] and weak[2] != weak_no_kd[2]
     assert len({s for v in stages.values() for s in v}) == 3 + 1 + 3 + 2 + 2 + 1 + 3 + 3  # nothing else is shared
+
+
+def test_xquad_english_subset_is_the_english_questions_against_the_english_sentences(tmp_path):
+    src = os.path.join(quality.ROOT, "data", "xquad-r")
+    dst = quality.xquad_english(str(tmp_path / "en"), src)
+    read = lambda d, name: [json.loads(line) for line in open(os.path.join(d, name), encoding="utf-8")]  # noqa: E731
+    corpus, queries = read(dst, "corpus.jsonl"), read(dst, "queries.jsonl")
+    assert (len(queries), len(corpus)) == (1190, 1180)  # data/README.md's counts
+    assert corpus == [{k: r[k] for k in ("_id", "title", "text")} for r in read(src, "corpus.jsonl") if r["lang"] == "en"]
+    assert queries == [{"_id": r["_id"], "text": r["text"]} for r in read(src, "queries.jsonl") if r["lang"] == "en"]
+    rows = [line.split("\t") for line in open(os.path.join(dst, "qrels", "test.tsv"), encoding="utf-8")]
+    assert rows[0] == ["query-id", "corpus-id", "score\n"]
+    assert sorted(q for q, _, _ in rows[1:]) == sorted(r["_id"] for r in queries)  # one relevant sentence each
+    ids = {r["_id"] for r in corpus}
+    assert all(d in ids for _, d, _ in rows[1:])
+    os.remove(os.path.join(dst, "corpus.jsonl"))
+    assert quality.xquad_english(dst, src) == dst and not os.path.exists(os.path.join(dst, "corpus.jsonl"))  # once
+
+
+def test_transfer_rows_use_each_seeds_scifact_weights_and_resume(tmp_path, monkeypatch):
+    out, calls = str(tmp_path), []
+    train = lambda out, config, seed, steps: f"{config} {seed}"  # noqa: E731
+    evals = lambda model, data, **ev: calls.append((model, ev.get("weights"))) or fake_eval(model, data, **ev)  # noqa
+    with pytest.raises(FileNotFoundError, match=r"ours-s0.json: no such file .* bench/quality.py --seeds 2 first"):
+        quality.run_transfer(out, 2, (1, 1, 1), {}, "xq", train, evals)
+    quality.run_all(out, 2, (1, 1, 1), {}, "data", train, fake_eval)
+    scifact = tmp_path / "results" / "ours-s1.json"
+    rewrite = lambda path, **kv: path.write_text(json.dumps({**json.loads(path.read_text()), **kv}))  # noqa: E731
+    rewrite(scifact, tuned={"all": [0.3, 0.2, 1]})
+    res = quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
+    assert calls == [("ours 0", (1, 0.3, 1)), ("ours 0", [1, 0.5, 1]), ("ours 1", (1, 0.3, 1)), ("ours 1", [0.3, 0.2, 1])]
+    for r, w in zip(res, ([1, 0.5, 1], [0.3, 0.2, 1])):
+        tuned = fake_eval(f"ours {res.index(r)}", "xq", weights=w)
+        assert r["rows"]["tuned all"] == tuned["rows"]["all"] and r["tuned"]["all"] == w
+        assert r["per_query_ndcg10"]["tuned all"] == tuned["per_query_ndcg10"]["all"]
+        assert r["rows"]["all"] == fake_eval(f"ours {res.index(r)}", "xq", weights=(1, 0.3, 1))["rows"]["all"]
+    calls.clear()
+    assert quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals) == res and not calls
+    rewrite(scifact, tuned={"all": [0.5, 0.3, 1]})  # seed 1's SciFact tuning chose other weights: redone
+    quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
+    assert calls == [("ours 1", (1, 0.3, 1)), ("ours 1", [0.5, 0.3, 1])]
+    text = quality.transfer_table(res, "XQ")
+    assert "ours: all - " in text and "ours: tuned all - " in text
