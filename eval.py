@@ -158,7 +158,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         scored = {row: run_metrics([ids[c] for c, _ in lists[row]], qrels_list, langs, PAPER_DEPTH) for row in ROWS}
         res.update(task=task, weights=list(PAPER[task]["w_all"]), paper=PAPER[task])
     else:
-        results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k)
+        results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k, progress=verbose)
         name, w_ds, w_all = fusion_weights(weights)
 
         def score(w):
@@ -254,11 +254,11 @@ def macro(per_lang):
 
 
 def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Flat", colbert_k=64,
-             use=(True, True, True), qbatch=64):
+             use=(True, True, True), qbatch=64, progress=True):
     """Per query (cand (n,), s (3, n), src (3, n)): union of dense top-depth, sparse top-depth and colbert token hits
     (each query token's colbert_k nearest passage tokens; all passages if colbert_k <= 0; none if None: colbert then
     only scores the others' candidates, a rerank); s = exact scores of all heads; src = which heads found it. use: the
-    heads to run (the others score 0 and find nothing)."""
+    heads to run (the others score 0 and find nothing). progress: a progress bar past one batch of queries."""
     nq, n = len(Q["dense"]), len(P["dense"])
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
@@ -268,7 +268,7 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
     results, empty = [], np.zeros(0, np.int64)
-    for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=nq <= qbatch):
+    for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=not progress or nq <= qbatch):
         rows = np.arange(a, min(a + qbatch, nq))
         sparse_top = sparse_search(inv, Q, rows, depth) if use[1] else [empty] * len(rows)
         if not use[2] or colbert_k is None:

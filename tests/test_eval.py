@@ -65,7 +65,7 @@ def test_sparse_index_equals_dict_overlap():
         np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.array([7, 3, 7])), S[i, [7, 3, 7]], rtol=1e-5, atol=1e-6)
 
 
-def test_colbert_candidates_and_maxsim_equal_exhaustive():
+def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
     rng = np.random.default_rng(2)
     qo, po = rand_out(rng, 10), rand_out(rng, 50)
     Q, P = ev.pack(qo), ev.pack(po)
@@ -93,6 +93,11 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive():
         np.testing.assert_array_equal(cand, np.union1d(np.argsort(-S[0, i])[:6], sparse_top))
         np.testing.assert_allclose(s, S[:, i, cand], rtol=1e-5, atol=1e-6)
         assert not src[2].any() and src[:2].any(0).all()
+    assert "retrieve" in capsys.readouterr().err  # the progress bar past one batch of queries; none when told
+    quiet = ev.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4, progress=False)
+    assert "retrieve" not in capsys.readouterr().err
+    loud = ev.retrieve(Q, P, depth=6, colbert_k=None)
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(quiet, loud))
     for cand in (rng.permutation(50), np.array([40, 2, 2, 17]), np.arange(0, 50, 3), np.arange(1, 50, 4)):
         for mt in (5, 40, 1 << 16):  # chunking, order, duplicates, dense (span) and sparse (gather) chunks
             np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=mt), C[0, cand], rtol=1e-5, atol=1e-6)

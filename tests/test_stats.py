@@ -108,7 +108,8 @@ def test_xquad_english_subset_is_the_english_questions_against_the_english_sente
     read = lambda d, name: [json.loads(line) for line in open(os.path.join(d, name), encoding="utf-8")]  # noqa: E731
     corpus, queries = read(dst, "corpus.jsonl"), read(dst, "queries.jsonl")
     assert (len(queries), len(corpus)) == (1190, 1180)  # data/README.md's counts
-    assert corpus == [{k: r[k] for k in ("_id", "title", "text")} for r in read(src, "corpus.jsonl") if r["lang"] == "en"]
+    english = [r for r in read(src, "corpus.jsonl") if r["lang"] == "en"]
+    assert corpus == [{k: r[k] for k in ("_id", "title", "text")} for r in english]
     assert queries == [{"_id": r["_id"], "text": r["text"]} for r in read(src, "queries.jsonl") if r["lang"] == "en"]
     rows = [line.split("\t") for line in open(os.path.join(dst, "qrels", "test.tsv"), encoding="utf-8")]
     assert rows[0] == ["query-id", "corpus-id", "score\n"]
@@ -130,7 +131,8 @@ def test_transfer_rows_use_each_seeds_scifact_weights_and_resume(tmp_path, monke
     rewrite = lambda path, **kv: path.write_text(json.dumps({**json.loads(path.read_text()), **kv}))  # noqa: E731
     rewrite(scifact, tuned={"all": [0.3, 0.2, 1]})
     res = quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
-    assert calls == [("ours 0", (1, 0.3, 1)), ("ours 0", [1, 0.5, 1]), ("ours 1", (1, 0.3, 1)), ("ours 1", [0.3, 0.2, 1])]
+    assert calls == [("ours 0", (1, 0.3, 1)), ("ours 0", [1, 0.5, 1]),
+                     ("ours 1", (1, 0.3, 1)), ("ours 1", [0.3, 0.2, 1])]
     for r, w in zip(res, ([1, 0.5, 1], [0.3, 0.2, 1])):
         tuned = fake_eval(f"ours {res.index(r)}", "xq", weights=w)
         assert r["rows"]["tuned all"] == tuned["rows"]["all"] and r["tuned"]["all"] == w
