@@ -335,8 +335,9 @@ def _read(ds, i):
 # ----------------------------------------------------------------------------- evaluation data in BEIR layout
 
 
-def load_beir(data_dir, split, max_corpus=None):
-    """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files."""
+def load_beir(data_dir, split, max_corpus=None, corpus=True):
+    """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files;
+    corpus False: only the queries and qrels checked and returned (corpus records and missing counts None)."""
     error = data_error(data_dir, split)
     if error:
         raise FileNotFoundError(error)
@@ -350,6 +351,8 @@ def load_beir(data_dir, split, max_corpus=None):
         why = ("no rows" if not qrels else f"0 of {len(qrels)} query ids in qrels are in {qpath}" if not found else
                f"none of its {found} queries that are in {qpath} has a relevance > 0")
         raise ValueError(f"{path}: no query to evaluate: {why}")
+    if not corpus:
+        return None, [queries[q] for q in usable], usable, None
     corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text"), "_id")
     doc_ids = {r["_id"] for r in corpus}
     missing = {"queries": sum(q not in queries for q in qrels),

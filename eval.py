@@ -108,15 +108,16 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
              protocol="exact", task="miracl", store=None, shard_size=4096, query_prefix="", passage_prefix="",
-             tune_on=None):
+             tune_on=None, passages=None):
     """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
     function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
     "paper" (task: a search.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
     one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
     overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every query /
     passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose the fusion
-    weights (tune_weights; with cache_dir the passages are encoded once); adds rows "tuned d+s" and "tuned all", and
-    res["tuned"]."""
+    weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it); adds rows
+    "tuned d+s" and "tuned all", and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they
+    are this corpus's (tune_weights hands its caller's over)."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size)
@@ -130,13 +131,17 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
-    if tune_on:  # first, so that a tuning split that shares queries with this one stops before the long part
-        tuned = tune_weights((get_model, key, ckpt), data_dir, tune_on, {r["_id"] for r in queries}, depth=depth,
-                             index=index, index_params=index_params, query_max_len=query_max_len,
-                             passage_max_len=passage_max_len, batch_size=batch_size, mcls=mcls, cache_dir=cache_dir,
-                             max_corpus=max_corpus, query_prefix=query_prefix, passage_prefix=passage_prefix)
+    if tune_on:  # before the long part: the tuning split has queries to evaluate, none of them evaluated here
+        tuning = {r["_id"] for r in load_beir(data_dir, tune_on, corpus=False)[1]}
+        shared = sorted({r["_id"] for r in queries} & tuning)
+        if shared:
+            raise ValueError(f"tune_on: {len(shared)} queries of split {tune_on} are also evaluated (e.g. id "
+                             f"{shared[0]!r} in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on "
+                             "other queries")
     texts = [passage_prefix + passage_text(r) for r in corpus]
-    if store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
+    if passages is not None and passages[0] == texts:  # tune_weights: its caller's passages
+        P = passages[1]
+    elif store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
         meta = store_meta(key, texts, passage_max_len, mcls)
         store = store or os.path.join(cache_dir, "store-" + hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:40])
         P = encode_store(get_model, texts, store, meta, batch_size, shard_size, progress=verbose)
@@ -146,6 +151,11 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     Q = encode_cached(get_model, [query_prefix + r["text"] for r in queries], query_max_len, batch_size, False,
                       cache_dir, key)
     t1 = time.time()
+    if tune_on:  # its time counts in retrieve_and_score
+        tuned = tune_weights((get_model, key, ckpt), data_dir, tune_on, (texts, P), depth=depth, index=index,
+                             index_params=index_params, query_max_len=query_max_len, passage_max_len=passage_max_len,
+                             batch_size=batch_size, mcls=mcls, cache_dir=cache_dir, max_corpus=max_corpus,
+                             query_prefix=query_prefix, passage_prefix=passage_prefix)
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))  # (N,) rank of each doc id in string order
     qrels_list, langs = [qrels[r["_id"]] for r in queries], [r.get("lang") for r in queries]
@@ -184,19 +194,15 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     return report(res, out_dir, overwrite, ckpt, verbose)
 
 
-def tune_weights(model, data_dir, split, held_out, depth=TUNE_DEPTH, **kw):
-    """Fusion weights chosen on split's queries, none of which may be in held_out (the evaluated queries' ids): of the
-    SWEEP grid, the dense+sparse weights (both > 0, colbert 0) and the all-three weights (all > 0) with the best
-    nDCG@10 there (equal: the first in grid order) -> {"split", "dense+sparse", "all", "nDCG@10": {row: there}}.
-    Candidates: the dense and sparse top-TUNE_DEPTH (at most depth), every one scored exactly by all three heads; no
-    colbert candidates (a full MaxSim search costs ~50x more on CPU, and a passage that only colbert ranks in its top
-    100 seldom reaches a fused top 10)."""
+def tune_weights(model, data_dir, split, passages=None, depth=TUNE_DEPTH, **kw):
+    """Fusion weights chosen on split's queries (evaluate checks they are not the evaluated ones): of the SWEEP grid,
+    the dense+sparse weights (both > 0, colbert 0) and the all-three weights (all > 0) with the best nDCG@10 there
+    (equal: the first in grid order) -> {"split", "dense+sparse", "all", "nDCG@10": {row: there}}. passages: as
+    evaluate's. Candidates: the dense and sparse top-TUNE_DEPTH (at most depth), every one scored exactly by all three
+    heads; no colbert candidates (a full MaxSim search costs ~50x more on CPU, and a passage that only colbert ranks in
+    its top 100 seldom reaches a fused top 10)."""
     res = evaluate(model, data_dir, split, sweep=True, verbose=False, depth=min(depth, TUNE_DEPTH), **kw,
-                   colbert_k=None)
-    shared = sorted(held_out & set(res["per_query_ndcg10"]["query_ids"]))
-    if shared:
-        raise ValueError(f"tune_on: {len(shared)} queries of split {split} are also evaluated (e.g. id {shared[0]!r} "
-                         f"in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on other queries")
+                   colbert_k=None, passages=passages)
     best = {"dense+sparse": next(r for r in res["sweep"] if all(r["weights"][:2]) and not r["weights"][2]),
             "all": next(r for r in res["sweep"] if all(r["weights"]))}
     return {"split": split, **{row: r["weights"] for row, r in best.items()},

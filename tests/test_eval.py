@@ -283,6 +283,9 @@ def test_tune_on_chooses_the_grid_weights_best_on_the_other_split(tmp_path):
     m, kw = FakeM3(), dict(depth=1000, colbert_k=1000, verbose=False, cache_dir=str(tmp_path / "cache"))
     res = ev.evaluate(m, data, tune_on="train", out_dir=str(tmp_path / "out"), **kw)
     assert res["tuned"]["split"] == "train" and m.calls == 3  # passages encoded once, queries once per split
+    uncached = FakeM3()  # no cache: the passages are handed to the tuning pass
+    again = ev.evaluate(uncached, data, tune_on="train", **{**kw, "cache_dir": None})
+    assert (again["rows"], again["tuned"], uncached.calls) == (res["rows"], res["tuned"], 3)
     _, queries, qrels, _ = ev.load_beir(data, "train")  # brute force on the train queries: every grid point's nDCG@10
     S = brute(m.encode([r["text"] for r in queries]), m.encode([ev.passage_text(r) for r in docs]))
     ids = np.array([r["_id"] for r in docs])
@@ -320,7 +323,12 @@ def test_tune_on_never_tunes_on_the_evaluated_queries(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"tune_on: 1 queries of split train are also evaluated \(e.g. id 'q3'"):
         ev.evaluate(m, data, tune_on="train", out_dir=str(out), verbose=False)
-    assert not out.exists()  # nothing written
+    assert not out.exists() and m.calls == 0  # nothing written, nothing encoded
+    with open(os.path.join(data, "qrels", "empty.tsv"), "w") as f:
+        f.write("query-id\tcorpus-id\tscore\nt0\td1\t0\n")  # a tuning split with no relevant passage
+    with pytest.raises(ValueError, match=r"qrels/empty.tsv: no query to evaluate: none of its 1 queries"):
+        ev.evaluate(m, data, tune_on="empty", out_dir=str(out), verbose=False)
+    assert not out.exists() and m.calls == 0
     nope = str(tmp_path / "no_such_ckpt")  # the command line: before the checkpoint is looked at
     for extra, msg in ((["--tune_on", "test"], "--tune_on: test is the evaluated split"),
                        (["--tune_on", "train", "--split", "train"], "--tune_on: train is the evaluated split"),
