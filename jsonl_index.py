@@ -280,7 +280,9 @@ def cache_path(path, tok_id, cache_dir):
 
 def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
     """Reuse the cached index if its key (file content + tokenizer) matches, else build it and write it atomically.
-    The arrays are memory-mapped .npy files: the ranks of a node share one copy through the page cache."""
+    The arrays are memory-mapped .npy files: the ranks of a node share one copy through the page cache. key.json holds
+    the content key, mtime.json the file's mtime when it was last checked: a fresh clone of a repository that carries
+    an index (data/scifact) rewrites only mtime.json, never a tracked file."""
     cache = cache_path(path, tok_id, cache_dir)
     key = dict(_file_key(path, verify), tokenizer=tok_id)
     same = ("version", "size", "tokenizer", "sha1" if verify else "mtime_ns")  # content, or the trusted cheap part
@@ -292,7 +294,7 @@ def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
             log.warning(f"{cache}: unreadable ({e}); indexing {path} again")
         else:
             if verify and saved != key:  # same content, new mtime (a fresh clone, cp): record it for trusting ranks
-                write_atomic(os.path.join(cache, "key.json"), [json.dumps(key, sort_keys=True)])
+                write_atomic(os.path.join(cache, "mtime.json"), [json.dumps({"mtime_ns": key["mtime_ns"]})])
             return ds
     ds = build_index(path, tokenizer, num_workers)
     save_index(cache, key if verify else dict(_file_key(path), tokenizer=tok_id), ds)
@@ -300,11 +302,17 @@ def open_index(path, tokenizer, tok_id, cache_dir, num_workers, verify=True):
 
 
 def _saved_key(cache):
+    """key.json's content key with mtime.json's mtime (if any); None without a readable key.json."""
     try:
         with open(os.path.join(cache, "key.json")) as f:
-            return json.load(f)
+            key = json.load(f)
     except (OSError, ValueError):
         return None
+    try:
+        with open(os.path.join(cache, "mtime.json")) as f:
+            return {**key, **json.load(f)}
+    except (OSError, ValueError):
+        return key
 
 
 def load_index(path, cache):
@@ -327,7 +335,8 @@ def save_index(cache, key, ds):
     os.makedirs(tmp)
     for a in ARRAYS:
         np.save(os.path.join(tmp, f"{a}.npy"), np.ascontiguousarray(getattr(ds, a)))
-    for name, value in (("meta.json", ds.meta), ("key.json", key)):
+    content, stamp = ({k: v for k, v in key.items() if (k == "mtime_ns") == is_stamp} for is_stamp in (False, True))
+    for name, value in (("meta.json", ds.meta), ("key.json", content), ("mtime.json", stamp)):
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(value, f, sort_keys=True)
     old = f"{cache}.old{os.getpid()}" if os.path.exists(cache) else None

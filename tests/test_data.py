@@ -166,9 +166,13 @@ def test_index_cache_survives_a_new_mtime_and_trusting_ranks_reuse_it(tmp_path, 
     data.open_datasets(path, TOK, verify=False)  # a trusting rank does not hash: the cheap key differs -> rebuild
     assert len(built) == 2
     os.utime(path, ns=(1, 2 * 10 ** 18))
+    cache = next(str(p) for p in tmp_path.iterdir() if p.name.endswith(".idx"))
+    key = open(os.path.join(cache, "key.json"), "rb").read()
     a = data.open_datasets(path, TOK)[0]  # the content hash matches: reused, the new mtime recorded
     b = data.open_datasets(path, TOK, verify=False)[0]  # so the other ranks trust it without hashing
     assert len(built) == 2 and np.array_equal(a.block_offsets, b.block_offsets) and a.meta == b.meta
+    assert open(os.path.join(cache, "key.json"), "rb").read() == key  # a tracked index stays unmodified in git
+    assert json.load(open(os.path.join(cache, "mtime.json"))) == {"mtime_ns": 2 * 10 ** 18}
 
 
 def test_read_refuses_a_line_that_moved_since_indexing(tmp_path):
