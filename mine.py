@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 import eval as ev
+import search
 from jsonl_index import check_example, query_text
 
 
@@ -37,7 +38,7 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
     Q = ev.encode_cached(get_model, q_texts, query_max_len, batch_size, False, cache_dir, key)
     use = tuple(w != 0 for w in weights)
     tie = np.arange(len(passages))  # passages have no ids here: ties by position
-    fused = ev.fuse(ev.retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
+    fused = search.fuse(search.retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
     rng, w, out = np.random.default_rng(seed), np.asarray(weights, np.float32), []
     for i, (q, pos) in enumerate(zip(queries, positives)):
         pos = np.asarray(pos, np.int64)
@@ -47,7 +48,7 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
         pick = np.sort(rng.choice(ok.sum(), min(n_neg, ok.sum()), replace=False))  # in rank order
         rec = {"query": q, "pos": [passages[j] for j in pos], "neg": [passages[j] for j in top[ok][pick]]}
         if scores:
-            rec["pos_scores"] = [float(x) for x in w @ ev.exact_scores(Q, i, P, pos, use)]  # (3,) @ (3, n_pos)
+            rec["pos_scores"] = [float(x) for x in w @ search.exact_scores(Q, i, P, pos, use)]  # (3,) @ (3, n_pos)
             rec["neg_scores"] = [float(x) for x in f[ok][pick]]
         out.append(rec)
     return out

@@ -4,8 +4,8 @@ Packed encodings (model.pack in memory, store.open_store memory-mapped from disk
 (N+1,), sp_ids, sp_w (ids sorted within a row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D), float32 in memory or
 float16 on disk. Row i's entries: ptr[i]:ptr[i + 1]. A mapped array is read only where a score needs it, and its pages
 leave this process's resident set after each use (release): a store of any size costs the rows being scored.
-eval.py --protocol exact (the default) uses build_index, sparse_index/sparse_search and maxsim through eval.retrieve;
---protocol paper is paper_rows: every row built the way the paper built it, with the per-task settings in PAPER.
+eval.py --protocol exact (the default) is retrieve (build_index, sparse_index/sparse_search and maxsim per query) and
+fuse; --protocol paper is paper_rows: every row built the way the paper built it, with the per-task settings in PAPER.
 """
 import mmap
 
@@ -159,6 +159,69 @@ def maxsim(Q, i, P, cand, max_tokens=1 << 16):
         release(vecs)
         a = b
     return out
+
+# ----------------------------------------------------------------- the exact protocol: candidates, scores, fusion
+
+
+def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Flat", colbert_k=64,
+             use=(True, True, True), qbatch=64, progress=True):
+    """Per query (cand (n,), s (3, n), src (3, n)): union of dense top-depth, sparse top-depth and colbert token hits
+    (each query token's colbert_k nearest passage tokens; all passages if colbert_k <= 0; none if None: colbert then
+    only scores the others' candidates, a rerank); s = exact scores of all heads; src = which heads found it. use: the
+    heads to run (the others score 0 and find nothing). progress: a progress bar past one batch of queries."""
+    nq, n = len(Q["dense"]), len(P["dense"])
+    params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
+    dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
+    inv = sparse_index(P) if use[1] else None
+    if use[2] and colbert_k is not None and colbert_k > 0:
+        tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
+        tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
+    qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
+    results, empty = [], np.zeros(0, np.int64)
+    for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=not progress or nq <= qbatch):
+        rows = np.arange(a, min(a + qbatch, nq))
+        sparse_top = sparse_search(inv, Q, rows, depth) if use[1] else [empty] * len(rows)
+        if not use[2] or colbert_k is None:
+            colbert_hits = [empty] * len(rows)
+        elif colbert_k <= 0:  # exhaustive: every passage is a candidate
+            colbert_hits = [np.arange(n)] * len(rows)
+        else:
+            ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
+            hits = tok_index.search(Q["cb_vecs"][ta:tb], min(colbert_k, len(tok2doc)))[1]  # (batch tokens, k')
+            colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in np.split(hits, Q["cb_ptr"][rows[1:]] - ta)]
+        for r, i in enumerate(rows):
+            lists = [dense_top[i][dense_top[i] >= 0] if use[0] else empty, sparse_top[r], colbert_hits[r]]
+            cand = np.unique(np.concatenate(lists))  # (n,)
+            src = np.stack([np.isin(cand, l) for l in lists])  # (3, n)
+            results.append((cand, exact_scores(Q, i, P, cand, use), src))
+    return results
+
+
+def exact_scores(Q, i, P, cand, use=(True, True, True)):
+    """Exact (dense, sparse, colbert) scores of query i with passages cand; (3, n), zeros for heads not in use."""
+    fns = (dense_pairs, sparse_pairs, maxsim)
+    return np.stack([f(Q, i, P, cand) if u else np.zeros(len(cand), np.float32) for f, u in zip(fns, use)])
+
+
+def dense_pairs(Q, i, P, cand):
+    """Exact dense scores e_q . e_p of query i with passages cand; (n,)."""
+    s = P["dense"][cand] @ Q["dense"][i]  # (n, D) @ (D,)
+    release(P["dense"])
+    return s
+
+
+def fuse(results, w, depth, tie):
+    """Per query (top passages, fused scores): candidates of the heads with w_h != 0 ranked by sum_h w_h s_h, ties by
+    doc id (tie = rank of each passage's id in string order)."""
+    w = np.asarray(w, np.float32)
+    out = []
+    for cand, s, src in results:
+        keep = src[w != 0].any(0)
+        c, f = cand[keep], w @ s[:, keep]  # (3,) @ (3, n') -> (n',)
+        order = np.lexsort((tie[c], -f))[:depth]  # primary key last: score desc, then doc id asc
+        out.append((c[order], f[order]))
+    return out
+
 
 # ----------------------------------------------------------------------------- the paper's protocol (SPEC 6.2)
 

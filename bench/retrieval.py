@@ -1,12 +1,12 @@
 """Per-query retrieval latency of eval.py's heads on synthetic vectors (no encoder), 100k passages.
 
-dense: 1024-d normalised vectors, FAISS IndexFlatIP, all queries in one search call (as eval.retrieve), top-100.
+dense: 1024-d normalised vectors, FAISS IndexFlatIP, all queries in one search call (as search.retrieve), top-100.
 sparse: ~100 non-zeros per passage, ~20 per query, token ids Zipf(1.0)-distributed over a 250k vocabulary (the common
-  ids are in almost every passage, as stop-word pieces are), eval.sparse_search in query batches of 64, top-100.
-colbert_rerank100: exact MaxSim (eval.maxsim) of a 32-token query against 100 candidates of 64 tokens x 128-d
+  ids are in almost every passage, as stop-word pieces are), search.sparse_search in query batches of 64, top-100.
+colbert_rerank100: exact MaxSim (search.maxsim) of a 32-token query against 100 candidates of 64 tokens x 128-d
   (a reduced colbert_dim: 1024-d token vectors for 100k passages would not fit in 24 GB).
 fuse: what fusion adds on top of the three lists: exact dense and sparse scores of every candidate in the union of the
-  dense and sparse top-100 (MaxSim of those candidates costs what colbert_rerank100 costs per 100), then eval.fuse's
+  dense and sparse top-100 (MaxSim of those candidates costs what colbert_rerank100 costs per 100), then search.fuse's
   weighted sum and ranking.
 Last line: dense_ms=<f> sparse_ms=<f> colbert_rerank100_ms=<f> fuse_ms=<f> (per query, wall clock).
 """
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval as ev  # noqa: E402
+import search  # noqa: E402
 
 N, NQ, D, V = 100_000, 256, 1024, 250_002  # passages, queries, dense dim, vocab
 P_NNZ, Q_NNZ, P_TOK, Q_TOK, CD, K = 125, 20, 64, 32, 128, 100  # sparse draws, colbert tokens/dim, depth
@@ -54,7 +54,7 @@ print(f"data: {N} passages, sparse nnz/passage {np.diff(P['sp_ptr']).mean():.1f}
       f"{time.time() - t0:.0f} s")
 
 t0 = time.time()
-index, inv = ev.build_index(P["dense"]), ev.sparse_index(P)
+index, inv = search.build_index(P["dense"]), search.sparse_index(P)
 print(f"build: flat index + inverted index {time.time() - t0:.1f} s")
 index.search(Q["dense"][:8], K)  # warm-up
 t0 = time.perf_counter()
@@ -62,16 +62,16 @@ dense_top = index.search(Q["dense"], K)[1]  # (NQ, K)
 dense_ms = (time.perf_counter() - t0) * 1e3 / NQ
 
 sparse_top = []
-ev.sparse_search(inv, Q, np.arange(8), K)
+search.sparse_search(inv, Q, np.arange(8), K)
 t0 = time.perf_counter()
 for a in range(0, NQ, 64):
-    sparse_top += ev.sparse_search(inv, Q, np.arange(a, min(a + 64, NQ)), K)
+    sparse_top += search.sparse_search(inv, Q, np.arange(a, min(a + 64, NQ)), K)
 sparse_ms = (time.perf_counter() - t0) * 1e3 / NQ
 
-ev.maxsim(Q, 0, P, dense_top[0])
+search.maxsim(Q, 0, P, dense_top[0])
 t0 = time.perf_counter()
 for i in range(NQ):
-    ev.maxsim(Q, i, P, dense_top[i])  # 100 candidates x 64 tokens
+    search.maxsim(Q, i, P, dense_top[i])  # 100 candidates x 64 tokens
 colbert_ms = (time.perf_counter() - t0) * 1e3 / NQ
 
 t0 = time.perf_counter()
@@ -79,9 +79,10 @@ results = []
 for i in range(NQ):
     lists = [dense_top[i], sparse_top[i]]
     cand = np.unique(np.concatenate(lists))
-    s = np.stack([ev.dense_pairs(Q, i, P, cand), ev.sparse_pairs(Q, i, P, cand), np.zeros(len(cand), np.float32)])
+    s = np.stack([search.dense_pairs(Q, i, P, cand), search.sparse_pairs(Q, i, P, cand),
+                  np.zeros(len(cand), np.float32)])
     results.append((cand, s, np.stack([np.isin(cand, l) for l in lists] + [np.zeros(len(cand), bool)])))
-ev.fuse(results, (1, 0.3, 1), K, np.arange(N))
+search.fuse(results, (1, 0.3, 1), K, np.arange(N))
 fuse_ms = (time.perf_counter() - t0) * 1e3 / NQ
 print(f"union of dense+sparse top-{K}: {np.mean([len(r[0]) for r in results]):.0f} candidates per query; "
       f"targets dense <= 10, sparse <= 10, colbert_rerank100 <= 20 ms")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval as ev
+import search
 import mine
 from model import M3, colbert_score
 from tiny import make_encoder, make_tokenizer, tiny_m3, unit
@@ -39,7 +40,7 @@ def test_dense_faiss_equals_numpy():
     ref = np.argsort(-S, axis=1)[:, :10]
     assert np.diff(np.sort(S, 1)[:, -11:]).min() > 1e-5  # no near-ties: the fp32 top-10 order is defined
     for spec, params in [("Flat", ""), ("IVF4,Flat", "nprobe=4")]:  # all 4 lists probed -> exact
-        scores, idx = ev.build_index(P, spec, params).search(Q, 10)
+        scores, idx = search.build_index(P, spec, params).search(Q, 10)
         np.testing.assert_array_equal(idx, ref)
         np.testing.assert_allclose(scores, np.take_along_axis(S, ref, 1), rtol=1e-5, atol=1e-5)
 
@@ -53,16 +54,17 @@ def test_sparse_index_equals_dict_overlap():
     top = np.sort(S[rows], 1)[:, ::-1]
     assert ((top[:, 4] - top[:, 5] > 1e-4) | (top[:, 4] == 0)).all()  # no near-tie at k=5: top-5 sets are defined
     for head_df, n_head in ((None, 40), (10 ** 6, 0), (1, 40), (15, None)):  # default, postings, matmul only, mixed
-        inv = ev.sparse_index(P, head_df)
+        inv = search.sparse_index(P, head_df)
         assert n_head is None and 0 < len(inv["head"]) < 40 or len(inv["head"]) == n_head
         for k in (5, 200):
-            for r, top in zip(rows, ev.sparse_search(inv, Q, rows, k)):
+            for r, top in zip(rows, search.sparse_search(inv, Q, rows, k)):
                 pos = np.flatnonzero(S[r] > 0)
                 want = pos[np.argsort(-S[r, pos])][:k]
                 assert set(top.tolist()) == set(want.tolist())
     for i in range(12):
-        np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.arange(90)), S[i], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ev.sparse_pairs(Q, i, P, np.array([7, 3, 7])), S[i, [7, 3, 7]], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(search.sparse_pairs(Q, i, P, np.arange(90)), S[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(search.sparse_pairs(Q, i, P, np.array([7, 3, 7])), S[i, [7, 3, 7]], rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
@@ -72,20 +74,21 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
     C = brute(qo, po)[2]
     n_tok = len(P["cb_vecs"])
     for k in (n_tok, 0):  # candidate depth covers the corpus (0 = all passages) -> exhaustive MaxSim
-        res = ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=4)
+        res = search.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=4)
         for i, (cand, s, src) in enumerate(res):
             np.testing.assert_array_equal(cand, np.arange(50))
             np.testing.assert_allclose(s[2], C[i], rtol=1e-5, atol=1e-6)
     k = 3  # small k': candidates = passages owning one of each query token's 3 nearest passage tokens
     tok2doc = np.repeat(np.arange(50), np.diff(P["cb_ptr"]))
-    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True), qbatch=3)):
+    for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=50, colbert_k=k, use=(False, False, True),
+                                                       qbatch=3)):
         sim = qo["colbert"][i] @ P["cb_vecs"].T
         near = np.argsort(-sim, axis=1)[:, :k]
         assert (-np.diff(np.sort(sim, 1)[:, ::-1][:, k - 1:k + 1])).min() > 1e-5  # no near-tie at the k boundary
         np.testing.assert_array_equal(cand, np.unique(tok2doc[near]))
         np.testing.assert_allclose(s[2], C[i, cand], rtol=1e-5, atol=1e-6)
     S = brute(qo, po)  # colbert_k None (--tune_on's rerank): dense and sparse candidates, all three scored exactly
-    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4)):
+    for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4)):
         ranked = -np.sort(-S[:2, i], 1)  # (2, 50) dense and sparse scores, best first
         assert ((ranked[:, 5] - ranked[:, 6] > 1e-6) | (ranked[:, 5] == 0)).all()  # no near-tie at the depth
         sparse_top = np.argsort(-S[1, i])[:6]
@@ -94,13 +97,13 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
         np.testing.assert_allclose(s, S[:, i, cand], rtol=1e-5, atol=1e-6)
         assert not src[2].any() and src[:2].any(0).all()
     assert "retrieve" in capsys.readouterr().err  # the progress bar past one batch of queries; none when told
-    quiet = ev.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4, progress=False)
+    quiet = search.retrieve(Q, P, depth=6, colbert_k=None, qbatch=4, progress=False)
     assert "retrieve" not in capsys.readouterr().err
-    loud = ev.retrieve(Q, P, depth=6, colbert_k=None)
+    loud = search.retrieve(Q, P, depth=6, colbert_k=None)
     assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(quiet, loud))
     for cand in (rng.permutation(50), np.array([40, 2, 2, 17]), np.arange(0, 50, 3), np.arange(1, 50, 4)):
         for mt in (5, 40, 1 << 16):  # chunking, order, duplicates, dense (span) and sparse (gather) chunks
-            np.testing.assert_allclose(ev.maxsim(Q, 0, P, cand, max_tokens=mt), C[0, cand], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(search.maxsim(Q, 0, P, cand, max_tokens=mt), C[0, cand], rtol=1e-5, atol=1e-6)
 
 
 def test_metrics_hand_computed():
@@ -124,7 +127,7 @@ def test_ties_break_by_doc_id():
     cand = np.arange(6)
     s = np.array([[1, 1, 2, 1, 1, 1], [0] * 6, [0] * 6], np.float32)
     src = np.ones((3, 6), bool)
-    (top, f), = ev.fuse([(cand, s, src)], (1, 0, 0), depth=6, tie=tie)
+    (top, f), = search.fuse([(cand, s, src)], (1, 0, 0), depth=6, tie=tie)
     assert ids[top].tolist() == ["c", "10", "9", "a", "b", "d"]  # score desc, then id in string order
     np.testing.assert_array_equal(f, [2, 1, 1, 1, 1, 1])
 
@@ -137,13 +140,13 @@ def test_fusion_uses_exact_scores_of_missed_passages():
     w = np.array([1, 0.3, 1], np.float32)
     tie = np.arange(60)
     missed = 0
-    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=3, colbert_k=2)):
+    for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=3, colbert_k=2)):
         np.testing.assert_allclose(s, S[:, i, cand], rtol=1e-5, atol=1e-6)  # every head, every candidate
         missed += ((~src[1]) & (s[1] > 0)).sum()  # found by another head, sparse score still exact and non-zero
         assert src[0].sum() == 3 and src[1].sum() <= 3
     assert missed > 0
-    full = ev.retrieve(Q, P, depth=60, colbert_k=1000)  # lists cover the corpus -> fused = brute-force ranking
-    for i, (top, f) in enumerate(ev.fuse(full, w, 10, tie)):
+    full = search.retrieve(Q, P, depth=60, colbert_k=1000)  # lists cover the corpus -> fused = brute-force ranking
+    for i, (top, f) in enumerate(search.fuse(full, w, 10, tie)):
         F = np.tensordot(w, S[:, i], 1)
         want = np.lexsort((tie, -F))[:10]
         assert -np.diff(F[np.lexsort((tie, -F))[:11]]).min() > 1e-5  # no near-ties: the fp32 top-10 order is defined
@@ -226,7 +229,8 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
             assert res["rows"][name][k] == pytest.approx(np.mean([x[k] for x in want]), abs=1e-6)
         de = [x["nDCG@10"] for x, q in zip(want, qs) if q["lang"] == "de"]
         assert res["per_lang"]["de"][name]["nDCG@10"] == pytest.approx(np.mean(de), abs=1e-6)
-    sparse_only = [ids[c] for c, _ in ev.fuse(ev.retrieve(ev.pack(qo), ev.pack(po)), (0, 1, 0), 1000, np.arange(40))]
+    fused = search.fuse(search.retrieve(ev.pack(qo), ev.pack(po)), (0, 1, 0), 1000, np.arange(40))
+    sparse_only = [ids[c] for c, _ in fused]
     assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
 
 
@@ -240,9 +244,9 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     P = ev.pack(m.encode([ev.passage_text(r) for r in corpus], max_length=512))
     Q = ev.pack(m.encode([r["text"] for r in queries], max_length=64))
     ids = np.array([r["_id"] for r in corpus])
-    results = ev.retrieve(Q, P, depth=100, colbert_k=1000)
+    results = search.retrieve(Q, P, depth=100, colbert_k=1000)
     for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
-        ranked = [ids[c] for c, _ in ev.fuse(results, w, 100, np.argsort(np.argsort(ids, kind="stable")))]
+        ranked = [ids[c] for c, _ in search.fuse(results, w, 100, np.argsort(np.argsort(ids, kind="stable")))]
         mean, by_lang, per_q = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries],
                                               100)
         assert res["rows"][row] == mean and res["per_lang"]["de"][row] == by_lang["de"]
@@ -393,7 +397,7 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     po = m.encode([ev.passage_text(r) for r in docs], max_length=512)
     assert sum(len(d) for d in po["sparse"]) > 0
     Q, P = ev.pack(qo), ev.pack(po)
-    for i, (cand, s, src) in enumerate(ev.retrieve(Q, P, depth=25, colbert_k=1000)):
+    for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=25, colbert_k=1000)):
         assert len(cand) == 25
         np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s[1], [sum(w * p.get(t, 0) for t, w in qo["sparse"][i].items())
@@ -571,8 +575,8 @@ def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monk
     tok = np.sort(Q["cb_vecs"] @ P["cb_vecs"].T, 1)[:, ::-1]
     assert (tok[:, kw["colbert_k"] - 1] - tok[:, kw["colbert_k"]]).min() > 1e-5
     flat = mine.mine(m, queries, positives, passages, **kw)
-    calls, build = [], ev.build_index
-    monkeypatch.setattr(ev, "build_index", lambda x, spec="Flat", params="": calls.append((spec, params)) or
+    calls, build = [], search.build_index
+    monkeypatch.setattr(search, "build_index", lambda x, spec="Flat", params="": calls.append((spec, params)) or
                         build(x, spec, params))
     ivf = mine.mine(m, queries, positives, passages, index="IVF4,Flat", index_params="nprobe=4",
                   colbert_index="IVF4,Flat", **kw)  # all 4 lists probed: exact

@@ -121,13 +121,14 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
         for (ca, sa), (cb, sb) in zip(a[row], b[row]):
             np.testing.assert_array_equal(ca, cb)
             np.testing.assert_array_equal(sa, sb)  # bit for bit
-    for (ca, sa, ra), (cb, sb, rb) in zip(ev.retrieve(Q, P, depth=8, colbert_k=3), ev.retrieve(Q, mem, 8, colbert_k=3)):
+    for (ca, sa, ra), (cb, sb, rb) in zip(search.retrieve(Q, P, depth=8, colbert_k=3),
+                                          search.retrieve(Q, mem, 8, colbert_k=3)):
         assert np.array_equal(ca, cb) and np.array_equal(sa, sb) and np.array_equal(ra, rb)  # --protocol exact too
     cand = np.array([22, 3, 3, 17, 0])
     for i in range(6):
         np.testing.assert_array_equal(search.maxsim(Q, i, P, cand, max_tokens=9),
                                       search.maxsim(Q, i, mem, cand, max_tokens=9))
-        np.testing.assert_array_equal(ev.exact_scores(Q, i, P, cand), ev.exact_scores(Q, i, mem, cand))
+        np.testing.assert_array_equal(search.exact_scores(Q, i, P, cand), search.exact_scores(Q, i, mem, cand))
     for x in (P["dense"], P["cb_vecs"], mem["cb_vecs"]):
         search.release(x)  # mapped: pages dropped; in memory: nothing to do
     calls = m.calls
