@@ -191,6 +191,11 @@ def fused_vs_best(runs, name="ours"):
         _, blo, bhi = stats.query_bootstrap(per(row), per(best))
         seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""
         lines.append(f"  {name}: {row} - {best} {d:+.4f}  {seeds}queries [{blo:+.4f}, {bhi:+.4f}]")
+    if all("best on test" in r for r in runs):  # no interval: the weights were chosen on the same queries
+        d = np.mean([r["best on test"]["nDCG@10"] for r in runs]) - per(best).mean()
+        lines.append(f"  {name}: best on test - {best} {d:+.4f}  (each seed's best all-three weights of eval.SWEEP "
+                     "on the test queries themselves: an upper bound for any choice, " +
+                     "  ".join(str(r["best on test"]["weights"]) for r in runs) + ")")
     return lines
 
 

@@ -145,3 +145,6 @@ def test_transfer_rows_use_each_seeds_scifact_weights_and_resume(tmp_path, monke
     assert calls == [("ours 1", (1, 0.3, 1)), ("ours 1", [0.5, 0.3, 1])]
     text = quality.transfer_table(res, "XQ")
     assert "ours: all - " in text and "ours: tuned all - " in text
+    best = max(("dense", "sparse", "multi-vector"), key=lambda row: np.mean([r["per_query_ndcg10"][row] for r in res]))
+    bound = np.mean([r["best on test"]["nDCG@10"] for r in res]) - np.mean([r["rows"][best]["nDCG@10"] for r in res])
+    assert f"ours: best on test - {best} {bound:+.4f}  (each seed's" in text
