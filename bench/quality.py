@@ -13,7 +13,10 @@ kernel before attention.py's lean one: same dropout, other random draws); the ze
 Evaluation: exact scores against all 5,183 documents, queries 64 / passages 256 tokens, multi-vector MaxSim over
 every document (colbert_k=0), fusion weights 1, 0.3, 1 (the paper's) and, rows "tuned d+s" / "tuned all", the weights
 each checkpoint's own scores on the 809 train queries choose (eval.py --tune_on train: the dense and sparse top 100
-reranked by all three heads, never the test queries); each query's nDCG@10 is kept for the paired intervals.
+reranked by all three heads, never the test queries); each query's nDCG@10 is kept for the paired intervals. A result
+records the grid (eval.SWEEP) its weights came from: one from another grid is evaluated again.
+--transfer: ours's checkpoints on XQuAD-R's English subset (1,190 questions, 1,180 sentences; another domain, 4x the
+queries) with the paper's weights and the ones each seed's SciFact train queries chose: fusion against the best head.
 
 Every finished run writes <out>/results/<config>-s<seed>.json and every stage its checkpoint: a rerun resumes where
 the last one stopped (a session ends, a background job with it); a result without a row of ROWS (written before the
@@ -21,6 +24,7 @@ row existed) is evaluated again from its checkpoint.
 
     python bench/quality.py --seeds 3     # ~2.5 hours on 2 idle CPU cores; last line: ours_dense=<mean> ...
     python bench/quality.py --quick       # 2 steps per stage, 300-document slice: checks the script
+    python bench/quality.py --transfer    # 2 minutes after the 3 seeds; last line: xquad_en multi-vector=<mean> ...
 """
 import argparse
 import json
