@@ -70,9 +70,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
     encode = argv[:1] == ["encode"]
     a = p.parse_args(argv[encode:])
-    if a.protocol == "paper" and (a.weights or a.sweep):
-        p.error(f"--{'weights' if a.weights else 'sweep'}: the paper protocol takes its weights from --task")
-    error = option_error("m3", "--", protocol=a.protocol, tune_on=a.tune_on, split=a.split)
+    error = option_error(a.weights or "m3", "--", protocol=a.protocol, sweep=a.sweep, tune_on=a.tune_on, split=a.split)
     error = error or a.tune_on and a.data and data_error(a.data, a.tune_on)
     if error:
         p.error(error if error.startswith("--") else f"--tune_on: {error}")
@@ -377,11 +375,12 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
                              ("task", task, ", ".join(PAPER)))
         return f"{prefix}{name}: expected one of {want}; got {value!r}"
     if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
-        return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from task; "
-                f"got {weights!r}")
+        return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from {prefix}task"
+                + ("" if sweep else f"; got {weights!r}"))
     if tune_on and (protocol == "paper" or tune_on == split):
-        return (f"{prefix}tune_on: " + ("the paper protocol takes its weights from task" if protocol == "paper" else
-                                        f"{split} is the evaluated split; the weights must be chosen on other queries"))
+        why = (f"the paper protocol takes its weights from {prefix}task" if protocol == "paper" else
+               f"{split} is the evaluated split; the weights must be chosen on other queries")
+        return f"{prefix}tune_on: {why}"
     try:
         w = [float(x) for x in fusion_weights(weights)[2]]
     except (TypeError, ValueError):
