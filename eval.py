@@ -118,23 +118,23 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size)
-    if not error and tune_on:  # the tuning split's files, checked before anything is read
-        error = data_error(data_dir, tune_on)
-        error = error and f"tune_on: {error}"
+    if not error and tune_on:  # the tuning split's files and queries, checked before anything else is read
+        try:
+            tuning = {r["_id"] for r in load_beir(data_dir, tune_on, corpus=False)[1]}
+        except (FileNotFoundError, ValueError) as e:
+            error = f"tune_on: {e}"
     if error:
         raise ValueError(error)
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
+    shared = sorted({r["_id"] for r in queries} & tuning) if tune_on else []
+    if shared:  # before the long part: the weights are never chosen on the evaluated queries
+        raise ValueError(f"tune_on: {len(shared)} queries of split {tune_on} are also evaluated (e.g. id "
+                         f"{shared[0]!r} in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on other "
+                         "queries")
     get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)
-    if tune_on:  # before the long part: the tuning split has queries to evaluate, none of them evaluated here
-        tuning = {r["_id"] for r in load_beir(data_dir, tune_on, corpus=False)[1]}
-        shared = sorted({r["_id"] for r in queries} & tuning)
-        if shared:
-            raise ValueError(f"tune_on: {len(shared)} queries of split {tune_on} are also evaluated (e.g. id "
-                             f"{shared[0]!r} in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on "
-                             "other queries")
     texts = [passage_prefix + passage_text(r) for r in corpus]
     if passages is not None and passages[0] == texts:  # tune_weights: its caller's passages
         P = passages[1]
