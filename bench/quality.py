@@ -112,10 +112,11 @@ def best_fused(res):
     return {"weights": best["weights"], "nDCG@10": best["nDCG@10"]}
 
 
-def current(path):
-    """A result file with every row of ROWS whose weights were chosen on eval.SWEEP as it is now."""
-    r = os.path.exists(path) and json.load(open(path))
-    return bool(r) and set(ROWS) <= set(r["rows"]) and r.get("grid") == [list(w) for w in SWEEP]
+def current(path, rows=ROWS):
+    """The result at path if it has every row of rows and its weights were chosen on eval.SWEEP as it is now, else
+    None."""
+    r = json.load(open(path)) if os.path.exists(path) else None
+    return r if r and set(rows) <= set(r["rows"]) and r.get("grid") == [list(w) for w in SWEEP] else None
 
 
 def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate, only=None):
@@ -125,7 +126,7 @@ def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate
     results = {}
     for config, seed in runs(seeds):
         path = os.path.join(out, "results", f"{config}-s{seed}.json")
-        if not current(path) and train_fn is not None and (not only or config == only):
+        if current(path) is None and train_fn is not None and (not only or config == only):
             torch.manual_seed(0)  # zero-shot: the same seeded random colbert head every run, as eval.py's
             model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
                 train_fn(out, config, seed, steps)  # an existing checkpoint is not trained again
@@ -162,25 +163,27 @@ def xquad_english(dst, src=os.path.join(ROOT, "data", "xquad-r")):
 def run_transfer(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate):
     """Ours's checkpoints (trained on SciFact) evaluated on data (another test set) with the paper's weights and, row
     "tuned all", the all-three weights that checkpoint's SciFact train queries chose (its SciFact result's "tuned") ->
-    [result per seed]; one JSON per seed in <out>/results/transfer/, a rerun resumes (and redoes a result whose
-    tuned weights the SciFact result no longer has)."""
+    [result per seed]; one JSON per seed in <out>/results/transfer/, a rerun resumes (and redoes a result of another
+    grid or whose tuned weights the SciFact result no longer has)."""
     os.makedirs(os.path.join(out, "results", "transfer"), exist_ok=True)
     results = []
     for seed in range(seeds):
         path, scifact = (os.path.join(out, "results", *sub, f"ours-s{seed}.json") for sub in (["transfer"], []))
-        if not current(scifact):
+        sci = current(scifact)
+        if sci is None:
             raise FileNotFoundError(f"{scifact}: no such file or written before eval.SWEEP's grid; the transfer rows "
                                     f"need its tuned weights: run bench/quality.py --seeds {seeds} first")
-        w = json.load(open(scifact))["tuned"]["all"]
-        if not os.path.exists(path) or json.load(open(path))["tuned"]["all"] != w:
+        w, r = sci["tuned"]["all"], current(path, ("all", "tuned all"))
+        if r is None or r["tuned"]["all"] != w:
             ckpt = train_fn(out, "ours", seed, steps)  # the existing checkpoint
             res, tuned = eval_fn(ckpt, data, **ev), eval_fn(ckpt, data, **{**ev, "weights": w, "sweep": False})
-            per = {**res["per_query_ndcg10"], "tuned all": tuned["per_query_ndcg10"]["all"]}
+            r = {"rows": {**res["rows"], "tuned all": tuned["rows"]["all"]},
+                 "per_query_ndcg10": {**res["per_query_ndcg10"], "tuned all": tuned["per_query_ndcg10"]["all"]},
+                 "tuned": {"all": w}, "best on test": best_fused(res), "grid": [list(g) for g in SWEEP]}
             with open(path + ".tmp", "w") as f:
-                json.dump({"rows": {**res["rows"], "tuned all": tuned["rows"]["all"]}, "per_query_ndcg10": per,
-                           "tuned": {"all": w}, "best on test": best_fused(res)}, f)
+                json.dump(r, f)
             os.replace(path + ".tmp", path)
-        results.append(json.load(open(path)))
+        results.append(r)
     return results
 
 
@@ -203,6 +206,12 @@ def fused_vs_best(runs, name="ours"):
     return lines
 
 
+def cell(runs, row):
+    """One table cell: nDCG@10 mean +- std over the runs / Recall@100 mean."""
+    nd, rc = (stats.mean_std([r["rows"][row][k] for r in runs]) for k in ("nDCG@10", "Recall@100"))
+    return f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}"
+
+
 def table(results):
     """Mean +- std per cell over seeds; for each ablation the paired nDCG@10 difference to ours (a one-seed one:
     to ours's seed 0, with the interval over queries only). A row some seed of a configuration lacks (a result written
@@ -211,11 +220,7 @@ def table(results):
     rows = [row for row in ROWS if any(has(runs, row) for runs in results.values())]
     lines = [f"{'model':36s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in rows)]
     for config, runs in results.items():
-        cells = []
-        for row in rows:
-            nd = stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs]) if has(runs, row) else None
-            rc = nd and stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])
-            cells.append(f"{nd[0]:.4f}+-{nd[1]:.4f}/{rc[0]:.3f}" if nd else "-")
+        cells = [cell(runs, row) if has(runs, row) else "-" for row in rows]
         lines.append(f"{config:36s} {len(runs):5d} " + " ".join(f"{c:>21s}" for c in cells))
     ours = results["ours"]
     per = lambda runs, row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
@@ -246,11 +251,8 @@ def table(results):
 def transfer_table(runs, name):
     """run_transfer's results: mean +- std per row over seeds (nDCG@10 / Recall@100), then fused_vs_best."""
     rows = ("dense", "sparse", "multi-vector", "dense+sparse", "all", "tuned all")
-    cells = [stats.mean_std([r["rows"][row]["nDCG@10"] for r in runs]) +
-             stats.mean_std([r["rows"][row]["Recall@100"] for r in runs])[:1] for row in rows]
     return "\n".join([f"{name}, ours over {len(runs)} seeds (trained on SciFact): nDCG@10 mean+-std / Recall@100",
-                      " ".join(f"{r:>21s}" for r in rows),
-                      " ".join(f"{f'{m:.4f}+-{sd:.4f}/{rc:.3f}':>21s}" for m, sd, rc in cells),
+                      " ".join(f"{r:>21s}" for r in rows), " ".join(f"{cell(runs, r):>21s}" for r in rows),
                       "paired nDCG@10 differences, 95% intervals over seeds (t) and over queries (bootstrap):",
                       *fused_vs_best(runs)])
 

@@ -143,6 +143,13 @@ def test_transfer_rows_use_each_seeds_scifact_weights_and_resume(tmp_path, monke
     rewrite(scifact, tuned={"all": [0.5, 0.3, 1]})  # seed 1's SciFact tuning chose other weights: redone
     quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
     assert calls == [("ours 1", (1, 0.3, 1)), ("ours 1", [0.5, 0.3, 1])]
+    monkeypatch.setattr(quality, "SWEEP", quality.SWEEP[:-1])  # another grid: the SciFact results, then these, redone
+    with pytest.raises(FileNotFoundError, match=r"ours-s0.json: no such file or written before eval.SWEEP's grid"):
+        quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
+    quality.run_all(out, 2, (1, 1, 1), {}, "data", train, fake_eval)
+    calls.clear()
+    quality.run_transfer(out, 2, (1, 1, 1), {"weights": (1, 0.3, 1)}, "xq", train, evals)
+    assert calls == [("ours 0", (1, 0.3, 1)), ("ours 0", [1, 0.5, 1]), ("ours 1", (1, 0.3, 1)), ("ours 1", [1, 0.5, 1])]
     text = quality.transfer_table(res, "XQ")
     assert "ours: all - " in text and "ours: tuned all - " in text
     best = max(("dense", "sparse", "multi-vector"), key=lambda row: np.mean([r["per_query_ndcg10"][row] for r in res]))
