@@ -335,7 +335,8 @@ def save_index(cache, key, ds):
     os.makedirs(tmp)
     for a in ARRAYS:
         np.save(os.path.join(tmp, f"{a}.npy"), np.ascontiguousarray(getattr(ds, a)))
-    content, stamp = ({k: v for k, v in key.items() if (k == "mtime_ns") == is_stamp} for is_stamp in (False, True))
+    stamp = {k: key[k] for k in ("mtime_ns",) if k in key}  # mtime.json; the rest is the content key, key.json
+    content = {k: v for k, v in key.items() if k not in stamp}
     for name, value in (("meta.json", ds.meta), ("key.json", content), ("mtime.json", stamp)):
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(value, f, sort_keys=True)
