@@ -282,7 +282,7 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
     """make_batch(datasets, batches[j], tokenizer, **make_kw) for j = start, start + 1, ..., prepared ahead of the
     training step by num_workers processes, `prefetch` batches each (0 workers: one by one, in this process). The same
     batches in the same order either way (each example's RNG depends on the example alone); a worker's error (a bad
-    line) stops the loop with its message."""
+    line) stops the loop with its message. A generator: close() (or its end) stops the workers and joins them."""
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: one tokenizer thread each
     loader = torch.utils.data.DataLoader(
@@ -290,7 +290,11 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
         collate_fn=lambda j: make_batch(datasets, batches[j], tokenizer, **make_kw),
         prefetch_factor=prefetch if num_workers else None, multiprocessing_context="fork" if num_workers else None,
         generator=torch.Generator())  # draws the workers' seeds from its own generator, not the global one (dropout)
-    return iter(loader)
+    it = iter(loader)
+    try:
+        yield from it
+    finally:  # now, not whenever the iterator is garbage-collected (at interpreter exit, after the process group)
+        getattr(it, "_shutdown_workers", lambda: None)()
 
 # ----------------------------------------------------------------------------- reading one example
 

@@ -8,7 +8,6 @@ the gradient cache: gradcache.py), the optimizer step, main (the loop); parsing 
 resume and the log: checkpoints.py.
 """
 import dataclasses
-import datetime
 import os
 import sys
 import time
@@ -21,13 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention
-from checkpoints import check_start, find_resume, log_step, print0, save_checkpoint, start_run_dir, stop
+from checkpoints import check_start, find_resume, log_step, save_checkpoint, start_run_dir
 from dashboard import lexical_health, report_to_problem, tensorboard_writer
 from data import batch_stream, epoch_batches, open_datasets
 from gradcache import grad_cache_step
 from losses import gather, m3_loss
 from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
 from reference_names import hint
+from runtime import end_distributed, init_distributed, print0, run_command, stop
 
 
 @dataclass
@@ -206,10 +206,20 @@ def optimizer_step(model, opt, sched, scaler, cfg, heads):
 # the run
 
 def main(argv):
+    """The run: config, resume point, start checks, process group, train, then the ordered end (runtime.py)."""
     cfg = load_config(argv)
     resume, state = find_resume(cfg)  # every rank checks the same files before any process group work
     check_start(cfg, resume)
-    ddp, rank, world, device = init_distributed(cfg)
+    if torch.cuda.is_available():  # the fp32 score matmuls on tensor cores: their bf16 inputs are exact in TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ddp, rank, world, device = init_distributed(cfg.dist_timeout_s)
+    train(cfg, resume, state, ddp, rank, world, device)
+    end_distributed()
+
+
+def train(cfg, resume, state, ddp, rank, world, device):
+    """Load the model and the data, then the loop; the batch stream, the log and the dashboard are closed on every
+    way out (the stream's worker processes are joined)."""
     print0(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, width=120))
     torch.manual_seed(cfg.seed)  # new heads start the same on every rank and in every rerun
     raw = M3.from_pretrained(resume or cfg.init_from or cfg.model, new_heads=cfg.init_new_heads,
@@ -254,19 +264,13 @@ def main(argv):
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     writer = tensorboard_writer(cfg, step) if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
-    while step < total:
-        batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
-        heads = schedule[min(epoch, len(schedule) - 1)]
-        stream = batch_stream(datasets, batches, index, tok, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
-                              pin_memory=device.type == "cuda", epoch=epoch, seed=cfg.seed,
-                              group_size=cfg.train_group_size, query_max_len=cfg.query_max_len,
-                              passage_max_len=cfg.passage_max_len, teacher_kd=cfg.teacher_kd,
-                              shuffle_ratio=cfg.shuffle_ratio, query_prefix=cfg.query_prefix,
-                              passage_prefix=cfg.passage_prefix)  # batches index, index + 1, ... made ahead
-        while index < len(batches) and step < total:
+    stream = rank_batches(datasets, tok, cfg, batch_kw, epoch, index, pin_memory=device.type == "cuda")
+    try:
+        while step < total:
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
-            batch = next(stream)
+            epoch, index, n_batches, batch = next(stream)
+            heads = schedule[min(epoch, len(schedule) - 1)]
             source = batch.pop("source")
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             self_distill = cfg.self_distill and step >= cfg.self_distill_start
@@ -280,9 +284,9 @@ def main(argv):
             lr = optimizer_step(raw, opt, sched, scaler, cfg, heads)
             if step % cfg.log_every == 0 or step == total - 1:
                 log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp, writer)
-            step, index = step + 1, index + 1
+            step = step + 1
             bar.update(1)
-            position = {"step": step, "epoch": epoch, "index": index} if index < len(batches) else \
+            position = {"step": step, "epoch": epoch, "index": index + 1} if index + 1 < n_batches else \
                 {"step": step, "epoch": epoch + 1, "index": 0}  # where the next step's batch comes from
             if step % cfg.save_every == 0 or step == total:
                 if rank == 0:
@@ -290,27 +294,30 @@ def main(argv):
                                     f"step-{step:07d}")
                 if ddp:  # the others wait for the checkpoint (no barrier on the other steps)
                     dist.barrier()
-        if index >= len(batches):
-            epoch, index = epoch + 1, 0
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if ddp:
-        dist.destroy_process_group()
+    finally:  # every way out: the stream's worker processes joined, the log and the dashboard closed
+        stream.close()
+        bar.close()
+        for f in (log, writer):
+            if f is not None:
+                f.close()
 
 
-def init_distributed(cfg):
-    """(ddp, rank, world, device): a process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
-    if cuda:  # the fp32 score matmuls on tensor cores: their bf16 inputs are exact in TF32, sums stay fp32
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if "RANK" not in os.environ:
-        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
+def rank_batches(datasets, tok, cfg, batch_kw, epoch, index, pin_memory):
+    """(epoch, index, batches in the epoch, batch) of this rank from batch `index` of `epoch` on, epoch after epoch,
+    made ahead by data.batch_stream; closing this generator closes the stream (its workers exit and are joined)."""
+    while True:
+        batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
+        stream = batch_stream(datasets, batches, index, tok, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
+                              pin_memory=pin_memory, epoch=epoch, seed=cfg.seed, group_size=cfg.train_group_size,
+                              query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
+                              teacher_kd=cfg.teacher_kd, shuffle_ratio=cfg.shuffle_ratio,
+                              query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix)
+        try:
+            for j in range(index, len(batches)):
+                yield epoch, j, len(batches), next(stream)
+        finally:
+            stream.close()
+        epoch, index = epoch + 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,4 +430,4 @@ def _coerce(key, val, typ, where):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main, sys.argv[1:])

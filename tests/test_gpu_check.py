@@ -2,8 +2,9 @@
 import math
 import os
 import re
-import subprocess
 import sys
+
+from tiny import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["device_tests", "bf16_loss", "grad_cache", "stages", "step_time", "max_batch"]
@@ -15,8 +16,7 @@ NUMBERS = ["device_tests_passed", "device_tests_failed", "loss_fp32", "loss_bf16
 
 
 def test_dry_run_passes_every_part_and_prints_every_figure(tmp_path):
-    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", f"--log_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    out = run([sys.executable, "bench/gpu_check.py", "--dry-run", f"--log_dir={tmp_path}"], cwd=ROOT, timeout=600)
     lines = out.stdout.strip().splitlines()
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     last = re.fullmatch(r"gpu_check ok=(\d+) failed=0", lines[-1])

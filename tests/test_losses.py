@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from losses import gather, info_nce, kl_div_loss, m3_kd_loss, m3_loss, soft_ce
 from model import colbert_score, dense_score, sparse_score
+from runtime import end_distributed
 from tiny import spawn
 from train import Config
 
@@ -131,8 +132,7 @@ def _worker(rank, init_file, out_file):
         grads.append([prm.grad for prm in lin.parameters()])
     if rank == 0:
         torch.save(grads, out_file)
-    dist.barrier()  # both ranks done before either tears gloo down
-    dist.destroy_process_group()
+    end_distributed()  # as train.py ends: both ranks done before either tears gloo down
 
 
 def test_cross_device_negatives_match_one_process_on_the_global_batch():

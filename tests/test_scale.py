@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -15,8 +14,9 @@ import pytest
 import eval as ev
 import search
 import store
+from runtime import end_distributed
 from test_eval import WORDS, FakeM3, NoisyTokens, rand_out, write_beir
-from tiny import spawn, tiny_m3
+from tiny import run, spawn, tiny_m3
 
 SMALL = dict(first=20, mv=8, all=5, w_ds=(1, 0.3), w_all=(0.15, 0.5, 0.35))  # depths below the corpus size
 
@@ -195,7 +195,7 @@ def shard_worker(rank, init, out, texts):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     write_store(out, texts, tiny_m3(), shard_size=4, rank=rank, world=2)
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def test_two_processes_encode_the_store_one_process_does(tmp_path):
@@ -296,8 +296,9 @@ def test_encode_command_then_paper_protocol_reads_the_store(tmp_path, monkeypatc
 
 def test_bench_quick_mode_runs_and_cleans_up(tmp_path):
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "eval_scale.py")
-    out = subprocess.run([sys.executable, bench, "--quick", "--dir", str(tmp_path)], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    res = run([sys.executable, bench, "--quick", "--dir", str(tmp_path)], timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout.splitlines()
     key_rss, key_ms = (kv.split("=") for kv in out[-1].split(" "))
     assert (key_rss[0], key_ms[0]) == ("eval_rss_mb_2000", "ms_per_query_2000")
     assert float(key_rss[1]) > 0 and float(key_ms[1]) > 0 and "reranked rows written 1.000" in out[-2]

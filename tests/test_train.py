@@ -4,10 +4,8 @@ import datetime
 import json
 import pickle
 import os
-import random
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -20,10 +18,11 @@ import train
 from data import epoch_batches, make_batch, open_datasets
 from losses import info_nce
 from model import M3, dense_score, sparse_score
-from tiny import WORDS, Payload, make_encoder, make_tokenizer, spawn
+from runtime import end_distributed
+from tiny import Payload, make_encoder, make_tokenizer, spawn, write_examples
+from tiny import run as run_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = WORDS[:23]  # the 23 words this file's texts are drawn from
 
 
 @pytest.fixture(scope="module")
@@ -35,31 +34,23 @@ def setup(tmp_path_factory):
     m.save_pretrained(d / "model")
     m.encoder.save_pretrained(d / "bare")
     tok.save_pretrained(d / "bare")
-    rnd = random.Random(0)
-    text = lambda n: " ".join(rnd.choice(WORDS) for _ in range(n))
-    with open(d / "train.jsonl", "w") as f:
-        for _ in range(12):
-            f.write(json.dumps({"query": text(rnd.randint(3, 8)), "pos": [text(rnd.randint(5, 18))],
-                                "neg": [text(rnd.randint(5, 18)) for _ in range(3)]}) + "\n")
+    write_examples(d / "train.jsonl", 12)
     return d
 
 
-def launch(args, torchrun=0, config="configs/tiny.yaml"):
-    """train.py in a fresh process (as users run it) -> CompletedProcess."""
+def launch(args, torchrun=0, config="configs/tiny.yaml", timeout=300):
+    """train.py in a fresh process (as users run it), killed with everything it started after timeout s ->
+    CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
         if torchrun else [sys.executable]
-    return subprocess.run(cmd + [os.path.join(ROOT, "train.py"), os.path.join(ROOT, config)] + args,
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_cmd(cmd + [os.path.join(ROOT, "train.py"), os.path.join(ROOT, config)] + args, timeout, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run(args, torchrun=0, output=False):
     """launch() that must succeed; returns the log records (and the process's stdout with output=True)."""
     out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
-    for attempt in range(3):  # a gloo worker very occasionally aborts at start-up or teardown (tiny.spawn)
-        out = launch(args, torchrun)
-        if out.returncode == 0 or not (torchrun and "SIGABRT" in out.stderr):
-            break
-        shutil.rmtree(out_dir, ignore_errors=True)
+    out = launch(args, torchrun)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     return (records, out.stdout) if output else records
@@ -128,8 +119,7 @@ def _ddp_worker(rank, init_file, setup, out_file):
                                sub_batch_size=3)
     if rank == 0:
         torch.save(g, out_file)
-    torch.distributed.barrier()  # both ranks done before either tears gloo down
-    torch.distributed.destroy_process_group()
+    end_distributed()  # as train.py ends: the DDP wrapper freed, both ranks done, then gloo torn down
 
 
 def test_ddp_gradients_with_gradient_cache_equal_one_process(setup, tmp_path):
@@ -206,7 +196,7 @@ def test_the_process_group_waits_dist_timeout_s(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 1)
-    ddp, rank, world, device = train.init_distributed(train.Config(dist_timeout_s=5400))
+    ddp, rank, world, device = train.init_distributed(train.Config(dist_timeout_s=5400).dist_timeout_s)
     assert ddp and seen["timeout"] == datetime.timedelta(seconds=5400) and seen["backend"] == "gloo"
 
 
@@ -288,7 +278,7 @@ def test_pretrain_warmup_unified_chain(setup, tmp_path):
               ("unified", [f"--init_from={tmp_path / 'warmup/final'}"])]
     for name, extra in stages:
         cmd = [sys.executable, "train.py", f"configs/{name}.yaml", *tiny, *extra, f"--out_dir={tmp_path / name}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        out = run_cmd(cmd, 300, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
     m = M3.from_pretrained(str(tmp_path / "unified/final"))
     assert m.encode(["the cell"])["dense"].shape == (1, 32)
@@ -298,8 +288,8 @@ def test_pretrain_warmup_unified_chain(setup, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_step_and_source(setup, tmp_path):
-    out = subprocess.run([sys.executable, "train.py", "configs/tiny.yaml", *common(setup, tmp_path / "nan"),
-                          "--batch_sizes=2", "--temperature=1e-45"], capture_output=True, text=True, cwd=ROOT)
+    out = run_cmd([sys.executable, "train.py", "configs/tiny.yaml", *common(setup, tmp_path / "nan"),
+                   "--batch_sizes=2", "--temperature=1e-45"], 300, cwd=ROOT)
     assert out.returncode != 0
     assert "non-finite loss at step 0" in out.stderr and "train.jsonl:" in out.stderr
     assert not os.path.exists(tmp_path / "nan/final")
@@ -343,9 +333,8 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
         train.load_config(["--resume=auto", "--overwrite=true"])
     assert train.parse_schedule(" dense, sparse ;dense,sparse,colbert") == [["dense", "sparse"],
                                                                           ["dense", "sparse", "colbert"]]
-    out = subprocess.run([sys.executable, "train.py", "configs/tiny.yaml", f"--model={setup / 'model'}",
-                          f"--train_data={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'r'}"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = run_cmd([sys.executable, "train.py", "configs/tiny.yaml", f"--model={setup / 'model'}",
+                   f"--train_data={tmp_path / 'nope.jsonl'}", f"--out_dir={tmp_path / 'r'}"], 300, cwd=ROOT)
     assert out.returncode != 0 and "nope.jsonl" in out.stderr
 
 

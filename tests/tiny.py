@@ -1,5 +1,5 @@
 """What the tests share: tiny in-memory tokenizers, encoders and M3 models (no files, no downloads, < 0.1 s each),
-unit vectors, a word list, a pickled payload, and a retrying process spawner."""
+unit vectors, a word list, a pickled payload, and process launchers with a deadline."""
 import os
 import string
 
@@ -55,20 +55,54 @@ def make_encoder(tokenizer, style="xlmr", hidden=32, layers=2, seed=0, max_posit
     return BertModel(BertConfig(max_position_embeddings=max_positions, **common), add_pooling_layer=False)
 
 
-def spawn(fn, args, nprocs=2, tries=3):
-    """torch.multiprocessing.spawn, retried when a worker dies by a signal: gloo on a loaded 2-core machine very
-    occasionally aborts a process at start-up or teardown ("terminate called without an active exception", ~1 in 15
-    runs here). A wrong result is an assertion in the parent, never a signal, so retrying hides no product bug."""
+def write_examples(path, n, seed=0, words=WORDS[:23]):
+    """n fine-tuning examples (query, 1 pos, 3 neg) of 3-18 random words each, one JSON line each, to path."""
+    import json
+    import random
+    rnd = random.Random(seed)
+    text = lambda k: " ".join(rnd.choice(words) for _ in range(k))  # noqa: E731
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"query": text(rnd.randint(3, 8)), "pos": [text(rnd.randint(5, 18))],
+                                "neg": [text(rnd.randint(5, 18)) for _ in range(3)]}) + "\n")
+    return str(path)
+
+
+def spawn(fn, args, nprocs=2, timeout=300):
+    """torch.multiprocessing.spawn with a deadline: fn(rank, init_file, *args) in nprocs processes, init_file a fresh
+    rendezvous file. A worker's exception or death fails the test (no retry: a crash at start-up or teardown is a
+    product bug, and the workers end with runtime.end_distributed as train.py does); processes still running after
+    timeout seconds are killed and the test fails naming fn."""
     import tempfile
+    import time
 
     import torch.multiprocessing as mp
-    for attempt in range(tries):
-        init = os.path.join(tempfile.mkdtemp(), "init")  # a fresh rendezvous file per try
+    init = os.path.join(tempfile.mkdtemp(), "init")
+    ctx = mp.start_processes(fn, args=(init,) + tuple(args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.time())):
+        if time.time() >= deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{fn.__name__}: {nprocs} processes still running after {timeout} s")
+
+
+def run(cmd, timeout=300, **kw):
+    """subprocess.run(cmd, capture_output=True, text=True, **kw) in its own process group, with a deadline: on
+    timeout every process it started (torchrun's ranks, DataLoader workers) is killed and the test fails naming the
+    command, never by waiting for CI's time to run out."""
+    import signal
+    import subprocess
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kw) as proc:
         try:
-            return mp.spawn(fn, args=(init,) + tuple(args), nprocs=nprocs)
-        except mp.ProcessExitedException:
-            if attempt == tries - 1:
-                raise
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"still running after {timeout} s, killed: {' '.join(map(str, cmd))}\n"
+                                 f"{out[-2000:]}{err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def tiny_m3(style="xlmr", seed=0, **kw):

@@ -1,0 +1,130 @@
+"""What every command shares (train.py, eval.py, mine.py): rank-0 printing and stopping, atomic
+writes, output paths that never replace an input or another run's file, and the process group's start and end.
+
+The end of a multi-process run is explicit and ordered, so a finished run always exits: the caller first closes what
+uses the group (the batch stream's worker processes, the log), end_distributed() then frees the DDP wrappers (their
+reducers hold the group), waits for every rank and destroys the group. A rank that fails does not wait for the others
+(they may be inside a collective that will never complete): run_command reports its error and leaves at once, and
+torchrun stops the other ranks.
+"""
+import gc
+import os
+import sys
+import traceback
+
+
+def print0(*args):
+    """print on rank 0 only (RANK, set by torchrun), flushed: a multi-process run says each thing once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def stop(msg):
+    """Exit with msg, printed once (by rank 0) however many processes torchrun started."""
+    raise SystemExit(msg if int(os.environ.get("RANK", "0")) == 0 else 1)
+
+
+def write_atomic(path, lines):
+    """Write the strings lines to path through a temporary file: a crash or a full disk never leaves half a file, and
+    an existing file at path stays as it was until the new one is complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: not written ({e.strerror or e}); any earlier file there is unchanged") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs: never an input, never another run's file unless asked
+
+def same_file(a, b):
+    """a and b are one file (the same inode: a symlink or hard link counts), both existing."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def output_error(path, option, inputs=(), folders=(), overwrite=False):
+    """Why the output file `path` (named by `option`, e.g. --out) must not be written, or None: it is one of the input
+    files (by inode), lies in a data folder being read, exists and overwrite is off, is a folder, or its folder cannot
+    be written. Checked before any work starts."""
+    real = os.path.realpath(path)
+    for f in inputs:
+        if f and same_file(path, f):
+            return f"{option} {path} is the input {f}: the output would replace what is being read"
+    for d in folders:
+        if d and os.path.isdir(d) and (real + os.sep).startswith(os.path.realpath(d) + os.sep):
+            return f"{option} {path} lies in the data folder {d} being read: write it elsewhere"
+    if os.path.isdir(path):
+        return f"{option} {path} is a folder, not a file"
+    if os.path.exists(path) and not overwrite:
+        return f"{option} {path} exists: pass --overwrite to replace it, or choose another file"
+    folder = os.path.dirname(os.path.abspath(path))
+    parent = folder
+    while not os.path.exists(parent):  # the first existing ancestor must let us create the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{option} {path}: cannot write in {parent} (read-only or not a folder)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the process group
+
+def init_distributed(timeout_s, backend=None):
+    """(ddp, rank, world, device): a process group when launched by torchrun (NCCL on GPUs, gloo on CPU, or
+    `backend`), waiting timeout_s in every collective; one process otherwise."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return False, 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed():
+    """The end of a successful multi-process run: the DDP wrappers the caller dropped are freed now (reference cycles:
+    gc), while the group is still registered, so the last reference to it is torch's own, whose destructor releases the
+    GIL (a reducer freed at interpreter exit destroys gloo's group holding the GIL, while a gloo worker thread waits for
+    the GIL to free a finished collective's tensors: a deadlock); then every rank waits for the others and the group is
+    destroyed."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_command(main, argv):
+    """main(argv) as a command. A rank of a multi-process run whose main raises reports the error as Python would and
+    exits at once (os._exit): the collectives other ranks wait in cannot complete, and destroying its group could wait
+    for them; torchrun sees the exit and stops the other ranks."""
+    try:
+        return main(argv)
+    except BaseException as e:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else 1
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        else:
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

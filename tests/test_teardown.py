@@ -1,0 +1,97 @@
+"""Every multi-process run exits: finished torchrun runs (plain and gradient-cache gloo paths) under CPU load, a rank
+stopped by a bad line while the other waits in a collective, a non-finite loss on every rank. Each run has a deadline,
+and no process of it (ranks, DataLoader workers) may be left behind.
+M3_TEARDOWN_RUNS=20 python -m pytest -q tests/test_teardown.py runs the loop 20 times (RESULTS.md)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import data
+from model import M3
+from tiny import make_encoder, make_tokenizer, run, write_examples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teardown")
+    tok = make_tokenizer()
+    M3(make_encoder(tok), tok).save_pretrained(d / "model")
+    write_examples(d / "train.jsonl", 12)
+    write_examples(d / "long.jsonl", 80, seed=1)
+    return d
+
+
+def train_cmd(setup, out, *extra, data_file="train.jsonl"):
+    return TORCHRUN + [os.path.join(ROOT, "train.py"), os.path.join(ROOT, "configs/tiny.yaml"),
+                       f"--model={setup / 'model'}", f"--train_data={setup / data_file}", f"--out_dir={out}",
+                       "--length_ranges=0,64", "--batch_sizes=2", *extra]
+
+
+def leftovers(out):
+    """Processes whose command line names out (the ranks and their DataLoader workers carry train.py's arguments)."""
+    found = subprocess.run(["pgrep", "-f", f"--out_dir={out}"], capture_output=True, text=True).stdout.split()
+    return [p for p in found if p != str(os.getpid())]
+
+
+def test_finished_two_process_runs_always_exit(setup, tmp_path):
+    n = int(os.environ.get("M3_TEARDOWN_RUNS", "4"))
+    paths = [[], ["--grad_cache=true", "--sub_batch_size=3"]]  # both gloo paths, alternately
+
+    def one(i):
+        out = tmp_path / f"run{i}"
+        res = run(train_cmd(setup, out, "--max_steps=3", "--head_schedule=dense", *paths[i % 2]), 240, cwd=ROOT,
+                  env=ENV)
+        return i, res, leftovers(out), (out / "final").is_dir()
+    with ThreadPoolExecutor(2) as pool:  # two launches at once: 4 ranks and their workers on the CPU cores
+        results = list(pool.map(one, range(n)))
+    for i, res, left, final in results:
+        assert res.returncode == 0 and final, (i, res.stdout[-1500:], res.stderr[-1500:])
+        assert left == [], (i, left)
+
+
+def test_a_rank_stopped_by_a_bad_line_does_not_leave_the_other_waiting(setup, tmp_path):
+    out = tmp_path / "bad"
+    path = str(setup / "long.jsonl")
+    cmd = train_cmd(setup, out, "--batch_sizes=1", "--epochs=1", "--num_workers=2", "--prefetch=2",
+                    "--save_every=1000", "--head_schedule=dense", "--dist_timeout_s=3600", data_file="long.jsonl")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                            start_new_session=True)
+    try:
+        log = out / "log.jsonl"
+        deadline = time.time() + 120
+        while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGSTOP)  # freeze the run while rank 1's later lines are broken
+        step = max(json.loads(x)["step"] for x in log.read_text().splitlines())
+        tok = M3.from_pretrained(str(setup / "model")).tokenizer
+        later = data.epoch_batches(data.open_datasets(path, tok), epoch=0, seed=42, world_size=2, rank=1,
+                                   length_ranges=[0, 64], batch_sizes=[1], group_by_length=True)[step + 8:]
+        assert len(later) >= 8, "the run went too far before it was stopped"
+        lines = open(path).read().split("\n")
+        for batch in later:  # the same byte length, no closing brace: broken, and found only when read
+            lines[batch[0][1]] = lines[batch[0][1]][:-1] + " "
+        open(path, "w").write("\n".join(lines))
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)  # far below dist_timeout_s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "long.jsonl, line " in stderr and "malformed JSON" in stderr, stderr[-3000:]
+    assert time.time() - t0 < 120 and leftovers(out) == []
+
+
+def test_a_non_finite_loss_stops_every_rank(setup, tmp_path):
+    res = run(train_cmd(setup, tmp_path / "nan", "--temperature=1e-45"), 240, cwd=ROOT, env=ENV)
+    assert res.returncode != 0 and "non-finite loss at step 0" in res.stderr, res.stderr[-3000:]
+    assert leftovers(tmp_path / "nan") == [] and not (tmp_path / "nan" / "final").exists()
