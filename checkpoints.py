@@ -1,5 +1,5 @@
-"""Checkpoints and run directories (SPEC 2, STYLE "Logs and checkpoints"): save, pick and check checkpoints, keep one
-run per out_dir, log each step to log.jsonl; evaluation folders that never mix two checkpoints' metrics.
+"""Checkpoints and run directories (SPEC 2): save, pick and check checkpoints, keep one run per out_dir, and the log
+after a resume.
 A checkpoint is the BGE-M3 release layout (model.save_pretrained) + train_state.pt
 (optimizer, scheduler, scaler, data position) + train_state.json (the position alone) + config.yaml.
 """
@@ -9,11 +9,11 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 import yaml
 
-from dashboard import TB_DIR, write_scalars
+from logs import TB_DIR
 from model import HEAD_FILES, TOKENIZER_FILES, check_weights, is_local_path, load_head
+from runtime import print0, stop
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -151,84 +151,3 @@ def start_run_dir(cfg, step):
     with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))
-
-
-def log_step(cfg, log, step, total, epoch, loss, parts, lr, dt, batch, world, ddp, writer=None):
-    """One line with fixed keys + a JSON record in log.jsonl (+ the same scalars to a TensorBoard writer); loss and
-    parts averaged over ranks. A warning when the sparse head is trained and its share of non-zero token weights
-    falls below cfg.min_sparse_share (dashboard.lexical_health)."""
-    keys = ("dense", "sparse", "colbert", "ens", "self_kd", "acc", "sparse_share", "sparse_q_terms", "sparse_p_terms")
-    vals = torch.stack([loss.float()] + [parts.get(k, torch.tensor(0.0)).float().to(loss.device) for k in keys])
-    if ddp:
-        dist.all_reduce(vals)
-        vals /= world
-    tokens = (batch["q_mask"].sum() + batch["p_mask"].sum()).item() * world
-    rec = {"step": step, "epoch": epoch, "loss": vals[0].item(), **{k: v.item() for k, v in zip(keys, vals[1:])},
-           "lr": lr, "ms": 1000 * dt, "tok_s": tokens / dt, "samples_s": len(batch["q_ids"]) * world / dt}
-    if log is not None:
-        print(f"step {step}/{total} | loss {rec['loss']:.4f} | dense {rec['dense']:.3f} sparse {rec['sparse']:.3f} "
-              f"colbert {rec['colbert']:.3f} ens {rec['ens']:.3f} self_kd {rec['self_kd']:.3f} | "
-              f"acc {rec['acc']:.2f} | "
-              f"lr {lr:.2e} | {rec['ms']:.0f} ms | {rec['tok_s'] / 1000:.1f}k tok/s | {rec['samples_s']:.1f} q/s | "
-              f"sparse nz {rec['sparse_share']:.2f} q {rec['sparse_q_terms']:.1f} p {rec['sparse_p_terms']:.1f} terms",
-              flush=True)
-        if "sparse" in parts and "sparse_share" in parts and rec["sparse_share"] < cfg.min_sparse_share:
-            print(f"warning: step {step}: only {rec['sparse_share']:.1%} of real tokens have a non-zero sparse weight "
-                  f"(min_sparse_share {cfg.min_sparse_share}): the sparse head is collapsing (FlagEmbedding #982); "
-                  f"stop and lower lr or w_sparse, or start self_distill earlier", flush=True)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if writer is not None:
-            write_scalars(writer, rec)
-
-
-def stop(msg):
-    """Exit with msg, printed once (by rank 0) however many processes torchrun started."""
-    raise SystemExit(msg if int(os.environ.get("RANK", "0")) == 0 else 1)
-
-
-def print0(*args):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# evaluation output (eval.py): one folder per checkpoint
-
-def default_out(ckpt, data_dir, split):
-    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
-    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
-    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
-    name = "_".join(x for x in parts if x)
-    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
-
-
-def check_out(out_dir, ckpt):
-    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
-    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
-    path = os.path.join(out_dir, "metrics.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-    except ValueError:
-        old = None
-    old = old if isinstance(old, dict) else {}
-    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
-    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
-        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
-        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
-                              "(out_dir), --overwrite, or remove that file")
-
-
-def write_atomic(path, lines):
-    """Write the strings lines to path through a temporary file: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

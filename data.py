@@ -1,12 +1,12 @@
-"""Data (SPEC 4): JSONL datasets read by their index, length-range batches per rank, negative sampling, collation.
+"""Data (SPEC 4): how one training batch is built (sampling: edit here), JSONL datasets read by their index,
+length-range batches per rank, and batches made ahead of the step.
 
-Read in this order: open_datasets (one checked, indexed dataset per file: jsonl_index.py), epoch_batches (this rank's
-batches of one dataset and one length range), make_batch (sample each query's group, tokenize, pad), batch_stream
-(make_batch ahead of the step, in worker processes). Last, the
-evaluation data: BEIR-layout corpus, queries and qrels, checked with file, line and field.
+Read in this order: Sampling and make_batch (each query's group: its positive and negatives, then tokenize and pad; the
+options from Config, one object), open_datasets (one checked, indexed dataset per file: jsonl_index.py),
+epoch_batches (this rank's batches of one dataset and one length range), batch_stream (make_batch ahead of the step,
+in worker processes), _read (one example from its file). Evaluation data (BEIR layout): beir.py.
 """
-import csv
-import json
+import dataclasses
 import logging
 import os
 import re
@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from jsonl_index import INDEX_BLOCK, JsonlDataset, open_index, parse_line, query_text, tokenizer_id  # noqa: F401
-from model import special_token_ids
+from jsonl_index import INDEX_BLOCK, JsonlDataset, open_index, parse_line, query_text, tokenizer_id
 
 SORT_WINDOW = 64  # group_by_length sorts windows of this many global batches by length (bench/padding.py: 0.999)
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens (tensor-core friendly shapes)
@@ -24,6 +23,126 @@ SHUFFLE_MIN_CHARS, SHUFFLE_CHUNKS = 100, 3  # shuffle_ratio: positives over 100 
 INDEX_DIR = re.compile(r"\.idx(\.(tmp|old)\d+)?(/|$)")  # a cache directory of jsonl_index, or in one
 log = logging.getLogger(__name__)
 
+
+# ================================================================================================================
+# sampling: edit here. One query's group (its positive and negatives), the batch built from the groups.
+
+@dataclasses.dataclass
+class Sampling:
+    """How make_batch builds a batch: train.py's Config values of the same names (Sampling.of(cfg)). A new data option
+    is one field here, one in Config and its use in sample_group or make_batch."""
+    seed: int
+    train_group_size: int  # G: 1 positive + G-1 negatives (file_group_size: per file type)
+    query_max_len: int
+    passage_max_len: int
+    teacher_kd: bool = False  # teacher scores of the group, negatives sorted by them (SPEC 3.5)
+    shuffle_ratio: float = 0.0  # text-chunk shuffle of positives (SPEC 4.2)
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+def sample_group(ds, i, ex, rng, G, opt):
+    """[pos, neg1..neg(G-1)] texts and their teacher scores (SPEC 4.2): pos uniform, negs without replacement; an
+    empty `neg` borrows them from other examples of the dataset; a positive chunk-shuffled with shuffle_ratio."""
+    p = int(rng.integers(len(ex["pos"])))
+    texts, scores = [ex["pos"][p]], [ex["pos_scores"][p]] if opt.teacher_kd else None
+    neg = ex.get("neg") or []
+    if G > 1 and not neg:
+        texts += _borrow(ds, i, G - 1, rng)
+    elif G > 1:
+        pool = np.tile(np.arange(len(neg)), -(-(G - 1) // len(neg)))  # replicated when short: duplicates stay balanced
+        picks = [int(j) for j in rng.choice(pool, G - 1, replace=False)]
+        if opt.teacher_kd:  # by teacher score, descending: m3_kd_loss takes group order as a ranking (SPEC 3.5)
+            picks.sort(key=lambda j: -ex["neg_scores"][j])
+            scores += [ex["neg_scores"][j] for j in picks]
+        texts += [neg[j] for j in picks]
+    if opt.shuffle_ratio > 0 and len(texts[0]) > SHUFFLE_MIN_CHARS and rng.random() < opt.shuffle_ratio:
+        texts[0] = _chunk_shuffle(texts[0], rng)  # drawn last: the negatives do not depend on it
+    return texts, scores
+
+
+def make_batch(datasets, batch, tokenizer, opt, epoch):
+    """Read, sample (opt: Sampling), tokenize, pad one batch of (dataset, example) of `epoch`; passages group-major
+    [q0 pos, q0 negs, q1 pos, ..].
+
+    Each example's RNG is seeded by (seed, epoch, dataset, example) alone, so a query gets the same group on whichever
+    rank (or world size) and at whichever step holds it: a W-rank step equals one process on the global batch, and a
+    resumed run replays its batches. G-1 negatives per query (G: file_group_size); an empty `neg` borrows
+    them from the same dataset. Queries get the line's prompt, else query_prefix; passages get passage_prefix, or for
+    types symmetric_sts/_clustering the query's instruction (SPEC 4.1).
+    """
+    G = file_group_size(datasets[batch[0][0]], opt.train_group_size) if batch else opt.train_group_size
+    queries, passages, teacher, source = [], [], [], []
+    for d, i in batch:
+        ds = datasets[d]
+        if G > 1 and ds.meta.get("empty_neg") and ds.path not in _warned:
+            _warned.add(ds.path)
+            log.warning(f"{ds.path}: {ds.meta['empty_neg']} of {len(ds.lengths)} queries have no 'neg'; "
+                        f"their {G - 1} negatives are drawn from other examples of this file")
+        rng = np.random.default_rng([opt.seed, epoch, d, i])
+        ex, src = _read(ds, i)  # src: (file, line), for error messages
+        texts, scores = sample_group(ds, i, ex, rng, G, opt)
+        queries.append(query_text(ex, opt.query_prefix))
+        symmetric = ds.meta.get("type") in ("symmetric_sts", "symmetric_clustering")  # passages are queries too
+        passages += [query_text({**ex, "query": t}, opt.query_prefix) if symmetric else opt.passage_prefix + t
+                     for t in texts]
+        teacher += scores or []
+        source.append(src)
+    enc = dict(add_special_tokens=True, truncation=True, return_attention_mask=False, return_token_type_ids=False)
+    pad = tokenizer.pad_token_id
+    q_ids, q_mask = _pad(tokenizer(queries, max_length=opt.query_max_len, **enc)["input_ids"], pad)  # (B, Tq) each
+    p_ids, p_mask = _pad(tokenizer(passages, max_length=opt.passage_max_len, **enc)["input_ids"], pad)  # (B*G, Tp)
+    teacher = torch.tensor(teacher, dtype=torch.float32).view(len(batch), G) if opt.teacher_kd else None  # (B, G)
+    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source, group_size=G,
+                no_in_batch_neg=bool(batch) and datasets[batch[0][0]].no_in_batch_neg)
+
+
+def file_group_size(ds, G):
+    """The group size of ds's batches (SPEC 4.1): 2 for type only_1neg, for symmetric_class at most 1 + the fewest
+    negatives of an example of the file (so no group repeats a negative), else Config.train_group_size."""
+    return {"only_1neg": 2, "symmetric_class": min(ds.meta.get("min_neg", G) + 1, G)}.get(ds.meta.get("type"), G)
+
+
+_warned = set()  # datasets whose empty-negative count was reported
+
+
+def _chunk_shuffle(text, rng):
+    """SPEC 4.2 / paper A.1: cut the text into 3 character chunks, shuffle them, join with spaces."""
+    n = len(text) // SHUFFLE_CHUNKS + 1  # characters per chunk
+    chunks = [text[k:k + n] for k in range(0, len(text), n)]
+    return " ".join(chunks[j] for j in rng.permutation(len(chunks)))
+
+
+def _borrow(ds, i, k, rng):
+    """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
+    n = len(ds.lengths)
+    if n < 2:
+        path, line = _read(ds, i)[1]
+        raise ValueError(f"{path}, line {line}: field 'neg': empty and no other example to borrow from")
+    out = []
+    for j in rng.integers(n - 1, size=k):
+        other, _ = _read(ds, j + (j >= i))  # any example but i
+        texts = other["pos"] + other.get("neg", [])
+        out.append(texts[rng.integers(len(texts))])
+    return out
+
+
+def _pad(seqs, pad_id):
+    """(n, T) ids and mask, T = longest rounded up to PAD_MULTIPLE."""
+    T = -(-max(len(s) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+# ================================================================================================================
+# datasets, batches per rank, batches made ahead
 
 def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True, share=None,
                   small_threshold=0, drop_threshold=0, group_size=None):
@@ -99,12 +218,6 @@ def merge_small(datasets, small_threshold, drop_threshold):
     return out
 
 
-def file_group_size(ds, G):
-    """The group size of ds's batches (SPEC 4.1): 2 for type only_1neg, for symmetric_class at most 1 + the fewest
-    negatives of an example of the file (so no group repeats a negative), else Config.train_group_size."""
-    return {"only_1neg": 2, "symmetric_class": min(ds.meta.get("min_neg", G) + 1, G)}.get(ds.meta.get("type"), G)
-
-
 def dataset_batch_sizes(ds, batch_sizes):
     """ds's batch size per length range: its batch_size field everywhere, else batch_sizes, halved for symmetric_*
     types (SPEC 4.4); a merged dataset takes the smallest of its files'."""
@@ -114,6 +227,7 @@ def dataset_batch_sizes(ds, batch_sizes):
         return [ds.meta["batch_size"]] * len(batch_sizes)
     symmetric = "symmetric" in (ds.meta.get("type") or "")
     return [max(1, b // 2) for b in batch_sizes] if symmetric else list(batch_sizes)
+
 
 # ----------------------------------------------------------------------------- length-range batches for one rank
 
@@ -187,99 +301,9 @@ def bucket_members(bucket, k, chunk=1 << 24):
     return np.concatenate([np.flatnonzero(bucket[s:s + chunk] == k).astype(dtype) + dtype(s)
                            for s in range(0, len(bucket), chunk)] or [np.zeros(0, dtype)])
 
-# ----------------------------------------------------------------------------- sampling one group and collation
 
-
-_warned = set()  # datasets whose empty-negative count was reported
-
-
-def _chunk_shuffle(text, rng):
-    """SPEC 4.2 / paper A.1: cut the text into 3 character chunks, shuffle them, join with spaces."""
-    n = len(text) // SHUFFLE_CHUNKS + 1  # characters per chunk
-    chunks = [text[k:k + n] for k in range(0, len(text), n)]
-    return " ".join(chunks[j] for j in rng.permutation(len(chunks)))
-
-
-def _borrow(ds, i, k, rng):
-    """k negatives for a query with no `neg`: random passages (pos or neg) of other examples of the same dataset."""
-    n = len(ds.lengths)
-    if n < 2:
-        path, line = _read(ds, i)[1]
-        raise ValueError(f"{path}, line {line}: field 'neg': empty and no other example to borrow from")
-    out = []
-    for j in rng.integers(n - 1, size=k):
-        other, _ = _read(ds, j + (j >= i))  # any example but i
-        texts = other["pos"] + other.get("neg", [])
-        out.append(texts[rng.integers(len(texts))])
-    return out
-
-
-def _sample_group(ds, i, ex, rng, G, teacher_kd, shuffle_ratio):
-    """[pos, neg1..neg(G-1)] texts and their teacher scores (SPEC 4.2): pos uniform, negs without replacement."""
-    p = int(rng.integers(len(ex["pos"])))
-    texts, scores = [ex["pos"][p]], [ex["pos_scores"][p]] if teacher_kd else None
-    neg = ex.get("neg") or []
-    if G > 1 and not neg:
-        texts += _borrow(ds, i, G - 1, rng)
-    elif G > 1:
-        pool = np.tile(np.arange(len(neg)), -(-(G - 1) // len(neg)))  # replicated when short: duplicates stay balanced
-        picks = [int(j) for j in rng.choice(pool, G - 1, replace=False)]
-        if teacher_kd:  # negatives by teacher score, descending: m3_kd_loss treats group order as a ranking (SPEC 3.5)
-            picks.sort(key=lambda j: -ex["neg_scores"][j])
-            scores += [ex["neg_scores"][j] for j in picks]
-        texts += [neg[j] for j in picks]
-    if shuffle_ratio > 0 and len(texts[0]) > SHUFFLE_MIN_CHARS and rng.random() < shuffle_ratio:
-        texts[0] = _chunk_shuffle(texts[0], rng)  # drawn last: the negatives do not depend on it
-    return texts, scores
-
-
-def _pad(seqs, pad_id):
-    """(n, T) ids and mask, T = longest rounded up to PAD_MULTIPLE."""
-    T = -(-max(len(s) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-def make_batch(datasets, batch, tokenizer, *, epoch, seed, group_size, query_max_len, passage_max_len,
-               teacher_kd=False, shuffle_ratio=0.0, query_prefix="", passage_prefix=""):
-    """Read, sample, tokenize, pad one batch of (dataset, example); passages group-major [q0 pos, q0 negs, q1 pos, ..].
-
-    Each example's RNG is seeded by (seed, epoch, dataset, example) alone, so a query gets the same group on whichever
-    rank (or world size) and at whichever step holds it: a W-rank step equals one process on the global batch, and a
-    resumed run replays its batches. G-1 negatives per query (G: file_group_size); an empty `neg` borrows
-    them from the same dataset. Queries get the line's prompt, else query_prefix; passages get passage_prefix, or for
-    types symmetric_sts/_clustering the query's instruction (SPEC 4.1).
-    """
-    G = file_group_size(datasets[batch[0][0]], group_size) if batch else group_size
-    queries, passages, teacher, source = [], [], [], []
-    for d, i in batch:
-        ds = datasets[d]
-        if G > 1 and ds.meta.get("empty_neg") and ds.path not in _warned:
-            _warned.add(ds.path)
-            log.warning(f"{ds.path}: {ds.meta['empty_neg']} of {len(ds.lengths)} queries have no 'neg'; "
-                        f"their {G - 1} negatives are drawn from other examples of this file")
-        rng = np.random.default_rng([seed, epoch, d, i])
-        ex, src = _read(ds, i)  # src: (file, line), for error messages
-        texts, scores = _sample_group(ds, i, ex, rng, G, teacher_kd, shuffle_ratio)
-        queries.append(query_text(ex, query_prefix))
-        symmetric = ds.meta.get("type") in ("symmetric_sts", "symmetric_clustering")  # passages are queries too
-        passages += [query_text({**ex, "query": t}, query_prefix) if symmetric else passage_prefix + t for t in texts]
-        teacher += scores or []
-        source.append(src)
-    enc = dict(add_special_tokens=True, truncation=True, return_attention_mask=False, return_token_type_ids=False)
-    q_ids, q_mask = _pad(tokenizer(queries, max_length=query_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
-    p_ids, p_mask = _pad(tokenizer(passages, max_length=passage_max_len, **enc)["input_ids"], tokenizer.pad_token_id)
-    teacher = torch.tensor(teacher, dtype=torch.float32).view(len(batch), G) if teacher_kd else None  # (B, G)
-    return dict(q_ids=q_ids, q_mask=q_mask, p_ids=p_ids, p_mask=p_mask, teacher=teacher, source=source, group_size=G,
-                no_in_batch_neg=bool(batch) and datasets[batch[0][0]].no_in_batch_neg,
-                special_ids=torch.tensor(special_token_ids(tokenizer)))  # the ids without a lexical weight
-
-
-def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, pin_memory=False, **make_kw):
-    """make_batch(datasets, batches[j], tokenizer, **make_kw) for j = start, start + 1, ..., prepared ahead of the
+def batch_stream(datasets, batches, start, tokenizer, opt, epoch, *, num_workers, prefetch, pin_memory=False):
+    """make_batch(datasets, batches[j], tokenizer, opt, epoch) for j = start, start + 1, ..., prepared ahead of the
     training step by num_workers processes, `prefetch` batches each (0 workers: one by one, in this process). The same
     batches in the same order either way (each example's RNG depends on the example alone); a worker's error (a bad
     line) stops the loop with its message. A generator: close() (or its end) stops the workers and joins them."""
@@ -287,7 +311,7 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: one tokenizer thread each
     loader = torch.utils.data.DataLoader(
         range(start, len(batches)), batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=lambda j: make_batch(datasets, batches[j], tokenizer, **make_kw),
+        collate_fn=lambda j: make_batch(datasets, batches[j], tokenizer, opt, epoch),
         prefetch_factor=prefetch if num_workers else None, multiprocessing_context="fork" if num_workers else None,
         generator=torch.Generator())  # draws the workers' seeds from its own generator, not the global one (dropout)
     it = iter(loader)
@@ -295,6 +319,7 @@ def batch_stream(datasets, batches, start, tokenizer, *, num_workers, prefetch, 
         yield from it
     finally:  # now, not whenever the iterator is garbage-collected (at interpreter exit, after the process group)
         getattr(it, "_shutdown_workers", lambda: None)()
+
 
 # ----------------------------------------------------------------------------- reading one example
 
@@ -335,122 +360,3 @@ def _read(ds, i):
         raise ValueError(f"{ds.path}, line {line}: {err} (did the file change after its index was built? "
                          "a changed file is indexed again on the next start)")
     return ex, (ds.path, line)
-
-# ----------------------------------------------------------------------------- evaluation data in BEIR layout
-
-
-def load_beir(data_dir, split, max_corpus=None, corpus=True):
-    """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files;
-    corpus False: only the queries and qrels checked and returned (corpus records and missing counts None)."""
-    error = data_error(data_dir, split)
-    if error:
-        raise FileNotFoundError(error)
-    qpath, path = os.path.join(data_dir, "queries.jsonl"), os.path.join(data_dir, "qrels", f"{split}.tsv")
-    queries = {r["_id"]: r for r in read_jsonl(qpath, ("_id", "text"), "_id")}
-    qrels = read_qrels(path)
-    # queries without a relevant doc are skipped, as BEIR does; missing docs stay in qrels (they count as not found)
-    usable = {q: rels for q, rels in qrels.items() if q in queries and max(rels.values()) > 0}
-    if not usable:  # checked before the corpus is read and anything is encoded
-        found = sum(q in queries for q in qrels)
-        why = ("no rows" if not qrels else f"0 of {len(qrels)} query ids in qrels are in {qpath}" if not found else
-               f"none of its {found} queries that are in {qpath} has a relevance > 0")
-        raise ValueError(f"{path}: no query to evaluate: {why}")
-    if not corpus:
-        return None, [queries[q] for q in usable], usable, None
-    corpus = read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text"), "_id")
-    doc_ids = {r["_id"] for r in corpus}
-    missing = {"queries": sum(q not in queries for q in qrels),
-               "docs": sum(d not in doc_ids for rels in qrels.values() for d in rels)}
-    if max_corpus is not None:  # quick runs: every relevant doc plus the first max_corpus others
-        rel = {d for rels in usable.values() for d in rels}
-        corpus = [r for i, r in enumerate(corpus) if r["_id"] in rel or i < max_corpus]
-    return corpus, [queries[q] for q in usable], usable, missing
-
-
-def data_error(data_dir, split):
-    """Why data_dir is not a BEIR dir with this split, naming the missing files; None when it is."""
-    if not os.path.isdir(data_dir):
-        return f"{data_dir}: no such directory"
-    files = ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")
-    gone = [f for f in files if not os.path.isfile(os.path.join(data_dir, f))]
-    qdir = os.path.join(data_dir, "qrels")
-    splits = f" (splits there: {sorted(os.listdir(qdir))})" if files[2] in gone and os.path.isdir(qdir) else ""
-    return f"{data_dir}: no {', '.join(gone)}{splits}" if gone else None
-
-
-def lang_dirs(data_dir, split, langs=None):
-    """{lang: folder} of a root of per-language BEIR folders (MIRACL/MLDR layout: data_dir/<lang>/corpus.jsonl,
-    queries.jsonl, qrels/<split>.tsv), each checked by data_error; None for a BEIR dir itself (its queries' lang field,
-    if any, gives the languages) or a folder with neither. langs: the languages wanted, each must have its folder."""
-    if not os.path.isdir(data_dir) or os.path.isfile(os.path.join(data_dir, "corpus.jsonl")):
-        if langs:
-            raise ValueError(f"{data_dir}: langs {','.join(langs)} name per-language folders, but this is not a folder "
-                             "of them")
-        return None
-    found = sorted(d for d in os.listdir(data_dir) if os.path.isfile(os.path.join(data_dir, d, "corpus.jsonl")))
-    for lang in langs or ():
-        if lang not in found:
-            raise FileNotFoundError(f"{os.path.join(data_dir, lang)}: no such language folder with a corpus.jsonl "
-                                    f"(languages in {data_dir}: {', '.join(found) or 'none'})")
-    dirs = {lang: os.path.join(data_dir, lang) for lang in langs or found}
-    errors = [e for e in (data_error(d, split) for d in dirs.values()) if e]
-    if errors:
-        raise FileNotFoundError("; ".join(errors))
-    return dirs or None
-
-
-def read_jsonl(path, fields=(), unique=None, check=None):
-    """JSON objects, one per non-empty line, each with a string value for every key in fields and, for the key unique,
-    a value no other line has; check(record) -> an error or None (e.g. check_example for training records).
-    Errors name the file and the 1-based line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    recs, seen = [], {}  # seen: id -> line
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(r, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(r).__name__}")
-            for k in fields:
-                if not isinstance(r.get(k), str):
-                    got = f"expected a string, got {json.dumps(r[k])[:40]}" if k in r else "missing"
-                    raise ValueError(f"{path}, line {n}: field '{k}': {got}")
-            if check and check(r):
-                raise ValueError(f"{path}, line {n}: {check(r)}")
-            if unique:  # a repeated corpus id scores its relevant doc twice (nDCG@10 above 1)
-                if r[unique] in seen:
-                    raise ValueError(f"{path}, line {n}: field '{unique}': duplicate id {r[unique]!r} "
-                                     f"(first at line {seen[r[unique]]})")
-                seen[r[unique]] = n
-            recs.append(r)
-    return recs
-
-
-def read_qrels(path):
-    """{query_id: {doc_id: rel}} from a BEIR qrels TSV (query-id, corpus-id, integer score); line 1 may be a header."""
-    qrels = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t")
-        for row in rows:
-            if not "".join(row).strip():
-                continue  # blank line
-            try:
-                rel = int(row[-1]) if len(row) >= 3 and row[0] and row[1] else None
-            except ValueError:
-                rel = None
-            if rel is not None:
-                qrels.setdefault(row[0], {})[row[1]] = rel
-            elif rows.line_num > 1:  # only line 1 may be a header
-                raise ValueError(f"{path}, line {rows.line_num}: expected query-id<TAB>corpus-id<TAB>integer score, "
-                                 f"got {row}")
-    return qrels
-
-
-def passage_text(r):
-    """title + " " + text when the title is non-empty (the convention of scifact/train_mined.jsonl)."""
-    return f"{r['title']} {r['text']}" if r.get("title") else r["text"]

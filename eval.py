@@ -23,13 +23,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from checkpoints import check_out, default_out, write_atomic
-from dashboard import eval_to_tensorboard
-from data import data_error, lang_dirs, load_beir, passage_text, read_jsonl  # noqa: F401 (read_jsonl: mine.py, bench)
-from model import ckpt_key, encode_cached, inference_device, model_key, model_loader, pack  # noqa: F401 (tests)
+from beir import data_error, lang_dirs, load_beir, passage_text
+from logs import eval_to_tensorboard
+from runtime import run_command, write_atomic
 from search import PAPER, PAPER_DEPTH, ROWS, fuse, paper_rows, retrieve
 from st_layout import prompts as st_prompts
-from store import as_stored, encode_corpora, encode_store, store_meta
+from store import as_stored, encode_cached, encode_corpora, encode_store, inference_device, model_loader, store_meta
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 # --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
@@ -47,11 +46,8 @@ TUNE_DEPTH = 100  # --tune_on's candidates: each query's dense and sparse top 10
 
 
 def main(argv=None):
-    """The command line above; `python eval.py mine ...` is `python mine.py ...`."""
+    """The command line above."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["mine"]:
-        import mine
-        return mine.main(argv[1:])
     p = cli_parser(__doc__, split="test")
     p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth (exact protocol)")
     p.add_argument("--protocol", default="exact", choices=("exact", "paper"), help="exact: every head retrieves, "
@@ -398,5 +394,35 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the output folder: one per checkpoint
+
+def default_out(ckpt, data_dir, split):
+    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
+    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
+    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
+    name = "_".join(x for x in parts if x)
+    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
+
+
+def check_out(out_dir, ckpt):
+    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
+    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError:
+        old = None
+    old = old if isinstance(old, dict) else {}
+    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
+    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
+        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
+        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
+                              "(out_dir), --overwrite, or remove that file")
+
+
 if __name__ == "__main__":
-    main()
+    run_command(main, sys.argv[1:])

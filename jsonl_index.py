@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from checkpoints import write_atomic
+from runtime import write_atomic
 
 INDEX_VERSION = 5  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files;
 # 5: offsets and line numbers per block of INDEX_BLOCK examples, uint16 lengths

@@ -15,7 +15,10 @@ import numpy as np
 
 import eval as ev
 import search
+from beir import load_beir, passage_text, read_jsonl
 from jsonl_index import check_example, query_text
+from runtime import write_atomic
+from store import encode_cached, model_loader
 
 
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,
@@ -30,12 +33,12 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
     if error:
         raise ValueError(error)
     weights = ev.fusion_weights(weights)[2]
-    get_model, key, _ = ev.model_loader(model, need_key=bool(cache_dir))
-    P = ev.encode_cached(get_model, [passage_prefix + t for t in passages], passage_max_len, batch_size, False,
+    get_model, key, _ = model_loader(model, need_key=bool(cache_dir))
+    P = encode_cached(get_model, [passage_prefix + t for t in passages], passage_max_len, batch_size, False,
                          cache_dir, key)
     q_texts = [query_text({"query": q, "prompt": prompts[i] if prompts else None}, query_prefix)
                for i, q in enumerate(queries)]
-    Q = ev.encode_cached(get_model, q_texts, query_max_len, batch_size, False, cache_dir, key)
+    Q = encode_cached(get_model, q_texts, query_max_len, batch_size, False, cache_dir, key)
     use = tuple(w != 0 for w in weights)
     tie = np.arange(len(passages))  # passages have no ids here: ties by position
     fused = search.fuse(search.retrieve(Q, P, hi, index, index_params, colbert_index, colbert_k, use), weights, hi, tie)
@@ -72,23 +75,23 @@ def main(argv=None):
             p.error(f"--out {a.out} is the --{opt} input: the mined records would replace it")
     lo, hi = (int(x) for x in a.range.split("-"))
     if a.jsonl:
-        recs = ev.read_jsonl(a.jsonl, check=check_example)  # the training format (SPEC 4.1), as train.py checks it
-        pool = ([ev.passage_text(r) for r in ev.read_jsonl(a.corpus, ("text",))] if a.corpus else
+        recs = read_jsonl(a.jsonl, check=check_example)  # the training format (SPEC 4.1), as train.py checks it
+        pool = ([passage_text(r) for r in read_jsonl(a.corpus, ("text",))] if a.corpus else
                 [t for r in recs for t in r["pos"] + r.get("neg", [])])
         pool = list(dict.fromkeys(pool + [t for r in recs for t in r["pos"]]))  # dedup, keep order; positives included
         at = {t: j for j, t in enumerate(pool)}
         queries, positives = [r["query"] for r in recs], [[at[t] for t in r["pos"]] for r in recs]
         kw["prompts"] = [r.get("prompt") for r in recs]
     else:
-        corpus, qs, qrels, _ = ev.load_beir(a.data, a.split)
-        pool, at = [ev.passage_text(r) for r in corpus], {r["_id"]: j for j, r in enumerate(corpus)}
+        corpus, qs, qrels, _ = load_beir(a.data, a.split)
+        pool, at = [passage_text(r) for r in corpus], {r["_id"]: j for j, r in enumerate(corpus)}
         recs = [{} for _ in qs]
         queries = [r["text"] for r in qs]
         positives = [[at[d] for d, rel in qrels[r["_id"]].items() if rel > 0 and d in at] for r in qs]
     mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, a.weights, a.seed, a.scores, **kw)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     keep = lambda r: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")}  # --jsonl's other fields
-    ev.write_atomic(a.out, (json.dumps({**keep(r), **m}, ensure_ascii=False) + "\n" for r, m in zip(recs, mined)))
+    write_atomic(a.out, (json.dumps({**keep(r), **m}, ensure_ascii=False) + "\n" for r, m in zip(recs, mined)))
     print(f"wrote {len(mined)} records to {a.out}; ranks {lo}-{hi}, {a.n_neg} negatives each")
     return mined
 

@@ -3,8 +3,6 @@
 SPEC.md sections 1-2. forward() returns representations only; losses live in losses.py.
 Shapes: N texts, T tokens, H hidden, D colbert dim, V vocab (never materialised: see sparse_vectors).
 """
-import functools
-import hashlib
 import json
 import os
 import warnings
@@ -331,97 +329,3 @@ def load_head(fname):
     if not isinstance(state, dict) or set(state) != {"weight", "bias"}:
         raise ValueError(f"{fname}: expected a dict with 'weight' and 'bias', found {type(state).__name__}")
     return state
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# retrieval encodings (eval.py, mine.py): packed arrays, cached on disk under the checkpoint's identity
-
-def encode_cached(get_model, texts, max_length, batch_size=32, mcls=False, cache_dir=None, key=None):
-    """pack(model.encode(texts)), cached as <cache_dir>/<sha256(checkpoint, texts, max_length, mcls)>.npz, no pickle."""
-    if cache_dir:
-        h = hashlib.sha256(f"{key}|{max_length}|{mcls}|{len(texts)}".encode())
-        h.update("\0".join(texts).encode())
-        path = os.path.join(cache_dir, h.hexdigest()[:40] + ".npz")
-        if os.path.exists(path):
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-    enc = pack(get_model().encode(texts, batch_size=batch_size, max_length=max_length, mcls=mcls))
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path + ".tmp.npz", **enc)
-        os.replace(path + ".tmp.npz", path)  # never a half-written cache file
-    return enc
-
-
-def pack(out):
-    """model.encode output -> flat arrays: dense (N, D); sparse CSR sp_ptr (N+1,), sp_ids, sp_w (ids sorted within a
-    row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D). Row i's entries: ptr[i]:ptr[i + 1]."""
-    sp = [sorted(d.items()) for d in out["sparse"]]
-    sp_len = np.array([len(d) for d in sp], np.int64)
-    cb_len = np.array([len(v) for v in out["colbert"]], np.int64)
-    D = out["dense"].shape[1]
-    return dict(dense=np.ascontiguousarray(out["dense"], np.float32),
-                sp_ptr=np.concatenate([[0], np.cumsum(sp_len)]),
-                sp_ids=np.fromiter((k for d in sp for k, _ in d), np.int64, sp_len.sum()),
-                sp_w=np.fromiter((w for d in sp for _, w in d), np.float32, sp_len.sum()),
-                cb_ptr=np.concatenate([[0], np.cumsum(cb_len)]),
-                cb_vecs=np.concatenate([np.asarray(v, np.float32).reshape(-1, D) for v in out["colbert"]]))
-
-
-def model_loader(model, need_key):
-    """(get_model, key, ckpt) for a checkpoint path (loaded lazily, only on a cache miss), an in-memory M3 or a function
-    returning one (cli_setup's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records.
-    A triple this returned is returned as is (eval.evaluate_langs: one model for every language)."""
-    if isinstance(model, tuple):
-        return model
-    if not isinstance(model, str):
-        model = model if hasattr(model, "encode") else model()
-        key = model_key(model) if need_key else None
-        return (lambda: model), key, {"ckpt": getattr(model, "source", "<in-memory model>"), "ckpt_abspath": None,
-                                      "ckpt_key": key}
-    key = ckpt_key(model)
-    ckpt = {"ckpt": model, "ckpt_abspath": os.path.abspath(model) if os.path.isdir(model) else None, "ckpt_key": key}
-
-    @functools.cache
-    def get():
-        return M3.from_pretrained(model).to(inference_device()).eval()
-    return get, key, ckpt
-
-
-def inference_device():
-    """Where evaluation and mining encode: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ckpt_key(path):
-    """Identity of a checkpoint dir: content hash of files under 64 MB, (name, size, mtime) of larger ones."""
-    if not os.path.isdir(path):
-        if is_local_path(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
-        return f"hub:{path}"  # a hub name: from_pretrained checks the heads; the cache assumes the repo does not change
-    missing = [f for f in HEAD_FILES.values() if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "
-                                "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2); "
-                                "for a bare encoder's zero-shot dense row pass --new_heads")
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            st = os.stat(f)
-            h.update(f"{name}|{st.st_size}|".encode())
-            if st.st_size < 64 << 20:
-                with open(f, "rb") as fh:
-                    h.update(fh.read())
-            else:
-                h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-def model_key(model):
-    """Identity of an in-memory model: hash of its weights and pooling."""
-    h = hashlib.sha256(str(getattr(model, "pooling", "")).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()

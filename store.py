@@ -1,4 +1,5 @@
-"""Passage encodings on disk (a store): written once, by one process or several, and memory-mapped for evaluation.
+"""Passage encodings: packed in memory (pack), cached under the checkpoint's identity (encode_cached), and written once
+into a store on disk by one process or several, memory-mapped for evaluation (encode_store, open_store).
 
 python eval.py encode --ckpt DIR --data DIR --store DIR [--shard_size 4096]     # one process
 torchrun --nproc_per_node 8 eval.py encode --ckpt DIR --data DIR --store DIR    # one GPU each, shards round robin
@@ -9,6 +10,7 @@ it, checked on every open. The corpus is encoded in shards of shard_size passage
 shards/NNNNN.npz, each written under a temporary name and renamed), so a restart skips the finished shards and never
 reads a half-written one; once all are there they are merged into the store and deleted after meta.json is written.
 """
+import functools
 import glob
 import hashlib
 import json
@@ -16,8 +18,11 @@ import os
 import shutil
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from model import HEAD_FILES, M3, is_local_path
+from runtime import end_distributed, init_distributed
 from search import release
 
 FORMAT = "m3-store-1"
@@ -26,6 +31,103 @@ FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "
 DTYPES = {"dense": np.float32, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
           "cb_vecs": np.float16}
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# encodings in memory (eval.py, mine.py): packed arrays, cached on disk under the checkpoint's identity
+
+def encode_cached(get_model, texts, max_length, batch_size=32, mcls=False, cache_dir=None, key=None):
+    """pack(model.encode(texts)), cached as <cache_dir>/<sha256(checkpoint, texts, max_length, mcls)>.npz, no pickle."""
+    if cache_dir:
+        h = hashlib.sha256(f"{key}|{max_length}|{mcls}|{len(texts)}".encode())
+        h.update("\0".join(texts).encode())
+        path = os.path.join(cache_dir, h.hexdigest()[:40] + ".npz")
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    enc = pack(get_model().encode(texts, batch_size=batch_size, max_length=max_length, mcls=mcls))
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(path + ".tmp.npz", **enc)
+        os.replace(path + ".tmp.npz", path)  # never a half-written cache file
+    return enc
+
+
+def pack(out):
+    """model.encode output -> flat arrays: dense (N, D); sparse CSR sp_ptr (N+1,), sp_ids, sp_w (ids sorted within a
+    row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D). Row i's entries: ptr[i]:ptr[i + 1]."""
+    sp = [sorted(d.items()) for d in out["sparse"]]
+    sp_len = np.array([len(d) for d in sp], np.int64)
+    cb_len = np.array([len(v) for v in out["colbert"]], np.int64)
+    D = out["dense"].shape[1]
+    return dict(dense=np.ascontiguousarray(out["dense"], np.float32),
+                sp_ptr=np.concatenate([[0], np.cumsum(sp_len)]),
+                sp_ids=np.fromiter((k for d in sp for k, _ in d), np.int64, sp_len.sum()),
+                sp_w=np.fromiter((w for d in sp for _, w in d), np.float32, sp_len.sum()),
+                cb_ptr=np.concatenate([[0], np.cumsum(cb_len)]),
+                cb_vecs=np.concatenate([np.asarray(v, np.float32).reshape(-1, D) for v in out["colbert"]]))
+
+
+def model_loader(model, need_key):
+    """(get_model, key, ckpt) for a checkpoint path (loaded lazily, only on a cache miss), an in-memory M3 or a function
+    returning one (cli_setup's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records.
+    A triple this returned is returned as is (eval.evaluate_langs: one model for every language)."""
+    if isinstance(model, tuple):
+        return model
+    if not isinstance(model, str):
+        model = model if hasattr(model, "encode") else model()
+        key = model_key(model) if need_key else None
+        return (lambda: model), key, {"ckpt": getattr(model, "source", "<in-memory model>"), "ckpt_abspath": None,
+                                      "ckpt_key": key}
+    key = ckpt_key(model)
+    ckpt = {"ckpt": model, "ckpt_abspath": os.path.abspath(model) if os.path.isdir(model) else None, "ckpt_key": key}
+
+    @functools.cache
+    def get():
+        return M3.from_pretrained(model).to(inference_device()).eval()
+    return get, key, ckpt
+
+
+def inference_device():
+    """Where evaluation and mining encode: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ckpt_key(path):
+    """Identity of a checkpoint dir: content hash of files under 64 MB, (name, size, mtime) of larger ones."""
+    if not os.path.isdir(path):
+        if is_local_path(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        return f"hub:{path}"  # a hub name: from_pretrained checks the heads; the cache assumes the repo does not change
+    missing = [f for f in HEAD_FILES.values() if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "
+                                "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2); "
+                                "for a bare encoder's zero-shot dense row pass --new_heads")
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            st = os.stat(f)
+            h.update(f"{name}|{st.st_size}|".encode())
+            if st.st_size < 64 << 20:
+                with open(f, "rb") as fh:
+                    h.update(fh.read())
+            else:
+                h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+def model_key(model):
+    """Identity of an in-memory model: hash of its weights and pooling."""
+    h = hashlib.sha256(str(getattr(model, "pooling", "")).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the store on disk
 
 def store_meta(key, texts, max_length, mcls):
     """What a store must match to be read: the model's key, the passages (SHA-256 of their texts), how they were
@@ -47,18 +149,9 @@ def as_stored(P):
 def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_size=32, mcls=False, shard_size=4096,
                    passage_prefix=""):
     """eval.py encode: the corpus of each BEIR dir ({name: dir}, e.g. one per language) into store_dir/name, sharded
-    over torchrun's ranks (RANK, WORLD_SIZE; one GPU each), with the passages and the key eval.py evaluates with."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-    from data import load_beir, passage_text
-    from model import model_loader
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # gloo: barriers only, and a wait as long as rank 0's merge of a huge store
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    over torchrun's ranks (one GPU each), with the passages and the key eval.py evaluates with."""
+    from beir import load_beir, passage_text
+    _, rank, world, _ = init_distributed(12 * 3600, backend="gloo")  # barriers only; rank 0's merge may take hours
     get_model, key, _ = model_loader(model, need_key=True)
     for name, d in dirs.items():
         texts = [passage_prefix + passage_text(r) for r in load_beir(d, split, max_corpus)[0]]  # as eval.py reads them
@@ -66,8 +159,7 @@ def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_
         P = encode_store(get_model, texts, os.path.join(store_dir, name), meta, batch_size, shard_size, rank, world)
         if P is not None:
             print(f"{os.path.join(store_dir, name)}: {meta['n']} passages, {len(P['cb_vecs'])} token vectors")
-    if world > 1:
-        dist.destroy_process_group()
+    end_distributed()
 
 
 def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096, rank=0, world=1, progress=True):
@@ -89,7 +181,6 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
     with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
               desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
               smoothing=0.1) as bar:
-        from model import pack
         for s in todo:
             enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
                                           max_length=meta["max_length"], mcls=meta["mcls"], progress=False))

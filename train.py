@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention
-from checkpoints import check_start, find_resume, log_step, save_checkpoint, start_run_dir
-from dashboard import lexical_health, report_to_problem, tensorboard_writer
-from data import batch_stream, epoch_batches, open_datasets
+from checkpoints import check_start, find_resume, save_checkpoint, start_run_dir
+from data import Sampling, batch_stream, epoch_batches, open_datasets
 from gradcache import grad_cache_step
+from logs import lexical_health, log_step, report_to_problem, tensorboard_writer
 from losses import gather, m3_loss
 from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
 from reference_names import hint
@@ -116,7 +116,8 @@ def off_heads(heads):
 
 def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
     """Forward + backward of one batch (gradients accumulate in .grad) -> (loss, parts)."""
-    loss_fn = lambda q, p: compute_loss(q, p, batch, cfg, heads, self_distill)  # noqa: E731
+    special = getattr(model, "module", model).special_ids  # (the DDP wrapper's module)
+    loss_fn = lambda q, p: compute_loss(q, p, batch, cfg, heads, self_distill, special)  # noqa: E731
     chunk = {k: texts_per_chunk(cfg, batch[f"{k}_ids"]) for k in ("q", "p")}
     on = tuple(x for x in heads if x != "dense")  # the optional heads the encoder computes this step
     if cfg.grad_cache:
@@ -143,9 +144,10 @@ def forward_chunks(model, ids, mask, chunk, heads):
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
-def compute_loss(q, p, batch, cfg, heads, self_distill):
-    """Scores of the heads that are on -> m3_loss. Dense columns come from every rank when cross_device_negatives,
-    except in no_in_batch_neg batches (own group only). G: the batch's group size (data.file_group_size)."""
+def compute_loss(q, p, batch, cfg, heads, self_distill, special_ids=None):
+    """Scores of the heads that are on -> m3_loss, + the sparse head's health (logs.lexical_health) given the model's
+    special_ids. Dense columns come from every rank when cross_device_negatives, except in no_in_batch_neg batches
+    (own group only). G: the batch's group size (data.file_group_size)."""
     G, world = batch.get("group_size", cfg.train_group_size), dist.get_world_size() if dist.is_initialized() else 1
     in_batch = not batch.get("no_in_batch_neg", False)
     cross = cfg.cross_device_negatives and world > 1 and in_batch
@@ -159,8 +161,8 @@ def compute_loss(q, p, batch, cfg, heads, self_distill):
     if "colbert" in heads:  # fp32 inside its blocks
         s_colbert = colbert_score(q["colbert"], p["colbert"], q["colbert_mask"], p["colbert_mask"])  # (B, B*G)
     loss, parts = m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset, batch["teacher"], self_distill, in_batch)
-    if "special_ids" in batch and "sparse" in q:  # batches from data.make_batch, with the sparse head on
-        parts.update(lexical_health(q, p, batch))
+    if special_ids is not None and "sparse" in q:
+        parts.update(lexical_health(q, p, batch, special_ids))
     return loss, parts
 
 
@@ -283,7 +285,7 @@ def train(cfg, resume, state, ddp, rank, world, device):
                                          f"{rank}; examples: " + ", ".join(f"{f}:{n}" for f, n in source))
             lr = optimizer_step(raw, opt, sched, scaler, cfg, heads)
             if step % cfg.log_every == 0 or step == total - 1:
-                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, ddp, writer)
+                log_step(cfg, log, step, total, epoch, loss, parts, lr, time.time() - t0, batch, world, writer)
             step = step + 1
             bar.update(1)
             position = {"step": step, "epoch": epoch, "index": index + 1} if index + 1 < n_batches else \
@@ -307,11 +309,8 @@ def rank_batches(datasets, tok, cfg, batch_kw, epoch, index, pin_memory):
     made ahead by data.batch_stream; closing this generator closes the stream (its workers exit and are joined)."""
     while True:
         batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
-        stream = batch_stream(datasets, batches, index, tok, num_workers=cfg.num_workers, prefetch=cfg.prefetch,
-                              pin_memory=pin_memory, epoch=epoch, seed=cfg.seed, group_size=cfg.train_group_size,
-                              query_max_len=cfg.query_max_len, passage_max_len=cfg.passage_max_len,
-                              teacher_kd=cfg.teacher_kd, shuffle_ratio=cfg.shuffle_ratio,
-                              query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix)
+        stream = batch_stream(datasets, batches, index, tok, Sampling.of(cfg), epoch, num_workers=cfg.num_workers,
+                              prefetch=cfg.prefetch, pin_memory=pin_memory)
         try:
             for j in range(index, len(batches)):
                 yield epoch, j, len(batches), next(stream)

@@ -23,7 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT  # noqa: E402  (the repository on sys.path)
 import train  # noqa: E402
-from data import batch_stream, epoch_batches, make_batch, open_datasets  # noqa: E402
+from data import Sampling, batch_stream, epoch_batches, make_batch, open_datasets  # noqa: E402
 from model import resolve  # noqa: E402
 
 STEP_S = 0.2
@@ -48,8 +48,8 @@ def write_data(path, n_queries, passage_words, G=8):
 def wait_fraction(datasets, batches, tok, max_len, workers, prefetch, steps, step_s):
     """Run `steps` loop iterations with a step of step_s seconds (None: the batch's H200 time) -> the data wait
     fraction over steps 1.. (step 0 fills the pipeline)."""
-    stream = batch_stream(datasets, batches, 0, tok, num_workers=workers, prefetch=prefetch, epoch=0, seed=0,
-                          group_size=8, query_max_len=512, passage_max_len=max_len)
+    opt = Sampling(seed=0, train_group_size=8, query_max_len=512, passage_max_len=max_len)
+    stream = batch_stream(datasets, batches, 0, tok, opt, 0, num_workers=workers, prefetch=prefetch)
     waited = 0.0
     for step in range(steps):
         t0 = time.perf_counter()
@@ -82,8 +82,8 @@ def main():
             batches = epoch_batches(ds, epoch=0, seed=0, world_size=1, rank=0, length_ranges=[0, 8192],
                                     batch_sizes=[B])
             t0 = time.perf_counter()
-            made = make_batch(ds, batches[0], tok, epoch=0, seed=0, group_size=8, query_max_len=512,
-                              passage_max_len=max_len)
+            made = make_batch(ds, batches[0], tok, Sampling(seed=0, train_group_size=8, query_max_len=512,
+                                                            passage_max_len=max_len), 0)
             make_s = time.perf_counter() - t0
             tokens = (made["q_mask"].sum() + made["p_mask"].sum()).item()
             print(f"{name}: {B} queries x 8 passages of up to {max_len} tokens ({tokens} tokens): a batch takes "

@@ -228,7 +228,7 @@ def part_stages(dev, dry, limit_s, log_dir):
         fig(f"stage_{name}", "ok")
         fig(f"stage_{name}_loss0", f"{logs[name][0]['loss']:.4f}")
         fig(f"stage_{name}_steps", len(logs[name]))
-    assert logs["pretrain"][0]["sparse"] == 0 and logs["warmup"][-1]["colbert"] > 0, "head schedule not followed"
+    assert "sparse" not in logs["pretrain"][0] and logs["warmup"][-1]["colbert"] > 0, "head schedule not followed"
     assert all(r["self_kd"] > 0 and r["sparse"] > 0 for r in logs["unified"]), "unified: a head or self-KD is off"
 
 

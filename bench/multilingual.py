@@ -40,7 +40,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import me5  # noqa: E402
-from eval import evaluate, read_jsonl  # noqa: E402
+from beir import read_jsonl  # noqa: E402
+from eval import evaluate  # noqa: E402
 from model import M3  # noqa: E402
 
 ROWS = ("dense", "sparse", "multi-vector", "all")

@@ -2,14 +2,15 @@
 
     python bench/plot_logs.py runs/a/log.jsonl runs/b/log.jsonl --out curves.png [--keys loss,dense,sparse_share]
 
-One panel per key (default: the loss, each head's loss, the ensemble, self-distillation and the sparse head's
-health), one line per file, against the step. Needs matplotlib (pip install matplotlib), imported only here.
+One panel per key (default: every term the runs logged, the loss first: each head's loss, the ensemble,
+self-distillation, the accuracy, the sparse head's health and any term an edit added; not the bookkeeping in SKIP), one
+line per file, against the step. Needs matplotlib (pip install matplotlib), imported only here.
 """
 import argparse
 import json
 import os
 
-KEYS = ("loss", "dense", "sparse", "colbert", "ens", "self_kd", "sparse_share")
+SKIP = ("epoch", "lr", "ms", "tok_s", "samples_s")  # in every record, not drawn unless asked for with --keys
 
 
 def read_log(path):
@@ -29,8 +30,9 @@ def read_log(path):
     return series
 
 
-def plot(paths, out, keys=KEYS):
-    """Draw `keys` of every log in paths into out (PNG); keys no log has are left out. Returns the keys drawn."""
+def plot(paths, out, keys=None):
+    """Draw `keys` of every log in paths into out (PNG), default every logged key but SKIP, the loss first; keys no
+    log has are left out. Returns the keys drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -38,7 +40,8 @@ def plot(paths, out, keys=KEYS):
     except ImportError as e:
         raise SystemExit(f"bench/plot_logs.py needs matplotlib: pip install matplotlib ({e})")
     logs = {p: read_log(p) for p in paths}
-    keys = [k for k in keys if any(k in s for s in logs.values())]
+    found = list(dict.fromkeys(["loss"] + [k for s in logs.values() for k in s if k not in SKIP]))  # in log order
+    keys = [k for k in keys or found if any(k in s for s in logs.values())]
     if not keys:
         raise SystemExit(f"none of the keys is in {', '.join(paths)}")
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
@@ -60,7 +63,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+", help="log.jsonl files")
     p.add_argument("--out", default="curves.png")
-    p.add_argument("--keys", default=",".join(KEYS), help="comma-separated log.jsonl keys, one panel each")
+    p.add_argument("--keys", default="", help="comma-separated log.jsonl keys, one panel each (default: every "
+                                              "logged term)")
     a = p.parse_args(argv)
     missing = [x for x in a.logs if not os.path.isfile(x)]
     if missing:

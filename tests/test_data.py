@@ -46,6 +46,16 @@ def fake(lengths):
     return data.JsonlDataset("fake", jsonl_index.clip_lengths(np.asarray(lengths)))  # the plan needs lengths only
 
 
+def opts(epoch=0, group_size=8, **kw):
+    """(data.Sampling, epoch) from the keywords these tests use (group_size: Config's train_group_size)."""
+    return data.Sampling(train_group_size=group_size, **kw), epoch
+
+
+def mk(dss, batch, tok, **kw):
+    """data.make_batch of batch with the Sampling options in kw (and epoch)."""
+    return data.make_batch(dss, batch, tok, *opts(**kw))
+
+
 def mixed_rows(n, seed=0):
     r = random.Random(seed)
     out = []
@@ -259,7 +269,7 @@ def test_merged_small_files_read_each_example_from_its_part_at_its_line(tmp_path
     assert merged.part_starts.tolist() == [0, 20, 37, 40] and merged.block_offsets is None
     assert [data._read(merged, j) for j in range(40)] == want
     assert np.array_equal(merged.lengths, np.concatenate([p.lengths for p in merged.parts]))
-    out = data.make_batch([merged], [(0, 19), (0, 20), (0, 36), (0, 39)], TOK, group_size=2, **BATCH_KW)
+    out = mk([merged], [(0, 19), (0, 20), (0, 36), (0, 39)], TOK, group_size=2, **BATCH_KW)
     assert out["source"] == [want[j][1] for j in (19, 20, 36, 39)]
 
 
@@ -477,7 +487,7 @@ def test_collation_layout_padding_truncation_prompt(tmp_path):
     path = write(tmp_path / "d.jsonl", [rows[0], "", rows[1], rows[2]])
     dss = data.open_datasets(path, TOK)
     G = 3
-    out = data.make_batch(dss, [(0, 0), (0, 1), (0, 2)], TOK, group_size=G, **BATCH_KW)
+    out = mk(dss, [(0, 0), (0, 1), (0, 2)], TOK, group_size=G, **BATCH_KW)
     assert out["q_ids"].shape == (3, 16) and out["p_ids"].shape == (9, 24) and out["teacher"] is None
     assert rows_of((out["q_ids"], out["q_mask"])) == [ids("is a: the cell"), ids(words(40, "of"), 16), ids("we")]
     assert len(ids(words(40, "of"), 16)) == 16 and ids(words(40, "of"), 16)[-1] == TOK.eos_token_id
@@ -490,7 +500,7 @@ def test_collation_layout_padding_truncation_prompt(tmp_path):
     assert out["source"] == [(path, 1), (path, 3), (path, 4)]
     for t, m in ((out["q_ids"], out["q_mask"]), (out["p_ids"], out["p_mask"])):
         assert t.dtype == m.dtype == torch.long and torch.all(t[m == 0] == TOK.pad_token_id)
-    small = data.make_batch(dss, [(0, 0), (0, 2)], TOK, group_size=G, **BATCH_KW)
+    small = mk(dss, [(0, 0), (0, 2)], TOK, group_size=G, **BATCH_KW)
     assert small["q_ids"].shape == (2, 8)  # longest query is 7 tokens -> padded to the next multiple of 8
 
 
@@ -514,7 +524,7 @@ def test_sampling_short_pool_replicates_balanced_and_sorts_by_teacher(tmp_path):
     dss, row = scored_file(tmp_path, ["a", "of", "the"], [0.1, 0.9, 0.5])
     positives = set()
     for epoch in range(20):
-        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
+        out = mk(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
         picks, pos = picked(out, row)
         positives.add(pos)
         c = Counter(picks)
@@ -529,7 +539,7 @@ def test_sampling_large_pool_without_replacement(tmp_path):
     dss, row = scored_file(tmp_path, negs, [float(k % 5) for k in range(12)])
     subsets = set()
     for epoch in range(10):
-        out = data.make_batch(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
+        out = mk(dss, [(0, 0)], TOK, group_size=8, teacher_kd=True, **{**BATCH_KW, "epoch": epoch})
         picks, _ = picked(out, row)
         assert len(set(picks)) == 7
         subsets.add(frozenset(picks))
@@ -546,12 +556,12 @@ def test_empty_negative_pool_borrows_from_same_dataset_and_warns_once(tmp_path, 
     dss = data.open_datasets(str(tmp_path), TOK)
     caplog.set_level(logging.WARNING)
     for epoch in range(5):
-        out = data.make_batch(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
+        out = mk(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
         p = [tuple(x) for x in rows_of((out["p_ids"], out["p_mask"]))]
         for q in (0, 1):
             others = {tuple(ids(t)) for j, r in enumerate(rows) if j != q for t in r["pos"] + r.get("neg", [])}
             assert p[q * 4] == tuple(ids(rows[q]["pos"][0])) and set(p[q * 4 + 1:q * 4 + 4]) <= others
-        again = data.make_batch(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
+        again = mk(dss, [(0, 0), (0, 1), (1, 0)], TOK, group_size=4, **{**BATCH_KW, "epoch": epoch})
         assert torch.equal(out["p_ids"], again["p_ids"])
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "a.jsonl: 3 of 6 queries have no 'neg'" in warnings[0]
@@ -561,7 +571,7 @@ def test_pretraining_pairs_group_size_one(tmp_path, caplog):
     rows = [{"query": f"q {w}", "pos": [f"p {w}"]} for w in WORDS[:4]]
     dss = data.open_datasets(write(tmp_path / "pairs.jsonl", rows), TOK)
     caplog.set_level(logging.WARNING)
-    out = data.make_batch(dss, [(0, 3), (0, 1)], TOK, group_size=1, **BATCH_KW)
+    out = mk(dss, [(0, 3), (0, 1)], TOK, group_size=1, **BATCH_KW)
     assert rows_of((out["p_ids"], out["p_mask"])) == [ids("p " + WORDS[3]), ids("p " + WORDS[1])]
     assert out["teacher"] is None and not caplog.records  # in-batch negatives only: nothing borrowed, nothing to report
 
@@ -575,9 +585,9 @@ def test_chunk_shuffle_of_positives(tmp_path):
     rows = [{"query": "q", "pos": [text], "neg": ["the", "of"]}, {"query": "q", "pos": ["short"], "neg": ["a"]}]
     dss = data.open_datasets(write(tmp_path / "d.jsonl", rows), TOK)
     kw = dict(group_size=2, **{**BATCH_KW, "passage_max_len": 200})
-    plain = rows_of((lambda o: (o["p_ids"], o["p_mask"]))(data.make_batch(dss, [(0, 0), (0, 1)], TOK, **kw)))
+    plain = rows_of((lambda o: (o["p_ids"], o["p_mask"]))(mk(dss, [(0, 0), (0, 1)], TOK, **kw)))
     shuf = rows_of((lambda o: (o["p_ids"], o["p_mask"]))(
-        data.make_batch(dss, [(0, 0), (0, 1)], TOK, shuffle_ratio=1.0, **kw)))
+        mk(dss, [(0, 0), (0, 1)], TOK, shuffle_ratio=1.0, **kw)))
     thirds = [text[:51], text[51:102], text[102:]]
     assert shuf[0] in [ids(" ".join(p)) for p in permutations(thirds) if list(p) != thirds]
     assert shuf[1:] == plain[1:]  # negatives and short (<= 100 chars) positives are never shuffled
@@ -594,7 +604,7 @@ def test_resume_at_step_equals_uninterrupted_run(tmp_path):
     def run_step(dss, step):
         batches = data.epoch_batches(dss, epoch=1, seed=5, world_size=2, rank=1, length_ranges=ranges,
                                      batch_sizes=bss, group_by_length=True)
-        return data.make_batch(dss, batches[step], TOK, epoch=1, **kw), len(batches)
+        return mk(dss, batches[step], TOK, epoch=1, **kw), len(batches)
 
     dss = data.open_datasets(str(tmp_path), TOK)
     first, n = run_step(dss, 0)
@@ -615,9 +625,9 @@ def test_ranks_sample_like_one_process_on_the_global_batch(tmp_path):
     kw = dict(epoch=0, seed=3, world_size=2, length_ranges=[0, 8192], batch_sizes=[4])
     r0, r1 = (data.epoch_batches(dss, rank=k, **kw) for k in range(2))
     glob = data.epoch_batches(dss, rank=0, **{**kw, "world_size": 1, "batch_sizes": [8]})
-    mk = dict(epoch=0, seed=3, group_size=5, query_max_len=32, passage_max_len=64, teacher_kd=True)
-    parts = [data.make_batch(dss, b[2], TOK, **mk) for b in (r0, r1)]
-    whole = data.make_batch(dss, glob[2], TOK, **mk)
+    kw_b = dict(epoch=0, seed=3, group_size=5, query_max_len=32, passage_max_len=64, teacher_kd=True)
+    parts = [mk(dss, b[2], TOK, **kw_b) for b in (r0, r1)]
+    whole = mk(dss, glob[2], TOK, **kw_b)
     assert rows_of((whole["p_ids"], whole["p_mask"])) == sum((rows_of((o["p_ids"], o["p_mask"])) for o in parts), [])
     assert torch.equal(whole["teacher"], torch.cat([o["teacher"] for o in parts]))
 
@@ -628,10 +638,10 @@ def test_batch_stream_prefetched_by_workers_equals_make_batch_in_order(tmp_path)
     batches = data.epoch_batches(dss, epoch=1, seed=5, world_size=1, rank=0, length_ranges=[0, 20, 60, 8192],
                                  batch_sizes=[3, 2, 2], group_by_length=True)
     kw = dict(epoch=1, seed=5, group_size=4, query_max_len=12, passage_max_len=40, teacher_kd=True, shuffle_ratio=0.5)
-    want = [data.make_batch(dss, batches[j], TOK, **kw) for j in range(2, len(batches))]
+    want = [mk(dss, batches[j], TOK, **kw) for j in range(2, len(batches))]
     assert len(want) >= 8
     for workers, prefetch in ((0, 1), (2, 3)):
-        got = list(data.batch_stream(dss, batches, 2, TOK, num_workers=workers, prefetch=prefetch, **kw))
+        got = list(data.batch_stream(dss, batches, 2, TOK, *opts(**kw), num_workers=workers, prefetch=prefetch))
         assert [b["source"] for b in got] == [b["source"] for b in want], workers  # the same examples, in order
         for b, w in zip(got, want):
             for k in ("q_ids", "q_mask", "p_ids", "p_mask", "teacher"):
@@ -647,8 +657,8 @@ def test_a_bad_line_read_by_a_worker_stops_with_file_line_and_reason(tmp_path):
     lines = open(path).read().split("\n")
     lines[bad] = lines[bad][:-1] + " "  # the same byte length, no closing brace
     open(path, "w").write("\n".join(lines))
-    stream = data.batch_stream(dss, batches, 0, TOK, num_workers=2, prefetch=2, epoch=0, seed=0, group_size=2,
-                               query_max_len=12, passage_max_len=40)
+    stream = data.batch_stream(dss, batches, 0, TOK, *opts(seed=0, group_size=2, query_max_len=12, passage_max_len=40),
+                               num_workers=2, prefetch=2)
     for _ in range(3):
         next(stream)  # the batches before it arrive
     with pytest.raises(ValueError, match=f"a.jsonl, line {bad + 1}: malformed JSON"):
@@ -712,7 +722,7 @@ def test_type_sets_the_group_size_and_symmetric_batches_are_halved(tmp_path):
     one = data.open_datasets(write(tmp_path / "one.jsonl", [{"query": f"q {WORDS[i]}", "pos": [f"gene {WORDS[i]}"],
                                                              "neg": negs(i, 5), "type": "only_1neg"}
                                                             for i in range(4)]), TOK)
-    out = data.make_batch(one, [(0, 0), (0, 1), (0, 2)], TOK, group_size=4, **BATCH_KW)
+    out = mk(one, [(0, 0), (0, 1), (0, 2)], TOK, group_size=4, **BATCH_KW)
     p = texts_of(out["p_ids"], out["p_mask"])
     assert out["group_size"] == 2 and len(p) == 6  # [pos, one own negative] per query, whatever train_group_size
     assert all(p[2 * i] == f"gene {WORDS[i]}" and p[2 * i + 1] in negs(i, 5) for i in range(3))
@@ -721,7 +731,7 @@ def test_type_sets_the_group_size_and_symmetric_batches_are_halved(tmp_path):
                                                             for i, n in enumerate([4, 2, 3])]), TOK)
     assert cls[0].meta["min_neg"] == 2 and data.file_group_size(cls[0], 8) == 3 == data.file_group_size(cls[0], 5)
     assert data.file_group_size(cls[0], 2) == 2 and data.file_group_size(one[0], 8) == 2
-    out = data.make_batch(cls, [(0, 1), (0, 2)], TOK, group_size=8, **BATCH_KW)
+    out = mk(cls, [(0, 1), (0, 2)], TOK, group_size=8, **BATCH_KW)
     p = texts_of(out["p_ids"], out["p_mask"])
     assert out["group_size"] == 3 and sorted(p[1:3]) == sorted(negs(1, 2)) and len(set(p[4:6])) == 2  # no repeats
     sts = data.open_datasets(write(tmp_path / "sts.jsonl", [{**GOOD, "type": "symmetric_sts"}] * 40), TOK)[0]
@@ -739,15 +749,15 @@ def test_instructions_reach_the_right_texts(tmp_path):
             {"query": "of", "pos": ["data"], "neg": ["model"], "prompt": ""}]  # an empty prompt: no instruction
     dss = data.open_datasets(write(tmp_path / "d.jsonl", rows), TOK)
     kw = dict(group_size=2, query_prefix="query: ", passage_prefix="passage: ", **BATCH_KW)
-    out = data.make_batch(dss, [(0, 0), (0, 1), (0, 2)], TOK, **kw)
+    out = mk(dss, [(0, 0), (0, 1), (0, 2)], TOK, **kw)
     assert texts_of(out["q_ids"], out["q_mask"]) == ["query : the cell", "is a : we", "of"]
     assert texts_of(out["p_ids"], out["p_mask"]) == ["passage : gene a", "passage : protein b", "passage : cells",
                                                      "passage : mice", "passage : data", "passage : model"]
     sym = data.open_datasets(write(tmp_path / "s.jsonl", [{**r, "type": "symmetric_clustering"} for r in rows]), TOK)
-    out = data.make_batch(sym, [(0, 0), (0, 1), (0, 2)], TOK, **kw)  # passages are queries too: the query's prompt
+    out = mk(sym, [(0, 0), (0, 1), (0, 2)], TOK, **kw)  # passages are queries too: the query's prompt
     assert texts_of(out["p_ids"], out["p_mask"]) == ["query : gene a", "query : protein b", "is a : cells",
                                                      "is a : mice", "data", "model"]
-    plain = data.make_batch(dss, [(0, 0)], TOK, group_size=2, **BATCH_KW)
+    plain = mk(dss, [(0, 0)], TOK, group_size=2, **BATCH_KW)
     assert texts_of(plain["q_ids"], plain["q_mask"]) == ["the cell"]  # no prefix, no "None" (SPEC 7)
 
 
@@ -759,7 +769,7 @@ def test_no_in_batch_neg_from_the_file_or_folder_name(tmp_path):
     dss = data.open_datasets(str(tmp_path), TOK)
     assert [(os.path.relpath(d.path, tmp_path), d.no_in_batch_neg) for d in dss] == \
         [("b_no_in_batch_neg.jsonl", True), ("c.jsonl", False), ("cls_no_in_batch_neg/a.jsonl", True)]
-    assert [data.make_batch(dss, [(d, 0)], TOK, group_size=2, **BATCH_KW)["no_in_batch_neg"] for d in range(3)] == \
+    assert [mk(dss, [(d, 0)], TOK, group_size=2, **BATCH_KW)["no_in_batch_neg"] for d in range(3)] == \
         [True, False, True]
     assert data.open_datasets(str(tmp_path / "cls_no_in_batch_neg"), TOK)[0].no_in_batch_neg  # the folder given
     with pytest.raises(ValueError, match=r"b_no_in_batch_neg.jsonl: no_in_batch_neg data .* groups have 1 passage"):
@@ -780,7 +790,7 @@ def test_small_files_of_a_folder_merge_and_the_merged_set_can_be_dropped(tmp_pat
     merged = dss[1]  # bs + s1 + s2; sym (1 example) and sub/s3 (1 example) dropped
     assert [os.path.basename(p.path) for p in merged.parts] == ["bs.jsonl", "s1.jsonl", "s2.jsonl"]
     assert data.dataset_batch_sizes(merged, [6, 3]) == [1, 1]  # the smallest of its files' (bs.jsonl's field)
-    out = data.make_batch(dss, [(1, i) for i in range(6)], TOK, group_size=2, **BATCH_KW)
+    out = mk(dss, [(1, i) for i in range(6)], TOK, group_size=2, **BATCH_KW)
     assert rows_of((out["q_ids"], out["q_mask"])) == [ids(t) for t in ("bs 0", "s1 0", "s1 1", "s2 0", "s2 1", "s2 2")]
     assert out["source"] == [(str(tmp_path / f), n) for f, n in [("bs.jsonl", 1), ("s1.jsonl", 1), ("s1.jsonl", 2),
                                                                   ("s2.jsonl", 1), ("s2.jsonl", 2), ("s2.jsonl", 3)]]

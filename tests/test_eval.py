@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import eval as ev
-import search
 import mine
+import search
+import store
+from beir import load_beir, passage_text
 from model import M3, colbert_score
 from tiny import make_encoder, make_tokenizer, tiny_m3, unit
 
@@ -48,7 +50,7 @@ def test_dense_faiss_equals_numpy():
 def test_sparse_index_equals_dict_overlap():
     rng = np.random.default_rng(1)
     qo, po = rand_out(rng, 12), rand_out(rng, 90)
-    Q, P = ev.pack(qo), ev.pack(po)
+    Q, P = store.pack(qo), store.pack(po)
     S = brute(qo, po)[1]
     rows = np.arange(3, 12)  # a batch that does not start at query 0
     top = np.sort(S[rows], 1)[:, ::-1]
@@ -70,7 +72,7 @@ def test_sparse_index_equals_dict_overlap():
 def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
     rng = np.random.default_rng(2)
     qo, po = rand_out(rng, 10), rand_out(rng, 50)
-    Q, P = ev.pack(qo), ev.pack(po)
+    Q, P = store.pack(qo), store.pack(po)
     C = brute(qo, po)[2]
     n_tok = len(P["cb_vecs"])
     for k in (n_tok, 0):  # candidate depth covers the corpus (0 = all passages) -> exhaustive MaxSim
@@ -135,7 +137,7 @@ def test_ties_break_by_doc_id():
 def test_fusion_uses_exact_scores_of_missed_passages():
     rng = np.random.default_rng(3)
     qo, po = rand_out(rng, 8), rand_out(rng, 60)
-    Q, P = ev.pack(qo), ev.pack(po)
+    Q, P = store.pack(qo), store.pack(po)
     S = brute(qo, po)
     w = np.array([1, 0.3, 1], np.float32)
     tie = np.arange(60)
@@ -214,7 +216,7 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
     m.pooling = "mean"  # same weights, other pooling: another model
     ev.evaluate(m, data, **kw)
     assert m.calls == 6
-    qo, po = m.encode([q["text"] for q in qs]), m.encode([ev.passage_text(r) for r in docs])
+    qo, po = m.encode([q["text"] for q in qs]), m.encode([passage_text(r) for r in docs])
     S = brute(qo, po)
     ids = np.array([r["_id"] for r in docs])
     qrels = {}
@@ -229,7 +231,7 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
             assert res["rows"][name][k] == pytest.approx(np.mean([x[k] for x in want]), abs=1e-6)
         de = [x["nDCG@10"] for x, q in zip(want, qs) if q["lang"] == "de"]
         assert res["per_lang"]["de"][name]["nDCG@10"] == pytest.approx(np.mean(de), abs=1e-6)
-    fused = search.fuse(search.retrieve(ev.pack(qo), ev.pack(po)), (0, 1, 0), 1000, np.arange(40))
+    fused = search.fuse(search.retrieve(store.pack(qo), store.pack(po)), (0, 1, 0), 1000, np.arange(40))
     sparse_only = [ids[c] for c, _ in fused]
     assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
 
@@ -240,9 +242,9 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     m = FakeM3()
     kw = dict(depth=100, colbert_k=1000, verbose=False)
     res = ev.evaluate(m, data, weights="mldr", out_dir=str(tmp_path / "out"), **kw)
-    corpus, queries, qrels, _ = ev.load_beir(data, "test")  # expected: retrieve + fuse + run_metrics, SPEC 6.2's MLDR
-    P = ev.pack(m.encode([ev.passage_text(r) for r in corpus], max_length=512))
-    Q = ev.pack(m.encode([r["text"] for r in queries], max_length=64))
+    corpus, queries, qrels, _ = load_beir(data, "test")  # expected: retrieve + fuse + run_metrics, SPEC 6.2's MLDR
+    P = store.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
+    Q = store.pack(m.encode([r["text"] for r in queries], max_length=64))
     ids = np.array([r["_id"] for r in corpus])
     results = search.retrieve(Q, P, depth=100, colbert_k=1000)
     for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
@@ -263,7 +265,7 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     c = Config()
     assert ev.FUSION["m3"] == ((c.ens_dense, c.ens_sparse, 0), (c.ens_dense, c.ens_sparse, c.ens_colbert))
     assert ev.FUSION["miracl"] == ev.FUSION["mkqa"] == ev.FUSION["m3"]
-    passages = [ev.passage_text(r) for r in corpus]
+    passages = [passage_text(r) for r in corpus]
     named, explicit = (mine.mine(m, [r["text"] for r in queries], [[0]] * len(queries), passages, lo=1, hi=30, n_neg=4,
                                  weights=w, scores=True, colbert_k=1000) for w in ("mldr", (0.15, 0.5, 0.35)))
     assert named == explicit
@@ -290,8 +292,8 @@ def test_tune_on_chooses_the_grid_weights_best_on_the_other_split(tmp_path):
     uncached = FakeM3()  # no cache: the passages are handed to the tuning pass
     again = ev.evaluate(uncached, data, tune_on="train", **{**kw, "cache_dir": None})
     assert (again["rows"], again["tuned"], uncached.calls) == (res["rows"], res["tuned"], 3)
-    _, queries, qrels, _ = ev.load_beir(data, "train")  # brute force on the train queries: every grid point's nDCG@10
-    S = brute(m.encode([r["text"] for r in queries]), m.encode([ev.passage_text(r) for r in docs]))
+    _, queries, qrels, _ = load_beir(data, "train")  # brute force on the train queries: every grid point's nDCG@10
+    S = brute(m.encode([r["text"] for r in queries]), m.encode([passage_text(r) for r in docs]))
     ids = np.array([r["_id"] for r in docs])
 
     def ndcg(w):
@@ -378,12 +380,12 @@ def test_mine_range_positives_scores(tmp_path):
 
 def test_missing_files_and_heads_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="corpus.jsonl"):
-        ev.load_beir(str(tmp_path), "test")
+        load_beir(str(tmp_path), "test")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "sparse_linear.pt").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
-        ev.ckpt_key(str(ckpt))
+        store.ckpt_key(str(ckpt))
 
 
 def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
@@ -398,9 +400,9 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     assert set(res["rows"]) == {"dense", "sparse", "multi-vector", "dense+sparse", "all"}
     assert "Recall@1000" not in res["rows"]["all"] and res["missing_qrels_ids"] == {"queries": 1, "docs": 1}
     qo = m.encode([q["text"] for q in qs], max_length=64)
-    po = m.encode([ev.passage_text(r) for r in docs], max_length=512)
+    po = m.encode([passage_text(r) for r in docs], max_length=512)
     assert sum(len(d) for d in po["sparse"]) > 0
-    Q, P = ev.pack(qo), ev.pack(po)
+    Q, P = store.pack(qo), store.pack(po)
     for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=25, colbert_k=1000)):
         assert len(cand) == 25
         np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], rtol=1e-5, atol=1e-5)
@@ -418,8 +420,8 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
                "--n_neg", "3", "--out", mined, "--scores", "--cache_dir", ""])
     recs = [json.loads(line) for line in open(mined)]
     assert len(recs) == 4 and all(len(r["neg"]) == 3 and len(r["neg_scores"]) == 3 for r in recs)
-    ev.main(["mine", "--ckpt", str(tmp_path / "ck"), "--jsonl", mined, "--range", "0-5", "--n_neg", "2",  # the alias
-             "--out", str(tmp_path / "again.jsonl"), "--cache_dir", ""])
+    mine.main(["--ckpt", str(tmp_path / "ck"), "--jsonl", mined, "--range", "0-5", "--n_neg", "2",
+               "--out", str(tmp_path / "again.jsonl"), "--cache_dir", ""])
     again = [json.loads(line) for line in open(tmp_path / "again.jsonl")]
     assert [r["pos"] for r in again] == [r["pos"] for r in recs] and "neg_scores" not in again[0]
     assert all(not set(r["neg"]) & set(r["pos"]) for r in again)
@@ -443,7 +445,8 @@ def test_cli_zero_shot_bare_encoder_with_new_heads_and_pooling(tmp_path):
     loaded = M3.from_pretrained(str(tmp_path / "bare"), new_heads=True, pooling="mean")
     ref = ev.evaluate(loaded, data, depth=100, verbose=False)
     assert res["rows"] == ref["rows"]  # the CLI loads exactly the seeded mean-pooling model
-    assert res["ckpt"].startswith(str(tmp_path / "bare")) and res["ckpt_key"] == ev.model_key(loaded)  # and records it
+    assert res["ckpt"].startswith(str(tmp_path / "bare"))  # and records it
+    assert res["ckpt_key"] == store.model_key(loaded)
     cls = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--data", data, "--cache_dir", "", "--depth", "100",
                    "--out", str(tmp_path / "out_cls")])
     assert cls["rows"]["dense"] != res["rows"]["dense"]  # pooling really changed
@@ -481,10 +484,10 @@ def test_beir_input_errors_name_file_line_and_field(tmp_path):
     ]
     for n, (file, text, error) in enumerate(cases):
         with pytest.raises(ValueError, match=error):
-            ev.load_beir(variant(tmp_path, f"bad{n}", file, text), "test")
+            load_beir(variant(tmp_path, f"bad{n}", file, text), "test")
     # legal: no header, blank lines anywhere -> the same data as the good dir
     same = variant(tmp_path, "same", "qrels/test.tsv", "\n" + "".join(qrels[1:3]) + "\n" + "".join(qrels[3:]) + "\n\n")
-    assert ev.load_beir(same, "test") == ev.load_beir(str(tmp_path / "good"), "test")
+    assert load_beir(same, "test") == load_beir(str(tmp_path / "good"), "test")
 
 
 def test_qrels_without_a_usable_query_fail_before_model_and_encoding(tmp_path):
@@ -516,7 +519,7 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
         saved = json.load(open(f"runs/eval/{run}_final-data-test/metrics.json"))
         assert saved == json.loads(json.dumps(res))
         assert (saved["ckpt"], saved["ckpt_abspath"]) == (f"runs/{run}/final", str(tmp_path / "runs" / run / "final"))
-        assert saved["ckpt_key"] == ev.ckpt_key(f"runs/{run}/final")
+        assert saved["ckpt_key"] == store.ckpt_key(f"runs/{run}/final")
     assert ev.default_out("BAAI/bge-m3", "data/", "dev") == os.path.join("runs", "eval", "BAAI_bge-m3-data-dev")
     a_dir = "runs/eval/a_final-data-test"
     before = open(f"{a_dir}/metrics.json").read()
@@ -531,12 +534,12 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
     again = ev.main(["--ckpt", "runs/a/final", "--weights", "1,1,1"] + cli)  # the same checkpoint replaces its own
     assert json.load(open(f"{a_dir}/metrics.json"))["weights"] == again["weights"] == [1, 1, 1]
     tiny_m3(seed=2).save_pretrained("runs/a/final")  # retrained in place: the same run, its metrics are replaced
-    assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == ev.ckpt_key("runs/a/final") != again["ckpt_key"]
+    assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == store.ckpt_key("runs/a/final") != again["ckpt_key"]
     ev.main(["--ckpt", "runs/b/final", "--out", a_dir, "--overwrite"] + cli)  # on purpose
-    assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == ev.ckpt_key("runs/b/final")
+    assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == store.ckpt_key("runs/b/final")
     m = FakeM3()  # in memory: the weights' hash is the identity
     res = ev.evaluate(m, "data", out_dir="mem", verbose=False)
-    assert (res["ckpt"], res["ckpt_key"]) == ("<in-memory model>", ev.model_key(m))
+    assert (res["ckpt"], res["ckpt_key"]) == ("<in-memory model>", store.model_key(m))
     ev.evaluate(m, "data", out_dir="mem", verbose=False)
     m.pooling = "mean"
     with pytest.raises(FileExistsError, match="mem"):
@@ -571,7 +574,7 @@ def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monk
     queries = [" ".join(rng.choice(WORDS, 3)) for _ in range(5)]
     positives = [[i] for i in range(5)]
     m = NoisyTokens()
-    P, Q = ev.pack(m.encode(passages)), ev.pack(m.encode(queries))
+    P, Q = store.pack(m.encode(passages)), store.pack(m.encode(queries))
     kw = dict(lo=2, hi=12, n_neg=4, scores=True, colbert_k=3, weights=(1, 0.3, 1))
     # no near-ties at the dense top-hi and token top-colbert_k boundaries: IVF and Flat find the same candidates
     top = np.sort(Q["dense"] @ P["dense"].T, 1)[:, ::-1]
@@ -662,7 +665,7 @@ def test_checkpoints_and_bare_encoders_are_encoded_on_the_gpu_when_there_is_one(
     moved = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the loaders can tell
     monkeypatch.setattr(M3, "to", lambda self, *a, **kw: moved.append(a) or self)
-    get_model, _, _ = ev.model_loader(str(tmp_path / "ck"), need_key=False)
+    get_model, _, _ = store.model_loader(str(tmp_path / "ck"), need_key=False)
     get_model()
     p = ev.cli_parser("", split="test")  # --new_heads / --pooling: loaded in memory by cli_setup
     a = p.parse_args(["--ckpt", str(tmp_path / "ck"), "--pooling", "mean"])

@@ -70,7 +70,7 @@ def brute_paper(qo, P, cfg, tie):
 def test_paper_protocol_equals_brute_force():
     rng = np.random.default_rng(21)
     qo, po = rand_out(rng, 9), rand_out(rng, 60, max_nnz=12)
-    Q, P = ev.pack(qo), store.as_stored(ev.pack(po))
+    Q, P = store.pack(qo), store.as_stored(store.pack(po))
     tie = rng.permutation(60)  # a rank per passage, not the index order
     want, S = brute_paper(qo, P, SMALL, tie)
     got = search.paper_rows(Q, P, SMALL, tie, qbatch=4, progress=False)
@@ -100,7 +100,7 @@ def test_paper_protocol_equals_brute_force():
 
 def write_store(tmp_path, texts, model, shard_size=7, name="st", **kw):
     """encode_store of texts with model (key: its weights) into tmp_path/name."""
-    meta = store.store_meta(ev.model_key(model), texts, 64, False)
+    meta = store.store_meta(store.model_key(model), texts, 64, False)
     return store.encode_store(lambda: model, texts, str(tmp_path / name), meta, 4, shard_size, progress=False, **kw)
 
 
@@ -111,9 +111,9 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
     m = NoisyTokens()
     P = write_store(tmp_path, TEXTS, m)
     assert isinstance(P["cb_vecs"], np.memmap) and P["cb_vecs"].dtype == np.float16 and P["sp_ids"].dtype == np.int32
-    mem = store.as_stored(ev.pack(m.encode(TEXTS, max_length=64)))  # the same encodings, never written
+    mem = store.as_stored(store.pack(m.encode(TEXTS, max_length=64)))  # the same encodings, never written
     assert all(np.array_equal(mem[k], P[k]) and mem[k].dtype == P[k].dtype for k in mem)
-    Q = ev.pack(m.encode(TEXTS[:6], max_length=64))
+    Q = store.pack(m.encode(TEXTS[:6], max_length=64))
     tie = np.arange(len(TEXTS))
     task = dict(SMALL, first=10, mv=6, all=4)
     a, b = (search.paper_rows(Q, x, task, tie, qbatch=2, progress=False) for x in (P, mem))
@@ -279,7 +279,7 @@ def test_encode_command_then_paper_protocol_reads_the_store(tmp_path, monkeypatc
     ev.main(["encode", "--ckpt", str(tmp_path / "ck"), "--data", data, "--store", st, "--shard_size", "8"])
     assert sorted(os.listdir(st)) == sorted(list(store.FILES.values()) + ["meta.json"])
     calls = []
-    real = ev.encode_store
+    real = store.encode_store
     monkeypatch.setattr(ev, "encode_store", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     argv = ["--ckpt", str(tmp_path / "ck"), "--data", data, "--protocol", "paper", "--cache_dir", ""]
     with_store = ev.main(argv + ["--store", st, "--out", str(tmp_path / "o1"), "--shard_size", "8"])
