@@ -26,16 +26,13 @@ from tqdm import tqdm
 from beir import data_error, lang_dirs, load_beir, passage_text
 from logs import eval_to_tensorboard
 from runtime import run_command, write_atomic
-from search import PAPER, PAPER_DEPTH, ROWS, fuse, paper_rows, retrieve
+from search import FUSION, PAPER, PAPER_DEPTH, ROWS, fuse, paper_rows, retrieve, row_weights
 from st_layout import prompts as st_prompts
 from store import as_stored, encode_cached, encode_corpora, encode_store, inference_device, model_loader, store_meta
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
-# --weights by name: (dense+sparse row, all-three row), each (w_dense, w_sparse, w_colbert), from SPEC 6.2 (the paper's
-# footnotes and the reference's MKQA/MLDR scripts). "m3" equals train.Config's ens_dense/ens_sparse/ens_colbert:
-# the ensemble that self-distillation trains towards (SPEC 1.4), also the MKQA and MIRACL weights.
-FUSION = {"m3": ((1, 0.3, 0), (1, 0.3, 1)), "mldr": ((0.2, 0.8, 0), (0.15, 0.5, 0.35))}
-FUSION["miracl"] = FUSION["mkqa"] = FUSION["m3"]
+PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
+TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights
 # --sweep's grid and --tune_on's choices (w_dense, w_sparse, w_colbert); weights are scale-free: the grid spans the
 # ratios sparse/dense 0.1-10 and colbert/dense 0.5-10 (on SciFact the best lie at colbert/dense 3-10: RESULTS.md)
 SWEEP = [(d, s, c) for d in (0, 0.1, 0.2, 0.3, 0.5, 1) for s in (0, 0.1, 0.2, 0.3, 0.5, 1) for c in (0, 0.5, 1)
@@ -50,7 +47,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = cli_parser(__doc__, split="test")
     p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth (exact protocol)")
-    p.add_argument("--protocol", default="exact", choices=("exact", "paper"), help="exact: every head retrieves, "
+    p.add_argument("--protocol", default="exact", choices=PROTOCOLS, help="exact: every head retrieves, "
                    "exact scores for the union; paper: SPEC 6.2's rows, with --task's depths and weights")
     p.add_argument("--task", default="miracl", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2)")
     p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
@@ -159,18 +156,19 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     if protocol == "paper":
         lists = paper_rows(Q, P, task, tie, index, index_params, progress=verbose)
         scored = {row: run_metrics([ids[c] for c, _ in lists[row]], qrels_list, langs, PAPER_DEPTH) for row in ROWS}
-        res.update(task=task, weights=list(PAPER[task]["w_all"]), paper=PAPER[task])
+        res.update(task=task, weights=list(FUSION[task]["all"]), paper=PAPER[task])
     else:
         results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k, progress=verbose)
-        name, w_ds, w_all = fusion_weights(weights)
 
-        def score(w):
-            return run_metrics([ids[c] for c, _ in fuse(results, w, depth, tie)], qrels_list, langs, depth)
-        rows = {"dense": (1, 0, 0), "sparse": (0, 1, 0), "multi-vector": (0, 0, 1), "dense+sparse": w_ds, "all": w_all}
-        rows.update({"tuned d+s": tuned["dense+sparse"], "tuned all": tuned["all"]} if tune_on else {})
-        scored = {row: score(w) for row, w in rows.items()}  # row -> (mean metrics, {lang: mean metrics})
-        res.update(weights=list(w_all), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
-                   **({"fusion": name} if name else {}), **({"tuned": tuned} if tune_on else {}))
+        def score(w, row="all"):  # row: how ROWS scores a candidate
+            ranking = fuse(results, w, depth, tie, ROWS[row][1])
+            return run_metrics([ids[c] for c, _ in ranking], qrels_list, langs, depth)
+        weighted = row_weights(weights)
+        scored = {row: score(weighted[row], row) for row in ROWS}  # row -> (mean metrics, {lang: ...}, per query)
+        scored.update({name: score(tuned[row], row) for name, row in TUNED.items()} if tune_on else {})
+        res.update(weights=list(weighted["all"]), depth=depth, colbert_index=colbert_index, colbert_k=colbert_k,
+                   **({"fusion": weights} if isinstance(weights, str) and weights in FUSION else {}),
+                   **({"tuned": tuned} if tune_on else {}))
     res["rows"] = {k: v[0] for k, v in scored.items()}
     res["per_query_ndcg10"] = {"query_ids": [r["_id"] for r in queries], **{k: v[2] for k, v in scored.items()}}
     if any(l is not None for l in langs):  # the lang field: per-language rows and their macro average
@@ -230,7 +228,7 @@ def report(res, out_dir, overwrite, ckpt, verbose):
         for metric in ("nDCG@10", "Recall@100") if "per_lang" in res else ():
             print(f"-- {metric} per language, then the macro average")
             print_table({l: {row: m[metric] for row, m in r.items()} for l, r in res["per_lang"].items()}
-                        | {"macro avg": {row: m[metric] for row, m in res["macro"].items()}}, ROWS, "lang")
+                        | {"macro avg": {row: m[metric] for row, m in res["macro"].items()}}, list(res["rows"]), "lang")
         for r in res.get("sweep", [])[:5]:
             print(f"sweep {r['weights']}: nDCG@10 {r['nDCG@10']:.4f} Recall@100 {r['Recall@100']:.4f}")
     if out_dir:
@@ -250,16 +248,6 @@ def macro(per_lang):
             for row, m in rows.items()}
 
 # ----------------------------------------------------------------------------- fusion and metrics
-
-
-def fusion_weights(weights):
-    """(name or None, dense+sparse weights, all-three weights) for a FUSION name (as floats, like the command line's
-    numbers) or 3 numbers w_d, w_s, w_c (a string: comma-separated), whose dense+sparse row is (w_d, w_s, 0)."""
-    if isinstance(weights, str) and weights in FUSION:
-        ds, full = FUSION[weights]
-        return weights, tuple(map(float, ds)), tuple(map(float, full))
-    w = tuple(float(x) for x in weights.split(",")) if isinstance(weights, str) else tuple(weights)
-    return None, w[:2] + (0,), w
 
 
 def run_metrics(ranked, qrels_list, langs, depth):
@@ -366,8 +354,8 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
     name or 3 finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi" or
     (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep, no
     tune_on; tune_on not the evaluated split."""
-    if protocol not in ("exact", "paper") or task not in PAPER:
-        name, value, want = (("protocol", protocol, "exact, paper") if task in PAPER else
+    if protocol not in PROTOCOLS or task not in PAPER:
+        name, value, want = (("protocol", protocol, ", ".join(PROTOCOLS)) if task in PAPER else
                              ("task", task, ", ".join(PAPER)))
         return f"{prefix}{name}: expected one of {want}; got {value!r}"
     if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
@@ -378,7 +366,7 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl"
                f"{split} is the evaluated split; the weights must be chosen on other queries")
         return f"{prefix}tune_on: {why}"
     try:
-        w = [float(x) for x in fusion_weights(weights)[2]]
+        w = list(row_weights(weights)["all"])
     except (TypeError, ValueError):
         w = []
     if len(w) != 3 or not np.isfinite(w).all() or not any(w):

@@ -26,13 +26,13 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
          colbert_k=64, cache_dir=None, query_prefix="", passage_prefix="", prompts=None):
     """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
     ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query.
-    positives[i]: indices into passages; weights: an eval.FUSION name (its all-three row) or 3 numbers. Encoded:
+    positives[i]: indices into passages; weights: a search.FUSION name (its all-three row) or 3 numbers. Encoded:
     prompts[i] (a line's prompt, if not None) or query_prefix + query i, passage_prefix + passage."""
     error = ev.option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
                             query_max_len=query_max_len, passage_max_len=passage_max_len)
     if error:
         raise ValueError(error)
-    weights = ev.fusion_weights(weights)[2]
+    weights = search.row_weights(weights)["all"]
     get_model, key, _ = model_loader(model, need_key=bool(cache_dir))
     P = encode_cached(get_model, [passage_prefix + t for t in passages], passage_max_len, batch_size, False,
                          cache_dir, key)

@@ -13,14 +13,46 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")
-# SPEC 6.2, per task: dense and sparse first-stage depth (first); dense candidates reranked by MaxSim (mv) and by all
-# three heads (all); weights of the dense+sparse row (w_d, w_s) and of the all row (w_d, w_s, w_c). MIRACL shares MKQA's
-# weights (SPEC 6.2); its all depth is not in SPEC: we take MKQA's 100 (README).
-PAPER = {"miracl": dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1)),
-         "mkqa": dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1)),
-         "mldr": dict(first=1000, mv=200, all=200, w_ds=(0.2, 0.8), w_all=(0.15, 0.5, 0.35))}
+# ------------------------------------------------------------------------------ the evaluation rows: edit here
+
+
+def weighted_sum(s, w):
+    """A row's score of each candidate: sum_h w_h s_h over the heads' exact scores; s (3, n), w (3,) -> (n,)."""
+    return w @ s
+
+
+# Every evaluation row: the heads' weights (fixed, or the name of a fused row's weights in FUSION) and how it scores a
+# candidate from its exact head scores s (3, n) = (dense, sparse, colbert). Both protocols, the per-language tables and
+# the bench scripts read this; a new row (e.g. reciprocal rank fusion) is one entry and its function.
+ROWS = {"dense": ((1, 0, 0), weighted_sum), "sparse": ((0, 1, 0), weighted_sum),
+        "multi-vector": ((0, 0, 1), weighted_sum), "dense+sparse": ("dense+sparse", weighted_sum),
+        "all": ("all", weighted_sum)}
+# The fused rows' weights (w_dense, w_sparse, w_colbert) by name (eval.py --weights), SPEC 6.2: the paper's footnotes and
+# the reference's MKQA/MLDR scripts. "m3" equals train.Config's ens_dense/ens_sparse/ens_colbert, the ensemble that
+# self-distillation trains towards (SPEC 1.4), also the MKQA and MIRACL weights.
+FUSION = {"m3": {"dense+sparse": (1, 0.3, 0), "all": (1, 0.3, 1)},
+          "mldr": {"dense+sparse": (0.2, 0.8, 0), "all": (0.15, 0.5, 0.35)}}
+FUSION["miracl"] = FUSION["mkqa"] = FUSION["m3"]
+# SPEC 6.2, the paper protocol per task: dense and sparse first-stage depth (first); dense candidates reranked by MaxSim
+# (mv) and by all three heads (all, also the candidates of a row the paper did not have); its fused rows' weights are
+# FUSION[task]. MIRACL's all depth is not in SPEC: we take MKQA's 100 (README).
+PAPER = {"miracl": dict(first=1000, mv=200, all=100), "mkqa": dict(first=1000, mv=200, all=100),
+         "mldr": dict(first=1000, mv=200, all=200)}
+
+
+def row_weights(weights):
+    """{row: (w_dense, w_sparse, w_colbert) floats} of every row of ROWS for a fusion setting: a FUSION name, or 3
+    numbers w_d, w_s, w_c (a string: comma-separated), the all row's, whose dense+sparse row is (w_d, w_s, 0)."""
+    if isinstance(weights, str) and weights in FUSION:
+        fused = FUSION[weights]
+    else:
+        w = tuple(float(x) for x in (weights.split(",") if isinstance(weights, str) else weights))
+        fused = {"dense+sparse": w[:2] + (0.0,), "all": w}
+    return {row: tuple(float(x) for x in (fused[w] if isinstance(w, str) else w)) for row, (w, _) in ROWS.items()}
+
+
 PAPER_DEPTH = 100  # metrics of the paper protocol: nDCG@10, MRR@10, Recall@100 (the paper reports @10, @20, @100)
+PAPER_ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")  # the rows paper_rows builds by the paper
 IMPACT = 100  # SPEC 6.2: the Lucene impact index stores a weight w as int(ceil(100 w)); score = sum of products / 100^2
 
 
@@ -210,14 +242,14 @@ def dense_pairs(Q, i, P, cand):
     return s
 
 
-def fuse(results, w, depth, tie):
-    """Per query (top passages, fused scores): candidates of the heads with w_h != 0 ranked by sum_h w_h s_h, ties by
-    doc id (tie = rank of each passage's id in string order)."""
+def fuse(results, w, depth, tie, score=weighted_sum):
+    """Per query (top passages, fused scores): candidates of the heads with w_h != 0 ranked by score(s, w) (a row of
+    ROWS: by default sum_h w_h s_h), ties by doc id (tie = rank of each passage's id in string order)."""
     w = np.asarray(w, np.float32)
     out = []
     for cand, s, src in results:
         keep = src[w != 0].any(0)
-        c, f = cand[keep], w @ s[:, keep]  # (3,) @ (3, n') -> (n',)
+        c, f = cand[keep], score(s[:, keep], w)  # (3, n') -> (n',)
         order = np.lexsort((tie[c], -f))[:depth]  # primary key last: score desc, then doc id asc
         out.append((c[order], f[order]))
     return out
@@ -255,18 +287,22 @@ def paper_indices(P, index="Flat", index_params=""):
 
 
 def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progress=True, indices=None):
-    """SPEC 6.2's five rows; task: a PAPER name or a dict like its entries. Per row, per query (passages, scores),
-    ranked by score, then tie (a rank per passage). dense: FAISS top-first; sparse: impact-quantised top-first
-    (score / 100^2); multi-vector: MaxSim reranks the dense top-mv; dense+sparse: the two top-first lists fused, 0 for a
-    passage missing from one; all: the dense top-all reranked by the weighted average of exact dense, sparse and MaxSim
-    scores.
+    """Every row of ROWS, the paper's five as SPEC 6.2 built them; task: a PAPER name or a dict like its entries (with
+    "fusion": the fused rows' weights, else FUSION[task]). Per row, per query (passages, scores), ranked by score, then
+    tie (a rank per passage). dense: FAISS top-first; sparse: impact-quantised top-first (score / 100^2); multi-vector:
+    MaxSim reranks the dense top-mv; dense+sparse: the two top-first lists fused, 0 for a passage missing from one;
+    all: the dense top-all reranked by the weighted average of exact dense, sparse and MaxSim scores; a row the paper
+    did not have: the dense top-all reranked by its own score of the exact scores.
     indices: paper_indices(P, ...) when already built."""
     cfg = PAPER[task] if isinstance(task, str) else task
+    fused = cfg.get("fusion") or FUSION[task]
     n, nq = len(P["sp_ptr"]) - 1, len(Q["dense"])
     inv, dense = indices or paper_indices(P, index, index_params)
     Qi = dict(Q, sp_w=impact(Q["sp_w"]))
     k, k_mv = min(max(cfg["first"], cfg["mv"], cfg["all"]), n), max(cfg["mv"], cfg["all"])
-    w_all = np.asarray(cfg["w_all"], np.float64)
+    w_all = np.asarray(fused["all"], np.float64)
+    others = {row: (np.asarray(fused[w] if isinstance(w, str) else w, np.float64), f) for row, (w, f) in ROWS.items()
+              if row not in PAPER_ROWS}
     out = {row: [] for row in ROWS}
     d_s, d_i = np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)  # (nq, k) dense top-k of every query
     for a in range(0, nq, 4096):  # all at once: FAISS Flat is 10x faster per query at 1,024 queries than at 32
@@ -281,9 +317,11 @@ def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progre
             out["dense"].append((dc[:cfg["first"]], ds[:cfg["first"]]))
             out["sparse"].append((sc, ss))
             out["multi-vector"].append(ranked(dc[:cfg["mv"]], c[:cfg["mv"]], tie))
-            out["dense+sparse"].append(fuse_lists([(dc[:cfg["first"]], ds[:cfg["first"]]), (sc, ss)], cfg["w_ds"], tie,
-                                                  cfg["first"]))
+            out["dense+sparse"].append(fuse_lists([(dc[:cfg["first"]], ds[:cfg["first"]]), (sc, ss)],
+                                                  fused["dense+sparse"][:2], tie, cfg["first"]))
             ca = dc[:cfg["all"]]
             s3 = np.stack([ds[:cfg["all"]], sparse_pairs(Q, i, P, ca), c[:cfg["all"]]]).astype(np.float64)  # (3, n)
             out["all"].append(ranked(ca, w_all @ s3 / w_all.sum(), tie))  # compute_score's weighted average
+            for row, (w, score) in others.items():
+                out[row].append(ranked(ca, score(s3, w), tie))
     return out

@@ -64,7 +64,7 @@ class Config:
     w_colbert: float = 1.0  # lambda_3: multi-vector loss weight (SPEC 3.4)
     w_ens: float = 1.0  # weight of the ensemble CE term (SPEC 3.4)
     ens_dense: float = 1.0  # s_ens = ens_dense s_dense + ens_sparse s_sparse + ens_colbert s_colbert (SPEC 1.4);
-    ens_sparse: float = 0.3  # the same weights as eval.py's default fusion (eval.FUSION["m3"])
+    ens_sparse: float = 0.3  # the same weights as eval.py's default fusion (search.FUSION["m3"])
     ens_colbert: float = 1.0
     loss_norm: float = 4.0  # L = (...)/4 (SPEC 3.4)
     self_distill_norm: float = 3.0  # L' = (...)/3 (SPEC 3.4)

@@ -43,8 +43,7 @@ import me5  # noqa: E402
 from beir import read_jsonl  # noqa: E402
 from eval import evaluate  # noqa: E402
 from model import M3  # noqa: E402
-
-ROWS = ("dense", "sparse", "multi-vector", "all")
+from search import ROWS  # noqa: E402 (the table's columns: every evaluation row)
 
 
 def write_jsonl(path, records):

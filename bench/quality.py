@@ -39,10 +39,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 import stats  # noqa: E402
-from eval import SWEEP, evaluate  # noqa: E402
+from eval import SWEEP, TUNED, evaluate  # noqa: E402
 from model import M3  # noqa: E402
+from search import ROWS as EVAL_ROWS  # noqa: E402
 
-ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all", "tuned d+s", "tuned all")
+ROWS = (*EVAL_ROWS, *TUNED)  # the table's columns: every evaluation row, then the rows with tuned weights
 REFERENCE = {  # the reference implementation at the same budget, one seed (data/README.md): nDCG@10, Recall@100
     "mean pooling": {"dense": (0.6671, 0.9383), "sparse": (0.1404, 0.5099), "multi-vector": (0.7164, 0.9410),
                      "dense+sparse": (0.6722, 0.9410), "all": (0.7099, 0.9593)},

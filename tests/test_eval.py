@@ -236,6 +236,37 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
     assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
 
 
+def reciprocal_rank(s, w, k=60):
+    """Reciprocal rank fusion of the candidates: sum_h w_h / (k + rank by head h), ranks from 1; s (3, n) -> (n,)."""
+    ranks = np.argsort(np.argsort(-s, axis=1, kind="stable"), axis=1, kind="stable") + 1  # (3, n)
+    return (np.asarray(w, np.float64)[:, None] / (k + ranks)).sum(0)
+
+
+def test_a_new_fusion_row_is_one_entry_in_search_rows(tmp_path, monkeypatch):
+    monkeypatch.setitem(search.ROWS, "rrf", ((1, 1, 1), reciprocal_rank))  # the whole edit
+    data = str(tmp_path / "data")
+    write_beir(data, np.random.default_rng(12))
+    m = FakeM3()
+    res = ev.evaluate(m, data, depth=100, colbert_k=1000, verbose=False)
+    corpus, queries, qrels, _ = load_beir(data, "test")  # brute force: every candidate ranked by its RRF score
+    P = store.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
+    Q = store.pack(m.encode([r["text"] for r in queries], max_length=64))
+    ids = np.array([r["_id"] for r in corpus])
+    tie = np.argsort(np.argsort(ids, kind="stable"))
+    ranked = []
+    for cand, s, _ in search.retrieve(Q, P, depth=100, colbert_k=1000):
+        f = reciprocal_rank(s, (1, 1, 1))
+        ranked.append(ids[cand[np.lexsort((tie[cand], -f))][:100]])
+    want = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries], 100)[0]
+    assert res["rows"]["rrf"] == want and res["rows"]["rrf"] != res["rows"]["all"]
+    assert set(res["per_lang"]["de"]) == set(search.ROWS)  # the per-language table has the new column too
+    cfg = dict(first=20, mv=8, all=10)  # the paper protocol: the new row reranks the all row's candidates
+    rows = search.paper_rows(Q, store.as_stored(P), dict(cfg, fusion=search.FUSION["m3"]), tie, progress=False)
+    for (c, f), (c_all, _) in zip(rows["rrf"], rows["all"]):
+        assert sorted(c) == sorted(c_all) and (np.diff(f) <= 0).all()
+    assert ev.evaluate(m, data, protocol="paper", verbose=False)["rows"].keys() == search.ROWS.keys()
+
+
 def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     data = str(tmp_path / "data")
     write_beir(data, np.random.default_rng(12))
@@ -263,8 +294,9 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     assert numbers["rows"] == m3["rows"] and "fusion" not in numbers and numbers["weights"] == m3["weights"]
     from train import Config
     c = Config()
-    assert ev.FUSION["m3"] == ((c.ens_dense, c.ens_sparse, 0), (c.ens_dense, c.ens_sparse, c.ens_colbert))
-    assert ev.FUSION["miracl"] == ev.FUSION["mkqa"] == ev.FUSION["m3"]
+    assert search.FUSION["m3"] == {"dense+sparse": (c.ens_dense, c.ens_sparse, 0),
+                                   "all": (c.ens_dense, c.ens_sparse, c.ens_colbert)}
+    assert search.FUSION["miracl"] == search.FUSION["mkqa"] == search.FUSION["m3"]
     passages = [passage_text(r) for r in corpus]
     named, explicit = (mine.mine(m, [r["text"] for r in queries], [[0]] * len(queries), passages, lo=1, hi=30, n_neg=4,
                                  weights=w, scores=True, colbert_k=1000) for w in ("mldr", (0.15, 0.5, 0.35)))

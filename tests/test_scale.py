@@ -18,13 +18,17 @@ from runtime import end_distributed
 from test_eval import WORDS, FakeM3, NoisyTokens, rand_out, write_beir
 from tiny import run, spawn, tiny_m3
 
-SMALL = dict(first=20, mv=8, all=5, w_ds=(1, 0.3), w_all=(0.15, 0.5, 0.35))  # depths below the corpus size
+SMALL = dict(first=20, mv=8, all=5, fusion={"dense+sparse": (1, 0.3, 0), "all": (0.15, 0.5, 0.35)})  # below the corpus
+W_DS = SMALL["fusion"]["dense+sparse"][:2]
 
 
 def test_paper_settings_are_spec_6_2():
-    assert search.PAPER["mkqa"] == dict(first=1000, mv=200, all=100, w_ds=(1, 0.3), w_all=(1, 0.3, 1))
-    assert search.PAPER["mldr"] == dict(first=1000, mv=200, all=200, w_ds=(0.2, 0.8), w_all=(0.15, 0.5, 0.35))
-    assert search.PAPER["miracl"] == search.PAPER["mkqa"] and search.IMPACT == 100
+    assert search.PAPER["mkqa"] == dict(first=1000, mv=200, all=100)
+    assert search.PAPER["mldr"] == dict(first=1000, mv=200, all=200)
+    assert search.FUSION["mkqa"] == {"dense+sparse": (1, 0.3, 0), "all": (1, 0.3, 1)}
+    assert search.FUSION["mldr"] == {"dense+sparse": (0.2, 0.8, 0), "all": (0.15, 0.5, 0.35)}
+    assert search.PAPER["miracl"] == search.PAPER["mkqa"] and search.FUSION["miracl"] == search.FUSION["mkqa"]
+    assert search.IMPACT == 100
 
 
 def test_fuse_lists_fills_a_missing_passage_with_zero_exactly_in_float64():
@@ -56,13 +60,14 @@ def brute_paper(qo, P, cfg, tie):
         out["dense"].append((dl, d[i, dl]))
         out["sparse"].append((sl, s_imp[i, sl]))
         out["multi-vector"].append((order(c[i], dl[:cfg["mv"]]), None))
-        fused = {j: cfg["w_ds"][0] * d[i, j] * (j in dl) + cfg["w_ds"][1] * s_imp[i, j] * (j in sl)
+        w_ds = cfg["fusion"]["dense+sparse"]
+        fused = {j: w_ds[0] * d[i, j] * (j in dl) + w_ds[1] * s_imp[i, j] * (j in sl)
                  for j in set(dl) | set(sl)}
         u = np.array(sorted(fused))
         f = np.zeros(len(tie))
         f[u] = [fused[j] for j in u]
         out["dense+sparse"].append((order(f, u)[:cfg["first"]], None))
-        w = np.array(cfg["w_all"])
+        w = np.array(cfg["fusion"]["all"])
         out["all"].append((order((w[0] * d[i] + w[1] * s_lex[i] + w[2] * c[i]) / w.sum(), dl[:cfg["all"]]), None))
     return out, dict(dense=d, sparse=s_imp, lex=s_lex, colbert=c)
 
@@ -91,8 +96,8 @@ def test_paper_protocol_equals_brute_force():
     assert d_only and s_only  # both kinds of missing passage occur, each got 0 for its missing part
     for i, (c, f) in enumerate(fused):  # fused scores: the zero fill, not the exact score of the other head
         d, s = S["dense"][i, c] * np.isin(c, got["dense"][i][0]), S["sparse"][i, c] * np.isin(c, got["sparse"][i][0])
-        np.testing.assert_allclose(f, SMALL["w_ds"][0] * d + SMALL["w_ds"][1] * s, rtol=1e-5, atol=1e-6)
-    w_d, w_s = SMALL["w_ds"]
+        np.testing.assert_allclose(f, W_DS[0] * d + W_DS[1] * s, rtol=1e-5, atol=1e-6)
+    w_d, w_s = W_DS
     exact_fill = [np.lexsort((tie[c], -(w_d * S["dense"][i, c] + w_s * S["sparse"][i, c])))
                   for i, (c, _) in enumerate(fused)]
     assert any((o != np.arange(len(o))).any() for o in exact_fill)  # the fill changes rankings here: tested
