@@ -321,6 +321,20 @@ def batch_stream(datasets, batches, start, tokenizer, opt, epoch, *, num_workers
         getattr(it, "_shutdown_workers", lambda: None)()
 
 
+def rank_batches(datasets, tokenizer, opt, batch_kw, epoch, index, **stream_kw):
+    """(epoch, index, batches in the epoch, batch) of this rank from batch `index` of `epoch` on, epoch after epoch:
+    epoch_batches(datasets, **batch_kw) made ahead by batch_stream(..., **stream_kw); closing this generator closes
+    the stream (its workers exit and are joined)."""
+    while True:
+        batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
+        stream = batch_stream(datasets, batches, index, tokenizer, opt, epoch, **stream_kw)
+        try:
+            for j in range(index, len(batches)):
+                yield epoch, j, len(batches), next(stream)
+        finally:
+            stream.close()
+        epoch, index = epoch + 1, 0
+
 # ----------------------------------------------------------------------------- reading one example
 
 

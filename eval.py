@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from beir import data_error, lang_dirs, load_beir, passage_text
 from logs import eval_to_tensorboard
+from model import M3, POOLINGS
 from runtime import run_command, write_atomic
-from search import FUSION, PAPER, PAPER_DEPTH, ROWS, fuse, paper_rows, retrieve, row_weights
+from search import (FUSION, METRICS, PAPER, PAPER_DEPTH, ROWS, fuse, macro, paper_rows, retrieve, row_weights,
+                    run_metrics)
 from st_layout import prompts as st_prompts
 from store import as_stored, encode_cached, encode_corpora, encode_store, inference_device, model_loader, store_meta
 
-METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")
 PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
 TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights
 # --sweep's grid and --tune_on's choices (w_dense, w_sparse, w_colbert); weights are scale-free: the grid spans the
@@ -42,14 +43,13 @@ TUNE_DEPTH = 100  # --tune_on's candidates: each query's dense and sparse top 10
 # ----------------------------------------------------------------------------- command line and evaluate
 
 
-def main(argv=None):
-    """The command line above."""
-    argv = sys.argv[1:] if argv is None else argv
+def parser():
+    """eval.py's options: cli_parser's (shared with mine.py) and these."""
     p = cli_parser(__doc__, split="test")
     p.add_argument("--depth", type=int, default=1000, help="candidates per head and ranking depth (exact protocol)")
     p.add_argument("--protocol", default="exact", choices=PROTOCOLS, help="exact: every head retrieves, "
                    "exact scores for the union; paper: SPEC 6.2's rows, with --task's depths and weights")
-    p.add_argument("--task", default="miracl", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2)")
+    p.add_argument("--task", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2; default miracl)")
     p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
     p.add_argument("--shard_size", type=int, default=4096, help="passages per shard of a store")
     p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
@@ -61,9 +61,17 @@ def main(argv=None):
     p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
                                  "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
     p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
+    return p
+
+
+def main(argv=None):
+    """The command line above."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
     encode = argv[:1] == ["encode"]
     a = p.parse_args(argv[encode:])
-    error = option_error(a.weights or "m3", "--", protocol=a.protocol, sweep=a.sweep, tune_on=a.tune_on, split=a.split)
+    error = option_error(a.weights or "m3", "--", protocol=a.protocol, task=a.task, sweep=a.sweep, tune_on=a.tune_on,
+                         split=a.split)
     error = error or a.tune_on and a.data and data_error(a.data, a.tune_on)
     if error:
         p.error(error if error.startswith("--") else f"--tune_on: {error}")
@@ -97,17 +105,17 @@ def main(argv=None):
 def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Flat", index_params="",
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
-             protocol="exact", task="miracl", store=None, shard_size=4096, query_prefix="", passage_prefix="",
+             protocol="exact", task=None, store=None, shard_size=4096, query_prefix="", passage_prefix="",
              tune_on=None, passages=None):
-    """Rows dense / sparse / multi-vector / dense+sparse / all (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a
-    function returning an M3 or model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or
-    "paper" (task: a search.PAPER name). store: a store.py folder for the passages (default with the paper protocol:
-    one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces another's only on
-    overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every query /
-    passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose the fusion
-    weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it); adds rows
-    "tuned d+s" and "tuned all", and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they
-    are this corpus's (tune_weights hands its caller's over)."""
+    """Every row of search.ROWS (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a function returning an M3 or
+    model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or "paper" (task: a search.PAPER
+    name, default miracl; the exact protocol takes none). store: a store.py folder for the passages (default with the
+    paper protocol: one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces
+    another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every
+    query / passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose
+    the fusion weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it);
+    adds the TUNED rows, and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they are
+    this corpus's (tune_weights hands its caller's over)."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size)
@@ -118,6 +126,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
             error = f"tune_on: {e}"
     if error:
         raise ValueError(error)
+    task = task or "miracl" if protocol == "paper" else None
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
     shared = sorted({r["_id"] for r in queries} & tuning) if tune_on else []
@@ -241,37 +250,7 @@ def report(res, out_dir, overwrite, ckpt, verbose):
     return res
 
 
-def macro(per_lang):
-    """{row: {metric: mean over languages}} of {lang: {row: {metric: value}}}: every language weighs the same."""
-    rows = next(iter(per_lang.values()))
-    return {row: {k: round(float(np.mean([r[row][k] for r in per_lang.values()])), 6) for k in m}
-            for row, m in rows.items()}
-
-# ----------------------------------------------------------------------------- fusion and metrics
-
-
-def run_metrics(ranked, qrels_list, langs, depth):
-    """Mean of query_metrics over queries, a per-language mean when queries carry a lang field, and each query's
-    nDCG@10 (bench/quality.py's paired intervals)."""
-    per_q = [query_metrics(r, rels, depth) for r, rels in zip(ranked, qrels_list)]
-    mean = lambda ms: {k: round(float(np.mean([m[k] for m in ms])), 6) for k in ms[0]} if ms else {}
-    by_lang = {l: mean([m for m, ql in zip(per_q, langs) if ql == l]) for l in sorted(set(langs) - {None})}
-    return mean(per_q), by_lang, [round(float(m["nDCG@10"]), 6) for m in per_q]
-
-
-def query_metrics(ranked, rels, depth):
-    """nDCG@10 (gain = graded rel, 1/log2(rank+1) discount, ideal from all qrels), MRR@10, Recall@100/1000 of one query.
-    rels: {doc_id: rel}; rel <= 0 counts as not relevant; relevant docs missing from the corpus still count."""
-    g = np.array([max(rels.get(d, 0), 0) for d in ranked[:max(depth, 10)]], np.float64)  # gain at each rank
-    disc = 1 / np.log2(np.arange(2, 12))  # (10,)
-    rel = np.sort([r for r in rels.values() if r > 0])[::-1]  # (n_rel,) graded, best first
-    ideal, hit = rel[:10], g > 0
-    m = {"nDCG@10": (g[:10] * disc[:len(g[:10])]).sum() / (ideal * disc[:len(ideal)]).sum(),
-         "MRR@10": 1 / (np.argmax(hit[:10]) + 1) if hit[:10].any() else 0.0,
-         "Recall@100": hit[:100].sum() / len(rel)}
-    if depth >= 1000:
-        m["Recall@1000"] = hit[:1000].sum() / len(rel)
-    return m
+# ----------------------------------------------------------------------------- tables
 
 
 def print_table(rows, keys=None, label="row"):
@@ -300,7 +279,7 @@ def cli_parser(doc, split):
     p.add_argument("--passage_max_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--cache_dir", default=".cache/eval", help="encodings cache ('' = off)")
-    p.add_argument("--pooling", choices=("cls", "mean"), help="override the checkpoint's dense pooling")
+    p.add_argument("--pooling", choices=tuple(POOLINGS), help="override the checkpoint's dense pooling")
     p.add_argument("--new_heads", action="store_true",
                    help="a bare encoder (e.g. zero-shot 'minilm'): new heads (sparse: term matching, colbert: "
                         "seeded random)")
@@ -333,7 +312,6 @@ def cli_setup(p, a, data, ranks=None, **ints):
 
     def load():
         import torch
-        from model import M3
         torch.manual_seed(0)  # new heads: the same seeded random colbert head every run
         m = M3.from_pretrained(a.ckpt, new_heads=a.new_heads, pooling=a.pooling).to(inference_device()).eval()
         m.source = f"{a.ckpt} (new_heads={a.new_heads}, pooling={a.pooling})"  # what metrics.json records
@@ -348,16 +326,18 @@ def cli_setup(p, a, data, ranks=None, **ints):
 MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1)
 
 
-def option_error(weights, prefix="", ranks=None, protocol="exact", task="miracl", sweep=False, tune_on=None,
+def option_error(weights, prefix="", ranks=None, protocol="exact", task=None, sweep=False, tune_on=None,
                  split=None, **ints):
     """What is wrong with the options, naming the option (prefix "--" on the command line), or None: weights a FUSION
     name or 3 finite numbers, not all 0 (a string: comma-separated); ints at least their MINIMUM; ranks "lo-hi" or
-    (lo, hi), 0 <= lo < hi; protocol exact or paper; task a PAPER name; the paper protocol: no weights, no sweep, no
-    tune_on; tune_on not the evaluated split."""
-    if protocol not in PROTOCOLS or task not in PAPER:
-        name, value, want = (("protocol", protocol, ", ".join(PROTOCOLS)) if task in PAPER else
+    (lo, hi), 0 <= lo < hi; protocol one of PROTOCOLS; task a PAPER name, with the paper protocol only; the paper
+    protocol: no weights, no sweep, no tune_on; tune_on not the evaluated split."""
+    if protocol not in PROTOCOLS or task not in (None, *PAPER):
+        name, value, want = (("protocol", protocol, ", ".join(PROTOCOLS)) if protocol not in PROTOCOLS else
                              ("task", task, ", ".join(PAPER)))
         return f"{prefix}{name}: expected one of {want}; got {value!r}"
+    if task is not None and protocol != "paper":
+        return f"{prefix}task: sets the paper protocol's depths and weights: add {prefix}protocol paper, or drop it"
     if protocol == "paper" and (sweep or not (isinstance(weights, str) and weights == "m3")):
         return (f"{prefix}{'sweep' if sweep else 'weights'}: the paper protocol takes its weights from {prefix}task"
                 + ("" if sweep else f"; got {weights!r}"))

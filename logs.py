@@ -72,9 +72,8 @@ def tensorboard_class(missing_ok=False):
 
 
 def report_to_problem(value):
-    """What is wrong with Config.report_to, or None (load_config: before anything is loaded or written)."""
-    if value not in REPORT_TO:
-        return "must be tensorboard, or empty/none (W&B is not built in: bench/plot_logs.py draws log.jsonl)"
+    """What is wrong with Config.report_to, one of REPORT_TO (W&B is not built in: bench/plot_logs.py draws log.jsonl),
+    or None (load_config: before anything is loaded or written)."""
     if value == "tensorboard" and tensorboard_class(missing_ok=True) is None:
         return "needs the tensorboard package: pip install tensorboard"
     return None

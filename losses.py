@@ -76,11 +76,15 @@ def own_group(s, width, G, offset=0):
     return s.gather(1, targets(s, G, offset)[:, None] + torch.arange(width, device=s.device))
 
 
+# Config.teacher_kd_loss's choices: a new teacher-distillation loss is a function (s, teacher, G, offset) + a line
+TEACHER_KD = {"m3_kd_loss": m3_kd_loss, "kl_div": kl_div_loss}
+
+
 def contrastive(s, G, offset, teacher, teacher_kd_loss):
-    """Plain InfoNCE without teacher scores, else the configured teacher-distillation loss."""
+    """Plain InfoNCE without teacher scores, else the configured teacher-distillation loss (TEACHER_KD)."""
     if teacher is None:
         return info_nce(s, G, offset)
-    return {"m3_kd_loss": m3_kd_loss, "kl_div": kl_div_loss}[teacher_kd_loss](s, teacher, G, offset)
+    return TEACHER_KD[teacher_kd_loss](s, teacher, G, offset)
 
 
 def m3_loss(s_dense, s_sparse, s_colbert, cfg, G, offset=0, teacher=None, self_distill=False, in_batch=True):

@@ -99,6 +99,25 @@ def at_least_fp32(x):
 # ----------------------------------------------------------------------------------------------------------------
 # the model
 
+def cls_pooling(h, ids, mask, cls_id):
+    """MCLS-aware CLS (SPEC 1.1, 5.3): the mean of the states at every CLS position; an ordinary input has exactly one,
+    at 0. h (N, T, H) -> (N, H)."""
+    at_cls = ((ids == cls_id) & mask.bool()).to(h.dtype)  # (N, T)
+    at_cls[:, 0] = 1.0
+    return (h * at_cls[..., None]).sum(1) / at_cls.sum(1, keepdim=True)
+
+
+def mean_pooling(h, ids, mask, cls_id):
+    """The mean of the real tokens' states (e.g. MiniLM, e5). h (N, T, H) -> (N, H)."""
+    return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+# Dense pooling by name -> (its function, the sentence-transformers Pooling flag that means the same: st_layout.py).
+# Config.pooling, eval.py --pooling and the README's choices table read this; a new pooling is a function and a line.
+POOLINGS = {"cls": (cls_pooling, "pooling_mode_cls_token"), "mean": (mean_pooling, "pooling_mode_mean_tokens")}
+HEADS = ("dense", "sparse", "colbert")  # the retrieval heads; the last two can be switched off (head_schedule)
+
+
 def special_token_ids(tokenizer):
     """Ids that never get a sparse weight: cls/bos, eos/sep, pad, unk (SPEC 1.2); BERT tokenizers have no eos."""
     names = ("cls_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "pad_token_id", "unk_token_id")
@@ -110,7 +129,7 @@ class M3(nn.Module):
 
     def __init__(self, encoder, tokenizer, colbert_dim=-1, pooling="cls"):
         super().__init__()
-        assert pooling in ("cls", "mean"), f"pooling must be 'cls' or 'mean', got {pooling!r}"
+        assert pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}"
         H = encoder.config.hidden_size
         self.encoder, self.tokenizer, self.pooling = encoder, tokenizer, pooling
         self.colbert_linear = nn.Linear(H, colbert_dim if colbert_dim > 0 else H)  # SPEC 1.3: D = H by default
@@ -120,18 +139,13 @@ class M3(nn.Module):
         self.register_buffer("special_ids", torch.tensor(special_token_ids(tokenizer)), persistent=False)
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
 
-    def forward(self, ids, mask, heads=("sparse", "colbert")):
+    def forward(self, ids, mask, heads=HEADS[1:]):
         """ids, mask (N, T) -> dense (N, H) and the optional heads named in `heads`: sparse (N, T) token weights,
         colbert (N, T-1, D) with colbert_mask (N, T-1). A head left out is not computed; its parameters are tied
         to dense with weight 0 (dense is unchanged), so DDP (find_unused_parameters=False) still reduces them."""
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
-        if self.pooling == "mean":
-            dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (N, H)
-        else:  # cls, MCLS-aware: mean of the states at every CLS position; an ordinary input has exactly one, at 0
-            at_cls = ((ids == self.cls_id) & mask.bool()).to(h.dtype)  # (N, T)
-            at_cls[:, 0] = 1.0
-            dense = (h * at_cls[..., None]).sum(1) / at_cls.sum(1, keepdim=True)  # (N, H)
-        off = [prm for x in ("sparse", "colbert") if x not in heads
+        dense = POOLINGS[self.pooling][0](h, ids, mask, self.cls_id)  # (N, H)
+        off = [prm for x in HEADS[1:] if x not in heads
                for prm in getattr(self, f"{x}_linear").parameters()]
         if off:
             dense = dense + 0.0 * sum(prm.sum() for prm in off)  # (N, H), the same values; zero gradients to `off`
@@ -211,7 +225,7 @@ class M3(nn.Module):
             torch.save(state, os.path.join(out_dir, fname))
         with open(os.path.join(out_dir, "m3.json"), "w") as f:
             json.dump({"pooling": self.pooling}, f)
-        st_layout.write(out_dir, self.encoder, self.tokenizer, self.pooling, prompts)
+        st_layout.write(out_dir, self.encoder, self.tokenizer, POOLINGS[self.pooling][1], prompts)
 
     @classmethod
     def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):

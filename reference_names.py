@@ -1,6 +1,7 @@
 """Option names a user brings from FlagEmbedding (the reference, SPEC.md) or from our earlier versions -> the Config key
 to write here, or why there is none. train.py's "unknown key" message quotes it; README's table "Using your
 FlagEmbedding data and checkpoints" lists the same pairs (tests/test_train.py checks that they agree)."""
+from model import POOLINGS
 
 RENAMED = {"kd": "teacher_kd", "kd_norm": "self_distill_norm"}  # ours, before
 
@@ -21,7 +22,7 @@ FLAGEMBEDDING = {  # their option -> (our key, or None when there is none; a not
     "unified_finetuning": ("head_schedule", "unified_finetuning=False is head_schedule=dense"),
     "use_self_distill": ("self_distill", ""),
     "self_distill_start_step": ("self_distill_start", "counted in optimizer steps"),
-    "sentence_pooling_method": ("pooling", "cls or mean"),
+    "sentence_pooling_method": ("pooling", " or ".join(POOLINGS)),
     "fix_encoder": ("freeze", "freeze=encoder trains the heads alone"),
     "learning_rate": ("lr", ""),
     "num_train_epochs": ("epochs", ""),

@@ -1,4 +1,4 @@
-"""What every command shares (train.py, eval.py, mine.py): rank-0 printing and stopping, atomic
+"""What every command shares (train.py, eval.py, mine.py): rank-0 printing and stopping, reading a config, atomic
 writes, output paths that never replace an input or another run's file, and the process group's start and end.
 
 The end of a multi-process run is explicit and ordered, so a finished run always exits: the caller first closes what
@@ -37,6 +37,63 @@ def write_atomic(path, lines):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs: defaults <- YAML diffs <- --key=value
+
+def parse_config(cls, argv, problems, hint=lambda key: ""):
+    """A flat config dataclass from its defaults <- YAML files (flat diffs) <- --key=value overrides, values coerced to
+    the field's type; problems(cfg) -> [(key, why)] checks the values; hint(key) adds to the unknown-key message. Every
+    error stops naming the key and where it was set (the file, the command line or the default)."""
+    import dataclasses
+
+    import yaml
+    cfg, types, where = cls(), {f.name: f.type for f in dataclasses.fields(cls)}, {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                stop(f"config: {arg!r} must be --key=value")
+            try:  # text keys as typed ("query: " is no YAML mapping); unknown keys are refused below
+                items, src = {key: val if types.get(key, str) is str else yaml.safe_load(val)}, "command line"
+            except yaml.YAMLError as e:
+                stop(f"config: {arg!r}: not a valid value: {e}")
+        else:
+            if not os.path.isfile(arg):
+                stop(f"config: no such file {arg!r}")
+            try:
+                items, src = yaml.safe_load(open(arg)) or {}, arg
+            except yaml.YAMLError as e:
+                stop(f"config: {arg}: not valid YAML: {e}")
+            if not isinstance(items, dict):
+                stop(f"config: {arg}: expected key: value lines, got {type(items).__name__}")
+        for key, val in items.items():
+            if key not in types:
+                stop(f"config: unknown key {key!r} ({src}){hint(key)}")
+            setattr(cfg, key, _coerce(key, val, types[key], src))
+            where[key] = src
+    for key, problem in problems(cfg):
+        stop(f"config: {key}={getattr(cfg, key)!r} ({where.get(key, 'default')}): {problem}")
+    return cfg
+
+
+def _coerce(key, val, typ, where):
+    """Coerce a YAML/CLI value to the field's type: "1e-5" -> float, "48,32" -> [48, 32]."""
+    typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(getattr(typ, "__name__", typ), typ)
+    try:
+        if typ is list:
+            items = val.split(",") if isinstance(val, str) else val if isinstance(val, list) else [val]
+            return [int(x) for x in items]
+        if typ is bool and not isinstance(val, bool):
+            raise ValueError("expected true/false")
+        if typ is str and isinstance(val, (dict, list)):  # YAML read `query_prefix: query: x` as a mapping
+            raise ValueError("expected text: quote it in YAML")
+        if typ is int and isinstance(val, float) and not val.is_integer():
+            raise ValueError("expected an integer")
+        return typ(val) if val is not None or typ is str else ""
+    except (TypeError, ValueError) as e:
+        stop(f"config: {key}={val!r} ({where}) is not a {typ.__name__}: {e}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ def weighted_sum(s, w):
 ROWS = {"dense": ((1, 0, 0), weighted_sum), "sparse": ((0, 1, 0), weighted_sum),
         "multi-vector": ((0, 0, 1), weighted_sum), "dense+sparse": ("dense+sparse", weighted_sum),
         "all": ("all", weighted_sum)}
-# The fused rows' weights (w_dense, w_sparse, w_colbert) by name (eval.py --weights), SPEC 6.2: the paper's footnotes and
-# the reference's MKQA/MLDR scripts. "m3" equals train.Config's ens_dense/ens_sparse/ens_colbert, the ensemble that
+# The fused rows' weights (w_dense, w_sparse, w_colbert) by name (eval.py --weights), SPEC 6.2: the paper's footnotes
+# and the reference's MKQA/MLDR scripts. "m3" equals train.Config's ens_dense/ens_sparse/ens_colbert, the ensemble that
 # self-distillation trains towards (SPEC 1.4), also the MKQA and MIRACL weights.
 FUSION = {"m3": {"dense+sparse": (1, 0.3, 0), "all": (1, 0.3, 1)},
           "mldr": {"dense+sparse": (0.2, 0.8, 0), "all": (0.15, 0.5, 0.35)}}
@@ -51,6 +51,7 @@ def row_weights(weights):
     return {row: tuple(float(x) for x in (fused[w] if isinstance(w, str) else w)) for row, (w, _) in ROWS.items()}
 
 
+METRICS = ("nDCG@10", "MRR@10", "Recall@100", "Recall@1000")  # query_metrics's, in table order
 PAPER_DEPTH = 100  # metrics of the paper protocol: nDCG@10, MRR@10, Recall@100 (the paper reports @10, @20, @100)
 PAPER_ROWS = ("dense", "sparse", "multi-vector", "dense+sparse", "all")  # the rows paper_rows builds by the paper
 IMPACT = 100  # SPEC 6.2: the Lucene impact index stores a weight w as int(ceil(100 w)); score = sum of products / 100^2
@@ -325,3 +326,37 @@ def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progre
             for row, (w, score) in others.items():
                 out[row].append(ranked(ca, score(s3, w), tie))
     return out
+
+
+# ----------------------------------------------------------------------------- metrics of a ranking
+
+
+def run_metrics(ranked, qrels_list, langs, depth):
+    """Mean of query_metrics over queries, a per-language mean when queries carry a lang field, and each query's
+    nDCG@10 (bench/quality.py's paired intervals)."""
+    per_q = [query_metrics(r, rels, depth) for r, rels in zip(ranked, qrels_list)]
+    mean = lambda ms: {k: round(float(np.mean([m[k] for m in ms])), 6) for k in ms[0]} if ms else {}
+    by_lang = {l: mean([m for m, ql in zip(per_q, langs) if ql == l]) for l in sorted(set(langs) - {None})}
+    return mean(per_q), by_lang, [round(float(m["nDCG@10"]), 6) for m in per_q]
+
+
+def query_metrics(ranked, rels, depth):
+    """nDCG@10 (gain = graded rel, 1/log2(rank+1) discount, ideal from all qrels), MRR@10, Recall@100/1000 of one query.
+    rels: {doc_id: rel}; rel <= 0 counts as not relevant; relevant docs missing from the corpus still count."""
+    g = np.array([max(rels.get(d, 0), 0) for d in ranked[:max(depth, 10)]], np.float64)  # gain at each rank
+    disc = 1 / np.log2(np.arange(2, 12))  # (10,)
+    rel = np.sort([r for r in rels.values() if r > 0])[::-1]  # (n_rel,) graded, best first
+    ideal, hit = rel[:10], g > 0
+    m = {"nDCG@10": (g[:10] * disc[:len(g[:10])]).sum() / (ideal * disc[:len(ideal)]).sum(),
+         "MRR@10": 1 / (np.argmax(hit[:10]) + 1) if hit[:10].any() else 0.0,
+         "Recall@100": hit[:100].sum() / len(rel)}
+    if depth >= 1000:
+        m["Recall@1000"] = hit[:1000].sum() / len(rel)
+    return m
+
+
+def macro(per_lang):
+    """{row: {metric: mean over languages}} of {lang: {row: {metric: value}}}: every language weighs the same."""
+    rows = next(iter(per_lang.values()))
+    return {row: {k: round(float(np.mean([r[row][k] for r in per_lang.values()])), 6) for k in m}
+            for row, m in rows.items()}

@@ -8,6 +8,8 @@ the gradient cache: gradcache.py), the optimizer step, main (the loop); parsing 
 resume and the log: checkpoints.py.
 """
 import dataclasses
+import difflib
+import math
 import os
 import sys
 import time
@@ -21,13 +23,13 @@ from tqdm import tqdm
 
 import attention
 from checkpoints import check_start, find_resume, save_checkpoint, start_run_dir
-from data import Sampling, batch_stream, epoch_batches, open_datasets
+from data import Sampling, epoch_batches, open_datasets, rank_batches
 from gradcache import grad_cache_step
-from logs import lexical_health, log_step, report_to_problem, tensorboard_writer
-from losses import gather, m3_loss
-from model import HEAD_FILES, M3, at_least_fp32, colbert_score, dense_score, sparse_score
+from logs import REPORT_TO, lexical_health, log_step, report_to_problem, tensorboard_writer
+from losses import TEACHER_KD, gather, m3_loss
+from model import HEAD_FILES, HEADS, M3, POOLINGS, at_least_fp32, colbert_score, dense_score, sparse_score
 from reference_names import hint
-from runtime import end_distributed, init_distributed, print0, run_command, stop
+from runtime import end_distributed, init_distributed, parse_config, print0, run_command, stop
 
 
 @dataclass
@@ -35,9 +37,9 @@ class Config:
     # model
     model: str = "BAAI/bge-m3-unsupervised"  # hub name, local dir, or "minilm" (the bundled demo encoder)
     init_new_heads: bool = False  # start new heads (sparse: term matching, colbert: random) if the checkpoint has none
-    pooling: str = ""  # dense pooling: cls (M3, SPEC 1.1) or mean (e.g. MiniLM); "" = the checkpoint's (else cls)
+    pooling: str = ""  # dense pooling (model.POOLINGS): cls (M3, SPEC 1.1), mean (e.g. MiniLM); "" = the checkpoint's
     colbert_dim: int = -1  # multi-vector dim D; -1 = hidden size (SPEC 1.3)
-    freeze: str = ""  # comma-separated parameter-name prefixes not to train, e.g. encoder.embeddings.word_embeddings
+    freeze: str = ""  # parameters not to train: comma-separated dotted name prefixes, e.g. encoder.embeddings
     # data (SPEC 4)
     train_data: str = ""  # a .jsonl file or a directory of them; each file is one dataset (SPEC 4.1)
     query_prefix: str = ""  # instruction before every query, e.g. "query: " (e5); a line's `prompt` wins (SPEC 4.1)
@@ -52,7 +54,7 @@ class Config:
     group_by_length: bool = True  # inside a length range, batch similar lengths together (bench/padding.py)
     shuffle_ratio: float = 0.0  # text-chunk shuffle of positives (SPEC 4.2; paper 0.002)
     teacher_kd: bool = False  # distil from the teacher's pos_scores/neg_scores in the data (SPEC 3.5)
-    teacher_kd_loss: str = "m3_kd_loss"  # m3_kd_loss (what bge-m3 used) or kl_div (SPEC 3.5)
+    teacher_kd_loss: str = "m3_kd_loss"  # losses.TEACHER_KD: m3_kd_loss (what bge-m3 used) or kl_div (SPEC 3.5)
     num_workers: int = 2  # processes preparing batches ahead of the step (read, sample, tokenize); 0 = in the loop
     prefetch: int = 4  # batches each of them prepares ahead
     # loss (SPEC 3.4; losses.m3_loss)
@@ -84,7 +86,7 @@ class Config:
     grad_clip: float = 1.0  # max global gradient norm (HF Trainer's default, as the reference)
     seed: int = 42
     # memory and speed
-    dtype: str = "bf16"  # on GPU: bf16 autocast, fp16 (with a grad scaler) or fp32; CPU always runs fp32
+    dtype: str = "bf16"  # DTYPES, on GPU: bf16 autocast, fp16 (with a grad scaler) or fp32; CPU always runs fp32
     gradient_checkpointing: bool = True
     attention: str = "auto"  # auto: attention.py's lean dropout kernel on CPU, SDPA on GPU; or lean, sdpa, eager
     sub_batch_size: int = 0  # encode the batch in chunks of this many texts (0 = all at once), loss on the full batch
@@ -98,7 +100,7 @@ class Config:
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
-    report_to: str = ""  # "tensorboard": log.jsonl's scalars also in out_dir/tb (pip install tensorboard)
+    report_to: str = ""  # logs.REPORT_TO; tensorboard: log.jsonl's scalars also in out_dir/tb (pip install tensorboard)
     min_sparse_share: float = 0.05  # warn when fewer real tokens have a sparse weight (collapse: FlagEmbedding #982)
     dist_timeout_s: int = 7200  # collectives wait this long (NCCL's 10-minute default would kill an index build)
 
@@ -111,7 +113,7 @@ def off_heads(heads):
     compute them (M3.forward ties their parameters to dense with weight 0, so DDP still sees them used), they get no
     score, so m3_loss leaves them out (dense alone: plain CE); optimizer_step drops their zero gradients (no update,
     not even weight decay)."""
-    return [x for x in ("sparse", "colbert") if x not in heads]
+    return [x for x in HEADS[1:] if x not in heads]
 
 
 def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
@@ -168,6 +170,22 @@ def compute_loss(q, p, batch, cfg, heads, self_distill, special_ids=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the optimizer and its step
+
+def frozen(model, freeze):
+    """The parameter names that freeze (comma-separated dotted prefixes, whole components: encoder.layer.1 is not
+    encoder.layer.10) names; an empty prefix (a stray comma) or one that names no parameter stops, with the nearest
+    names (a typo would freeze nothing; an empty prefix, everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    found = []
+    for prefix in freeze.split(",") if freeze else []:
+        hits = [n for n in names if n == prefix.strip() or n.startswith(prefix.strip() + ".")]
+        if not hits:
+            near = difflib.get_close_matches(prefix.strip(), {n.rsplit(".", k)[0] for n in names for k in range(4)}, 3)
+            stop(f"config: freeze={freeze!r}: " + (f"{prefix.strip()!r} names no parameter" if prefix.strip() else
+                 "an empty prefix would freeze every parameter") + f" (nearest: {', '.join(near) or 'none'})")
+        found += hits
+    return found
+
 
 def make_optimizer(model, cfg, total_steps):
     """AdamW, no decay on biases and norms, heads at head_lr; linear warm-up then linear decay to 0 (SPEC 5.2)."""
@@ -236,9 +254,8 @@ def train(cfg, resume, state, ddp, rank, world, device):
                     batch_sizes=cfg.batch_sizes, group_by_length=cfg.group_by_length)
     per_epoch = len(epoch_batches(datasets, **batch_kw))
     total = cfg.epochs * per_epoch if cfg.max_steps < 0 else min(cfg.max_steps, cfg.epochs * per_epoch)
-    for name, prm in raw.named_parameters():
-        if cfg.freeze and name.startswith(tuple(cfg.freeze.split(","))):
-            prm.requires_grad_(False)
+    for name in frozen(raw, cfg.freeze):
+        raw.get_parameter(name).requires_grad_(False)
     if cfg.gradient_checkpointing:
         raw.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     raw.to(device).train()
@@ -247,8 +264,8 @@ def train(cfg, resume, state, ddp, rank, world, device):
                                     find_unused_parameters=False,  # off heads: M3.forward ties them in
                                     gradient_as_bucket_view=True)  # .grad views the all-reduce buckets: no 2nd copy
     opt, sched = make_optimizer(raw, cfg, total)
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
-    amp = torch.autocast(device.type, dtype=half or torch.float32, enabled=device.type == "cuda" and half is not None)
+    half = DTYPES[cfg.dtype]
+    amp = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda" and half != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
     step, epoch, index = 0, 0, 0
     if resume:
@@ -266,7 +283,8 @@ def train(cfg, resume, state, ddp, rank, world, device):
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
     writer = tensorboard_writer(cfg, step) if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
-    stream = rank_batches(datasets, tok, cfg, batch_kw, epoch, index, pin_memory=device.type == "cuda")
+    stream = rank_batches(datasets, tok, Sampling.of(cfg), batch_kw, epoch, index, num_workers=cfg.num_workers,
+                          prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
     try:
         while step < total:
             t0 = time.time()
@@ -304,74 +322,41 @@ def train(cfg, resume, state, ddp, rank, world, device):
                 f.close()
 
 
-def rank_batches(datasets, tok, cfg, batch_kw, epoch, index, pin_memory):
-    """(epoch, index, batches in the epoch, batch) of this rank from batch `index` of `epoch` on, epoch after epoch,
-    made ahead by data.batch_stream; closing this generator closes the stream (its workers exit and are joined)."""
-    while True:
-        batches = epoch_batches(datasets, **{**batch_kw, "epoch": epoch})
-        stream = batch_stream(datasets, batches, index, tok, Sampling.of(cfg), epoch, num_workers=cfg.num_workers,
-                              prefetch=cfg.prefetch, pin_memory=pin_memory)
-        try:
-            for j in range(index, len(batches)):
-                yield epoch, j, len(batches), next(stream)
-        finally:
-            stream.close()
-        epoch, index = epoch + 1, 0
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the config: defaults <- YAML diffs <- --key=value, every value checked
 
 def load_config(argv):
-    """Config from defaults <- YAML files (flat diffs) <- --key=value overrides; unknown keys, bad types and bad
-    values stop with the key and where it was set."""
-    cfg, types, where = Config(), {f.name: f.type for f in dataclasses.fields(Config)}, {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, val = arg[2:].partition("=")
-            if not eq:
-                stop(f"config: {arg!r} must be --key=value")
-            try:  # text keys as typed ("query: " is no YAML mapping); unknown keys are refused below
-                items, src = {key: val if types.get(key, str) is str else yaml.safe_load(val)}, "command line"
-            except yaml.YAMLError as e:
-                stop(f"config: {arg!r}: not a valid value: {e}")
-        else:
-            if not os.path.isfile(arg):
-                stop(f"config: no such file {arg!r}")
-            try:
-                items, src = yaml.safe_load(open(arg)) or {}, arg
-            except yaml.YAMLError as e:
-                stop(f"config: {arg}: not valid YAML: {e}")
-            if not isinstance(items, dict):
-                stop(f"config: {arg}: expected key: value lines, got {type(items).__name__}")
-        for key, val in items.items():
-            if key not in types:
-                stop(f"config: unknown key {key!r} ({src}){hint(key)}")
-            setattr(cfg, key, _coerce(key, val, types[key], src))
-            where[key] = src
-    for key, problem in config_problems(cfg):
-        stop(f"config: {key}={getattr(cfg, key)!r} ({where.get(key, 'default')}): {problem}")
-    return cfg
+    """Config from defaults <- YAML files (flat diffs) <- --key=value overrides (runtime.load_config); unknown keys
+    (answered with our name for a FlagEmbedding option), bad types and bad values stop naming the key and where it
+    was set."""
+    return parse_config(Config, argv, config_problems, hint)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # Config.dtype: autocast's on GPUs
+CHOICES = {"pooling": ("", *POOLINGS), "teacher_kd_loss": tuple(TEACHER_KD), "dtype": tuple(DTYPES),
+           "attention": attention.MODES, "report_to": REPORT_TO}  # Config key -> its choices, each next to its code
 
 
 def config_problems(cfg):
     """(key, problem) for every value that would crash later or train something silently wrong."""
-    positive = ("temperature", "lr", "grad_clip", "loss_norm", "self_distill_norm", "final_norm")
-    rules = [(k, getattr(cfg, k) > 0, "must be > 0") for k in positive] + \
+    floats = [f.name for f in dataclasses.fields(Config) if f.type in (float, "float")]
+    positive = ("temperature", "lr", "grad_clip", "loss_norm", "self_distill_norm", "final_norm", "adam_eps")
+    rules = [(k, math.isfinite(getattr(cfg, k)), "must be a finite number") for k in floats] + \
+        [(k, getattr(cfg, k) > 0, "must be > 0") for k in positive] + \
         [(k, getattr(cfg, k) >= 1, "must be >= 1") for k in ("train_group_size", "epochs", "save_every", "log_every",
                                                             "keep_last", "dist_timeout_s", "prefetch")] + \
         [(k, getattr(cfg, k) >= 0, "must be >= 0") for k in ("head_lr", "weight_decay", "self_distill_start",
                                                             "sub_batch_size", "sub_batch_tokens", "num_workers",
-                                                            "small_threshold", "drop_threshold")] + \
+                                                            "small_threshold", "drop_threshold", "w_dense", "w_sparse",
+                                                            "w_colbert", "w_ens", "ens_dense", "ens_sparse",
+                                                            "ens_colbert")] + \
         [(k, 0 <= getattr(cfg, k) <= 1, "must be in [0, 1]") for k in ("warmup_ratio", "shuffle_ratio",
                                                                         "min_sparse_share")] + \
-        [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")]
-    rules += [("teacher_kd_loss", cfg.teacher_kd_loss in ("m3_kd_loss", "kl_div"), "must be m3_kd_loss or kl_div"),
-              ("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
+        [(k, 0 <= getattr(cfg, k) < 1, "must be in [0, 1)") for k in ("adam_beta1", "adam_beta2")] + \
+        [(k, getattr(cfg, k) >= 2, "must be >= 2 (CLS + end token)") for k in ("query_max_len", "passage_max_len")] + \
+        [(k, getattr(cfg, k) in c, "must be one of " + ", ".join(repr(x) for x in c)) for k, c in CHOICES.items()]
+    rules += [("max_steps", cfg.max_steps == -1 or cfg.max_steps >= 1, "must be >= 1, or -1 for all epochs"),
               ("colbert_dim", cfg.colbert_dim == -1 or cfg.colbert_dim >= 1, "must be >= 1, or -1 for the hidden size"),
-              ("dtype", cfg.dtype in ("bf16", "fp16", "fp32"), "must be bf16, fp16 or fp32"),
-              ("attention", cfg.attention in attention.MODES, f"must be one of {', '.join(attention.MODES)}"),
-              ("pooling", cfg.pooling in ("", "cls", "mean"), "must be cls, mean, or empty for the checkpoint's"),
               ("drop_threshold", cfg.drop_threshold == 0 or cfg.small_threshold > 0,
                "drops merged small files only: set small_threshold too (SPEC 4.4)"),
               ("batch_sizes", all(b >= 1 for b in cfg.batch_sizes), "every batch size must be >= 1"),
@@ -381,10 +366,14 @@ def config_problems(cfg):
               ("batch_sizes", len(cfg.batch_sizes) == len(cfg.length_ranges) - 1,
                f"{len(cfg.batch_sizes)} values but length_ranges {cfg.length_ranges} has "
                f"{len(cfg.length_ranges) - 1} ranges")]
-    problems = [(key, why) for key, ok, why in rules if not ok] + [("report_to", report_to_problem(cfg.report_to))]
-    problems = [(key, why) for key, why in problems if why]
+    problems = [(key, why) for key, ok, why in rules if not ok]
+    if cfg.report_to in REPORT_TO and report_to_problem(cfg.report_to):
+        problems.append(("report_to", report_to_problem(cfg.report_to)))
     try:
-        parse_schedule(cfg.head_schedule)
+        schedule = parse_schedule(cfg.head_schedule)
+        if len(schedule) > cfg.epochs:
+            problems.append(("head_schedule", f"names {len(schedule)} epochs but the run has epochs={cfg.epochs}: "
+                                              f"the last {len(schedule) - cfg.epochs} would never train"))
     except ValueError as e:
         problems.append(("head_schedule", str(e)))
     if cfg.sub_batch_size and cfg.sub_batch_tokens:
@@ -400,32 +389,14 @@ def parse_schedule(text):
     the last repeats); spaces are ignored, an unknown or missing head raises (a typo would switch a head off)."""
     epochs = [[h.strip() for h in part.split(",") if h.strip()] for part in text.split(";")]
     for heads in epochs:
-        unknown = [h for h in heads if h not in ("dense", "sparse", "colbert")]
+        unknown = [h for h in heads if h not in HEADS]
         if unknown:
-            raise ValueError(f"unknown head {unknown[0]!r}: heads are dense, sparse, colbert")
+            raise ValueError(f"unknown head {unknown[0]!r}: heads are {', '.join(HEADS)}")
         if "dense" not in heads:
             raise ValueError(f"every epoch trains dense (the loss is built on it, SPEC 3.4): got {heads}")
         if len(set(heads)) != len(heads):
             raise ValueError(f"a head is listed twice in {heads}")
     return epochs
-
-
-def _coerce(key, val, typ, where):
-    """Coerce a YAML/CLI value to the field's type: "1e-5" -> float, "48,32" -> [48, 32]."""
-    typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(getattr(typ, "__name__", typ), typ)
-    try:
-        if typ is list:
-            items = val.split(",") if isinstance(val, str) else val if isinstance(val, list) else [val]
-            return [int(x) for x in items]
-        if typ is bool and not isinstance(val, bool):
-            raise ValueError("expected true/false")
-        if typ is str and isinstance(val, (dict, list)):  # YAML read `query_prefix: query: x` as a mapping
-            raise ValueError("expected text: quote it in YAML")
-        if typ is int and isinstance(val, float) and not val.is_integer():
-            raise ValueError("expected an integer")
-        return typ(val) if val is not None or typ is str else ""
-    except (TypeError, ValueError) as e:
-        stop(f"config: {key}={val!r} ({where}) is not a {typ.__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -110,16 +110,16 @@ def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
 
 def test_metrics_hand_computed():
     rels = {"a": 2, "b": 1, "c": 0, "x": 1}  # graded; "x" is not in the corpus but still relevant
-    m = ev.query_metrics(["c", "b", "d", "a"], rels, depth=1000)
+    m = search.query_metrics(["c", "b", "d", "a"], rels, depth=1000)
     dcg = 1 / np.log2(3) + 2 / np.log2(5)  # b at rank 2, a at rank 4
     idcg = 2 + 1 / np.log2(3) + 1 / np.log2(4)  # ideal order 2, 1, 1
     assert m["nDCG@10"] == pytest.approx(dcg / idcg)
     assert m["MRR@10"] == pytest.approx(0.5)
     assert m["Recall@100"] == pytest.approx(2 / 3) and m["Recall@1000"] == pytest.approx(2 / 3)
-    assert "Recall@1000" not in ev.query_metrics(["a"], rels, depth=100)
-    late = ev.query_metrics([f"n{i}" for i in range(10)] + ["a"], rels, depth=100)  # first hit at rank 11
+    assert "Recall@1000" not in search.query_metrics(["a"], rels, depth=100)
+    late = search.query_metrics([f"n{i}" for i in range(10)] + ["a"], rels, depth=100)  # first hit at rank 11
     assert late["MRR@10"] == 0 and late["nDCG@10"] == 0 and late["Recall@100"] == pytest.approx(1 / 3)
-    perfect = ev.query_metrics(["a", "b", "x"], rels, depth=100)
+    perfect = search.query_metrics(["a", "b", "x"], rels, depth=100)
     assert perfect["nDCG@10"] == pytest.approx(1.0) and perfect["MRR@10"] == 1.0
 
 
@@ -226,8 +226,8 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
         F = np.tensordot(np.array(w, np.float32), S, 1)
         assert np.diff(np.sort(F, 1)).min() > 1e-5  # no near-ties anywhere: the fp32 rankings are defined
         ranked = [ids[np.lexsort((ids, -F[i]))] for i in range(len(qs))]
-        want = [ev.query_metrics(r, qrels[q["_id"]], 1000) for r, q in zip(ranked, qs)]
-        for k in ev.METRICS:
+        want = [search.query_metrics(r, qrels[q["_id"]], 1000) for r, q in zip(ranked, qs)]
+        for k in search.METRICS:
             assert res["rows"][name][k] == pytest.approx(np.mean([x[k] for x in want]), abs=1e-6)
         de = [x["nDCG@10"] for x, q in zip(want, qs) if q["lang"] == "de"]
         assert res["per_lang"]["de"][name]["nDCG@10"] == pytest.approx(np.mean(de), abs=1e-6)
@@ -257,7 +257,7 @@ def test_a_new_fusion_row_is_one_entry_in_search_rows(tmp_path, monkeypatch):
     for cand, s, _ in search.retrieve(Q, P, depth=100, colbert_k=1000):
         f = reciprocal_rank(s, (1, 1, 1))
         ranked.append(ids[cand[np.lexsort((tie[cand], -f))][:100]])
-    want = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries], 100)[0]
+    want = search.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries], 100)[0]
     assert res["rows"]["rrf"] == want and res["rows"]["rrf"] != res["rows"]["all"]
     assert set(res["per_lang"]["de"]) == set(search.ROWS)  # the per-language table has the new column too
     cfg = dict(first=20, mv=8, all=10)  # the paper protocol: the new row reranks the all row's candidates
@@ -280,8 +280,8 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     results = search.retrieve(Q, P, depth=100, colbert_k=1000)
     for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
         ranked = [ids[c] for c, _ in search.fuse(results, w, 100, np.argsort(np.argsort(ids, kind="stable")))]
-        mean, by_lang, per_q = ev.run_metrics(ranked, [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries],
-                                              100)
+        rels, langs = [qrels[r["_id"]] for r in queries], [r["lang"] for r in queries]
+        mean, by_lang, per_q = search.run_metrics(ranked, rels, langs, 100)
         assert res["rows"][row] == mean and res["per_lang"]["de"][row] == by_lang["de"]
         assert res["per_query_ndcg10"][row] == per_q and res["per_query_ndcg10"]["query_ids"] == [r["_id"] for r in
                                                                                                    queries]
@@ -334,7 +334,7 @@ def test_tune_on_chooses_the_grid_weights_best_on_the_other_split(tmp_path):
             rel = np.isin(ids, list(qrels[q["_id"]]))  # order (another CPU's) give this same nDCG@10
             top = rel & np.isin(np.arange(len(f)), np.lexsort((ids, -f))[:11])
             assert not top.any() or np.abs(f[top][:, None] - f[~rel][None]).min() > 1e-6
-        return np.mean([ev.query_metrics(ids[np.lexsort((ids, -f))], qrels[q["_id"]], 1000)["nDCG@10"]
+        return np.mean([search.query_metrics(ids[np.lexsort((ids, -f))], qrels[q["_id"]], 1000)["nDCG@10"]
                         for f, q in zip(F, queries)])
     for row, ok in (("dense+sparse", lambda w: w[0] and w[1] and not w[2]), ("all", lambda w: all(w))):
         grid = [w for w in ev.SWEEP if ok(w)]

@@ -261,6 +261,7 @@ def test_bad_protocol_task_or_weights_fail_early_naming_the_option(tmp_path, cap
     cli = ["--ckpt", str(tmp_path / "no_such_ckpt"), "--data", data]
     for extra, error in ((["--protocol", "papr"], r"--protocol: invalid choice: 'papr'"),
                          (["--task", "nq"], r"--task: invalid choice: 'nq'"),
+                         (["--task", "mldr"], r"--task: sets the paper protocol's depths and weights: add --protocol"),
                          (["--protocol", "paper", "--weights", "1,1,1"], r"--weights: the paper protocol"),
                          (["--protocol", "paper", "--sweep"], r"--sweep: the paper protocol")):
         with pytest.raises(SystemExit):
@@ -269,6 +270,7 @@ def test_bad_protocol_task_or_weights_fail_early_naming_the_option(tmp_path, cap
     m = FakeM3()
     for kw, opt in ((dict(protocol="papr"), "protocol: expected one of exact, paper; got 'papr'"),
                     (dict(protocol="paper", task="nq"), "task: expected one of miracl, mkqa, mldr; got 'nq'"),
+                    (dict(task="mldr"), "task: sets the paper protocol's depths and weights"),
                     (dict(protocol="paper", weights="mldr"), "weights: the paper protocol"),
                     (dict(protocol="paper", sweep=True), "sweep: the paper protocol"),
                     (dict(shard_size=0), "shard_size: expected an integer >= 1")):

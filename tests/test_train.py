@@ -311,9 +311,13 @@ def test_config_errors_name_the_key_and_the_path(setup, tmp_path):
     with pytest.raises(SystemExit, match=r"batch_sizes=\[8, 4\] \(command line\): 2 values but length_ranges .* 9 "):
         train.load_config(["--batch_sizes=8,4"])
     bad_values = {"temperature=0": "must be > 0", "temperature=-0.02": "must be > 0",
-                  "train_group_size=0": "must be >= 1", "teacher_kd_loss=kl": "must be m3_kd_loss or kl_div",
+                  "train_group_size=0": "must be >= 1", "teacher_kd_loss=kl": "must be one of 'm3_kd_loss', 'kl_div'",
                   "max_steps=0": "must be >= 1, or -1", "keep_last=0": "must be >= 1", "save_every=0": "must be >= 1",
-                  "epochs=0": "must be >= 1", "pooling=max": "must be cls, mean", "dtype=fp8": "must be bf16",
+                  "epochs=0": "must be >= 1", "pooling=max": "must be one of '', 'cls', 'mean'",
+                  "dtype=fp8": "must be one of 'bf16', 'fp16', 'fp32'", "lr=inf": "must be a finite number",
+                  "w_sparse=nan": "must be a finite number", "w_ens=-1": "must be >= 0",
+                  "adam_beta2=1": r"must be in \[0, 1\)", "head_schedule=dense;dense;dense": "names 3 epochs but the "
+                  "run has epochs=2: the last 1 would never train",
                   "warmup_ratio=2": r"must be in \[0, 1\]", "length_ranges=0,64,32": "increasing",
                   "head_schedule=dense,colbrt": "unknown head 'colbrt'",
                   "head_schedule=sparse": "every epoch trains dense",
@@ -363,6 +367,15 @@ def test_new_heads_are_seeded_and_frozen_weights_stay(setup, tmp_path):
     assert torch.equal(init["embeddings.word_embeddings.weight"], after["embeddings.word_embeddings.weight"])
     pos = "embeddings.position_embeddings.weight"
     assert not torch.equal(init[pos], after[pos])
+
+
+def test_freeze_takes_whole_name_components():
+    m = M3(make_encoder(make_tokenizer(), layers=12), make_tokenizer())
+    layer1 = train.frozen(m, "encoder.encoder.layer.1")
+    assert layer1 and all(n.startswith("encoder.encoder.layer.1.") for n in layer1)  # not layers 10 and 11
+    both = train.frozen(m, "sparse_linear, colbert_linear.weight")  # spaces after commas are fine
+    assert both == ["sparse_linear.weight", "sparse_linear.bias", "colbert_linear.weight"]
+    assert len(train.frozen(m, "encoder")) == len([n for n, _ in m.named_parameters() if n.startswith("encoder.")])
 
 
 def test_resume_auto_takes_the_newest_intact_checkpoint_and_says_what_it_skipped(setup, tmp_path, capsys,
@@ -423,7 +436,7 @@ def test_new_options_fail_clearly_and_leave_the_run_dir_intact(setup, tmp_path, 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     cases = [(["--report_to=tensorboard"], r"report_to='tensorboard' \(command line\): needs the tensorboard package: "
                                            r"pip install tensorboard"),
-             (["--report_to=wandb"], r"report_to='wandb' \(command line\): must be tensorboard, or empty/none"),
+             (["--report_to=wandb"], r"report_to='wandb' \(command line\): must be one of '', 'none', 'tensorboard'"),
              (["--query_instruction_for_retrieval=q: "], r"unknown key 'query_instruction_for_retrieval' \(command "
                                                          r"line\): FlagEmbedding's option; here it is 'query_prefix'"),
              (["--passage_instruction_format={}{}"], r"'passage_instruction_format' .*: FlagEmbedding's option; not an "
@@ -433,6 +446,9 @@ def test_new_options_fail_clearly_and_leave_the_run_dir_intact(setup, tmp_path, 
              (["--min_sparse_share=2"], r"min_sparse_share=2.0 \(command line\): must be in \[0, 1\]"),
              ([str(listed)], r"query_prefix=\['query', 'passage'\] \(.*listed.yaml\) is not a str: expected text"),
              ([f"--train_data={bad_type}"], r"bad.jsonl, line 2: field 'type': unsupported value \"sts\""),
+             (["--freeze=encoder.embedings"], r"freeze='encoder.embedings': 'encoder.embedings' names no parameter "
+                                              r"\(nearest: encoder.embeddings"),
+             (["--freeze=encoder.embeddings,"], r"freeze='encoder.embeddings,': an empty prefix would freeze every"),
              ([f"--train_data={tmp_path / 'cls_no_in_batch_neg'}", "--train_group_size=1"],
               r"a.jsonl: no_in_batch_neg data scores each query against its own group only")]
     for extra, msg in cases:
