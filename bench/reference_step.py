@@ -10,9 +10,11 @@ samples_s = 4 * (N - 1) / (end of step N - end of step 1). Peak memory: the proc
 Nothing is saved (the Trainer's output dir is a temp dir, removed at the end). One adaptation: MiniLM's BERT
 tokenizer gets eos_token = [SEP], without which the reference's sparse head fails (it needs an eos id).
 
-Runs ONLY in the throwaway reference venv, never in the project's (FlagEmbedding is no dependency of ours):
+Runs ONLY in a throwaway venv with the reference installed (REFVENV: `python3 -m venv REFVENV`, then
+`REFVENV/bin/pip install torch==2.13.0` and `FlagEmbedding==1.4.2 transformers==4.57.6`), never in the project's
+(FlagEmbedding is no dependency of ours):
 
-    /work/refvenv/bin/python bench/reference_step.py [--steps 12] [--out DIR]   # last line: samples_s=<f> peak_rss_mb=<f>
+    REFVENV/bin/python bench/reference_step.py [--steps 12] [--out DIR]   # last line: samples_s=<f> peak_rss_mb=<f>
 """
 import argparse
 import os

@@ -1,5 +1,5 @@
 """Where one CPU training step's time and memory go, by attention kernel: torch.profiler time per op category and
-the bytes autograd saves for backward per kind of tensor (issue 15's breakdown).
+the bytes autograd saves for backward per kind of tensor.
 
 One train.train_step + optimizer_step (unified loss + self-distillation, all three heads, fp32, gradient
 checkpointing off, dropout as the checkpoint sets it: 0.1 attention and hidden), after one warm-up step:

@@ -10,13 +10,13 @@ backward of compute_loss on detached representations; the rest of (a) - (b) is t
 
     python bench/train_step.py          # last line: step_over_encoder=<f>   (target <= 1.10)
 
---vs_reference: whole training runs against the reference trainer (issue 15), each its own process: train.py on the
+--vs_reference: whole training runs against the reference trainer, each its own process: train.py on the
 real all-MiniLM-L6-v2 (CLS pooling, new heads), data/scifact/train_mined.jsonl, 4 queries x 8 passages, 64/256
 tokens, unified loss + self-distillation from step 0, lr 1e-5, 12 steps, data in the training process (num_workers
 0, as the reference's dataloader_num_workers 0); steady rate over steps 2..12, peak RSS of the process (wait4). With
 --reference_python (a throwaway venv with FlagEmbedding 1.4.2: bench/reference_step.py) the reference runs first.
 
-    python bench/train_step.py --vs_reference --reference_python /work/refvenv/bin/python
+    python bench/train_step.py --vs_reference --reference_python REFVENV/bin/python   # REFVENV: reference_step.py
         # last line: samples_s=<f> peak_rss_mb=<f>   (ours, lean attention, no checkpointing; targets: >= 1.5x the
         # reference's samples/s and <= 0.5x its peak RSS)
 """

@@ -1,4 +1,5 @@
-"""The README's first command (demo.sh) end to end on a tiny slice, so it cannot silently rot. Real MiniLM, real data."""
+"""The README's first command (demo.sh) end to end on a tiny slice, so it cannot silently rot: real MiniLM, real
+data."""
 import json
 import os
 
