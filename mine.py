@@ -17,7 +17,7 @@ import eval as ev
 import search
 from beir import load_beir, passage_text, read_jsonl
 from jsonl_index import check_example, query_text
-from runtime import write_atomic
+from runtime import output_error, run_command, write_atomic
 from store import encode_cached, model_loader
 
 
@@ -25,11 +25,14 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
          query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", index_params="", colbert_index="Flat",
          colbert_k=64, cache_dir=None, query_prefix="", passage_prefix="", prompts=None):
     """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
-    ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query.
+    ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, and the query;
+    None for a query without a positive or left without a negative (main reports and drops them).
     positives[i]: indices into passages; weights: a search.FUSION name (its all-three row) or 3 numbers. Encoded:
     prompts[i] (a line's prompt, if not None) or query_prefix + query i, passage_prefix + passage."""
     error = ev.option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
                             query_max_len=query_max_len, passage_max_len=passage_max_len)
+    if not error and lo >= len(passages):
+        error = f"range: {lo}-{hi} starts past the passage pool's end ({len(passages)} passages): no negative to draw"
     if error:
         raise ValueError(error)
     weights = search.row_weights(weights)["all"]
@@ -49,6 +52,9 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
         top, f = fused[i][0][lo:hi], fused[i][1][lo:hi]  # (<= hi - lo,) passages and fused scores at ranks lo..hi-1
         ok = np.array([j not in bad and passages[j] not in bad_text for j in top], bool)
         pick = np.sort(rng.choice(ok.sum(), min(n_neg, ok.sum()), replace=False))  # in rank order
+        if len(pos) == 0 or len(pick) == 0:
+            out.append(None)
+            continue
         rec = {"query": q, "pos": [passages[j] for j in pos], "neg": [passages[j] for j in top[ok][pick]]}
         if scores:
             rec["pos_scores"] = [float(x) for x in w @ search.exact_scores(Q, i, P, pos, use)]  # (3,) @ (3, n_pos)
@@ -65,14 +71,18 @@ def main(argv=None):
     p.add_argument("--n_neg", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scores", action="store_true", help="add pos_scores/neg_scores = the model's fused score")
-    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--out", required=True, help="output JSONL; never an input, never a file of --data")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     model, kw = ev.cli_setup(p, a, None if a.jsonl else a.data, a.range, n_neg=a.n_neg)  # --jsonl wins over --data
     if not (a.data or a.jsonl):
         p.error("mine needs --data or --jsonl")
-    for opt in ("jsonl", "corpus"):
-        if getattr(a, opt) and os.path.abspath(getattr(a, opt)) == os.path.abspath(a.out):
-            p.error(f"--out {a.out} is the --{opt} input: the mined records would replace it")
+    if a.corpus and not a.jsonl:
+        p.error("--corpus is the passage pool of --jsonl; with --data the pool is the data's corpus.jsonl")
+    error = output_error(a.out, "--out", inputs=(a.jsonl, a.corpus), folders=() if a.jsonl else (a.data,),
+                         overwrite=a.overwrite)
+    if error:
+        p.error(error)
     lo, hi = (int(x) for x in a.range.split("-"))
     if a.jsonl:
         recs = read_jsonl(a.jsonl, check=check_example)  # the training format (SPEC 4.1), as train.py checks it
@@ -89,12 +99,18 @@ def main(argv=None):
         queries = [r["text"] for r in qs]
         positives = [[at[d] for d, rel in qrels[r["_id"]].items() if rel > 0 and d in at] for r in qs]
     mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, a.weights, a.seed, a.scores, **kw)
+    no_neg = [i for i, m in enumerate(mined) if m is None and positives[i]]
+    for why, bad in (("no positive in the corpus", [i for i, p in enumerate(positives) if not p]),
+                     (f"no negative in ranks {lo}-{hi}", no_neg)):
+        if bad:
+            print(f"left out {len(bad)} of {len(queries)} queries with {why} (e.g. {queries[bad[0]][:60]!r})")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     keep = lambda r: {k: v for k, v in r.items() if k not in ("pos_scores", "neg_scores")}  # --jsonl's other fields
-    write_atomic(a.out, (json.dumps({**keep(r), **m}, ensure_ascii=False) + "\n" for r, m in zip(recs, mined)))
-    print(f"wrote {len(mined)} records to {a.out}; ranks {lo}-{hi}, {a.n_neg} negatives each")
-    return mined
+    out = [{**keep(r), **m} for r, m in zip(recs, mined) if m is not None]
+    write_atomic(a.out, (json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+    print(f"wrote {len(out)} records to {a.out}; ranks {lo}-{hi}, {a.n_neg} negatives each")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, sys.argv[1:])

@@ -10,6 +10,7 @@ torchrun stops the other ranks.
 import gc
 import os
 import sys
+import tempfile
 import traceback
 
 
@@ -122,13 +123,21 @@ def output_error(path, option, inputs=(), folders=(), overwrite=False):
         return f"{option} {path} is a folder, not a file"
     if os.path.exists(path) and not overwrite:
         return f"{option} {path} exists: pass --overwrite to replace it, or choose another file"
-    folder = os.path.dirname(os.path.abspath(path))
+    return writable_error(os.path.dirname(os.path.abspath(path)), f"{option} {path}")
+
+
+def writable_error(folder, what):
+    """Why nothing can be written in folder (or the first of its ancestors that exists: the rest would be created),
+    naming what (the option and its value), or None. Tried with a real file: root passes every permission check, even
+    on a read-only file system."""
     parent = folder
-    while not os.path.exists(parent):  # the first existing ancestor must let us create the rest
+    while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{option} {path}: cannot write in {parent} (read-only or not a folder)"
-    return None
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".m3-write-check-"):
+            return None
+    except OSError as e:
+        return f"{what}: cannot write in {parent} ({e.strerror or e}: read-only, not a folder, or no permission)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
