@@ -10,31 +10,66 @@ import shutil
 
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from logs import TB_DIR
 from model import HEAD_FILES, TOKENIZER_FILES, check_weights, is_local_path, load_head
-from runtime import print0, stop
+from runtime import print0, stop, writable_error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+RUN_FILES = ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final", TB_DIR)  # + step-*, .tmp-*: a run's own
+REPLACED = ".replaced"  # under out_dir: an --overwrite's earlier run, kept until the new run saves its first checkpoint
+SAME_RUN = ("out_dir", "resume", "overwrite", "resume_changes", "log_every", "save_every", "keep_last", "report_to",
+            "num_workers", "prefetch", "dist_timeout_s", "min_sparse_share", "gradient_checkpointing", "sub_batch_size",
+            "sub_batch_tokens", "grad_cache")  # Config keys a resume may change: the same run (same gradients)
 
 
 def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
     """Release layout + train_state.pt (+ its position as train_state.json) + config.yaml, written under a
-    temporary name and renamed; the oldest step checkpoints beyond keep_last are deleted."""
+    temporary name and renamed: a failure (a full disk) leaves no half checkpoint and every earlier one intact. The
+    oldest step checkpoints beyond keep_last are deleted, and so is a run this one replaces (REPLACED), now that this
+    run has a checkpoint of its own."""
     final, tmp = os.path.join(cfg.out_dir, name), os.path.join(cfg.out_dir, f".tmp-{name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, prompts={"query": cfg.query_prefix, "passage": cfg.passage_prefix})
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                **position}, os.path.join(tmp, "train_state.pt"))
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump(position, f)  # the step, readable without loading the optimizer state
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    try:
+        model.save_pretrained(tmp, prompts={"query": cfg.query_prefix, "passage": cfg.passage_prefix})
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                    **position}, os.path.join(tmp, "train_state.pt"))
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(position, f)  # the step, readable without loading the optimizer state
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{final}: checkpoint not written ({str(e).splitlines()[0]}): disk full or not writable; the "
+                      f"earlier checkpoints in {cfg.out_dir} are intact (--resume=auto continues from them)") from e
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     steps = sorted(d for d in os.listdir(cfg.out_dir) if d.startswith("step-"))
     for old in steps[:max(0, len(steps) - cfg.keep_last)]:
         shutil.rmtree(os.path.join(cfg.out_dir, old))
+    if os.path.isdir(os.path.join(cfg.out_dir, REPLACED)):
+        shutil.rmtree(os.path.join(cfg.out_dir, REPLACED))
+        print0(f"the run this one replaces ({cfg.out_dir}) is deleted now that this one saved {name}")
+
+
+def restore(opt, sched, scaler, state):
+    """A checkpoint's optimizer, scheduler and scaler states loaded into those built from this run's config: the moments
+    and the step count from the checkpoint, every setting (each group's lr, weight decay, betas, eps; the schedule)
+    from the config, which equals the checkpoint's unless resume_changes (same_run)."""
+    built = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        stop(f"config: resume: the checkpoint's optimizer state does not fit this run's trainable parameters ({e}): "
+             "freeze or head_lr changed; start a new run from its weights with --init_from=CHECKPOINT")
+    for group, settings in zip(opt.param_groups, built):
+        group.update(settings)
+    sched.load_state_dict(state["scheduler"])
+    sched.base_lrs = [g["initial_lr"] for g in built]
+    for group, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * f(sched.last_epoch)  # LambdaLR's own formula: bit for bit what the saved lr was
+    scaler.load_state_dict(state["scaler"])
 
 
 def checkpoint_state(path):
@@ -47,12 +82,20 @@ def checkpoint_state(path):
         check_weights(path)
         for fname in HEAD_FILES.values():
             load_head(os.path.join(path, fname))
+        for fname in ("config.json", "m3.json", "tokenizer.json", "tokenizer_config.json"):  # JSON that loading reads
+            try:
+                if have(fname):
+                    with open(os.path.join(path, fname), encoding="utf-8") as f:
+                        json.load(f)
+            except ValueError as e:
+                return None, f"{fname}: not valid JSON ({e})"
+        AutoTokenizer.from_pretrained(path)  # every tokenizer file, as loading reads them
         state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
         if not {"optimizer", "scheduler", "scaler", "step", "epoch", "index"} <= set(state):
             return None, "train_state.pt lacks the optimizer/scheduler state or the data position"
         return state, None
     except Exception as e:  # truncated or foreign files; weights_only refuses pickled code
-        return None, f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"{e.__class__.__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def checkpoint_step(path):
@@ -73,7 +116,8 @@ def checkpoint_step(path):
 
 def find_resume(cfg):
     """(checkpoint dir, its train_state) to resume from, or (None, None) for a fresh start. --resume=auto takes the
-    newest intact checkpoint in out_dir and says which broken ones it skipped; --resume=DIR must be intact."""
+    newest intact checkpoint in out_dir and says which broken ones it skipped (none yet: a fresh start, said so; no
+    out_dir: a typo, refused); --resume=DIR must be intact. The checkpoint's run must be this one (same_run)."""
     if not cfg.resume:
         return None, None
     if cfg.resume != "auto":
@@ -83,8 +127,12 @@ def find_resume(cfg):
         state, why = checkpoint_state(cfg.resume)
         if state is None:
             stop(f"config: resume={cfg.resume!r}: not a usable checkpoint: {why}")
+        same_run(cfg, cfg.resume)
         return cfg.resume, state
-    names = os.listdir(cfg.out_dir) if os.path.isdir(cfg.out_dir) else []
+    if not os.path.isdir(cfg.out_dir):
+        stop(f"config: resume=auto: out_dir={cfg.out_dir!r} does not exist, so there is no run to continue (a typo?); "
+             "drop --resume to start a new run there")
+    names = os.listdir(cfg.out_dir)
     found = [os.path.join(cfg.out_dir, d) for d in names if d == "final" or d.startswith("step-")]
     broken = []
     for path in sorted(found, key=checkpoint_step, reverse=True):
@@ -92,26 +140,61 @@ def find_resume(cfg):
         if state is not None:
             for bad, why in broken:
                 print0(f"resume: skipped {bad}, newer but broken ({why})")
+            same_run(cfg, path)
             return path, state
         broken.append((path, why))
     if broken:
         stop(f"resume=auto: no intact checkpoint in {cfg.out_dir}: " + "; ".join(f"{p}: {w}" for p, w in broken))
+    print0(f"resume=auto: no checkpoint in {cfg.out_dir} yet: the run starts at step 0")
     return None, None
 
 
+def same_run(cfg, path):
+    """Stop unless the checkpoint at path was saved by this run's config, up to SAME_RUN's keys (log and memory
+    settings): another lr, schedule, batch size, data, model, group size, freeze or head schedule would mix two runs.
+    resume_changes=true accepts the differences, listed: the weights, the data position and the optimizer's moments
+    come from the checkpoint, every setting from this config (restore)."""
+    try:
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            saved = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        stop(f"config: resume: {path}/config.yaml unreadable ({e}): the checkpoint's run is unknown")
+    now = dataclasses.asdict(cfg)
+    diff = [f"{k} {saved.get(k, '(unset)')!r} -> {v!r}" for k, v in now.items() if k not in SAME_RUN and
+            saved.get(k, v) != v]
+    if diff and not cfg.resume_changes:
+        stop(f"config: resume: {path} was saved by another config: {'; '.join(diff)}. A resume continues the same "
+             "run: drop these changes, or pass --resume_changes=true to continue with them, or start a new run from "
+             f"those weights with --init_from={path}")
+    if diff:
+        print0(f"resume with changes ({'; '.join(diff)}): the weights, the data position and the optimizer's moments "
+               "come from the checkpoint, every setting (the learning-rate schedule too) from this config")
+
+
 def check_start(cfg, resume):
-    """Before any process does work: never mix two runs in one out_dir, and the checkpoint to start from exists."""
+    """Before any process does work: never mix two runs in one out_dir, never lose one, out_dir writable, and the
+    checkpoint to start from exists."""
     out = cfg.out_dir
     if not cfg.train_data:
         stop("config: train_data is empty: pass --train_data=FILE_OR_DIR")
     if os.path.exists(out) and not os.path.isdir(out):
         stop(f"config: out_dir={out!r} is a file, not a directory")
-    inside = cfg.resume == "auto" or os.path.abspath(cfg.resume).startswith(os.path.abspath(out) + os.sep)
-    held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if held and not cfg.overwrite and not (cfg.resume and inside):
+    if os.path.isdir(os.path.join(out, REPLACED)):
+        stop(f"config: out_dir={out!r} holds {os.path.join(out, REPLACED)}: the run an --overwrite moved aside, whose "
+             f"replacement stopped before its first checkpoint. Keep it: move its files back into {out} (replacing "
+             f"the others there); or drop it: delete {os.path.join(out, REPLACED)}")
+    within = lambda p: p and os.path.abspath(p).startswith(os.path.abspath(out) + os.sep)  # noqa: E731
+    if cfg.overwrite and (within(cfg.init_from) or within(cfg.resume)):
+        stop(f"config: overwrite=True would replace {out!r}, which holds the checkpoint this run starts from "
+             f"({cfg.init_from or cfg.resume}): copy it elsewhere first, or choose another --out_dir")
+    held = sorted(f for f in os.listdir(out) if not f.startswith(".m3-write-check")) if os.path.isdir(out) else []
+    if held and not cfg.overwrite and not (cfg.resume == "auto" or within(cfg.resume)):
         stop(f"config: out_dir={out!r} already holds {', '.join(held[:6])}{' ...' if len(held) > 6 else ''}: "
-             f"--resume=auto continues that run, --overwrite=true replaces it (deletes its checkpoints and log), "
-             f"or choose another --out_dir")
+             f"--resume=auto continues that run, --overwrite=true replaces it (once the new run saves its first "
+             f"checkpoint), or choose another --out_dir")
+    error = writable_error(out, f"config: out_dir={out!r}")
+    if error:
+        stop(error)
     key = "init_from" if cfg.init_from else "model"
     path = getattr(cfg, key)
     if resume is None and is_local_path(path) and not os.path.isdir(os.path.expanduser(path)):
@@ -123,16 +206,22 @@ def check_start(cfg, resume):
              (f" Or start from `model` ({cfg.model}) with --init_from=" if key == "init_from" else ""))
 
 
+def run_files(out_dir):
+    """The files of the run in out_dir (RUN_FILES, step-*, .tmp-*); anything else the user keeps there is not."""
+    return [f for f in os.listdir(out_dir) if f in RUN_FILES or f.startswith(("step-", ".tmp-"))]
+
+
 def start_run_dir(cfg, step):
-    """Rank 0, once the model and the data loaded: clear a run being overwritten, keep log.jsonl to the steps
-    before `step` (a resume re-runs the others; their records move to log.superseded.jsonl), write config.yaml."""
+    """Rank 0, once the model and the data loaded: move a run being overwritten aside (REPLACED: save_checkpoint
+    deletes it after the new run's first checkpoint, put_back restores it if the new run fails before), keep log.jsonl
+    to the steps before `step` (a resume re-runs the others; their records move to log.superseded.jsonl), write
+    config.yaml."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.overwrite:  # the earlier run's files only; anything else the user keeps there stays
-        for f in os.listdir(cfg.out_dir):
-            path = os.path.join(cfg.out_dir, f)
-            if f in ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final", TB_DIR) or \
-                    f.startswith(("step-", ".tmp-")):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if cfg.overwrite and run_files(cfg.out_dir):
+        aside = os.path.join(cfg.out_dir, REPLACED)
+        os.makedirs(aside)
+        for f in run_files(cfg.out_dir):
+            os.rename(os.path.join(cfg.out_dir, f), os.path.join(aside, f))
     log = os.path.join(cfg.out_dir, "log.jsonl")
     if os.path.exists(log):
         keep, drop = [], []
@@ -151,3 +240,18 @@ def start_run_dir(cfg, step):
     with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))
+
+
+def put_back(out_dir):
+    """A run that fails before its first checkpoint: its files go, and the run it was to replace (REPLACED) comes
+    back as it was. Rank 0, on the way out of train.py."""
+    aside = os.path.join(out_dir, REPLACED)
+    if not os.path.isdir(aside):
+        return
+    for f in run_files(out_dir):
+        path = os.path.join(out_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for f in os.listdir(aside):
+        os.rename(os.path.join(aside, f), os.path.join(out_dir, f))
+    os.rmdir(aside)
+    print0(f"{out_dir}: the run --overwrite was to replace is back (this run stopped before its first checkpoint)")

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention
-from checkpoints import check_start, find_resume, save_checkpoint, start_run_dir
+from checkpoints import check_start, find_resume, put_back, restore, save_checkpoint, start_run_dir
 from data import Sampling, epoch_batches, open_datasets, rank_batches
 from gradcache import grad_cache_step
 from logs import REPORT_TO, lexical_health, log_step, report_to_problem, tensorboard_writer
@@ -95,8 +95,9 @@ class Config:
     # run
     out_dir: str = "runs/m3"
     init_from: str = ""  # start from this stage's checkpoint instead of `model` (e.g. runs/warmup/final)
-    resume: str = ""  # "auto" = newest intact checkpoint in out_dir, or a checkpoint dir
-    overwrite: bool = False  # start over in an out_dir that holds a run: its checkpoints, log and config are deleted
+    resume: str = ""  # "auto" = newest intact checkpoint in out_dir, or a checkpoint dir; the same run's config
+    resume_changes: bool = False  # resume with a config that differs in what changes the run (checkpoints.same_run)
+    overwrite: bool = False  # start over in an out_dir that holds a run: it is deleted once this one has a checkpoint
     save_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # checkpoints kept in out_dir
     log_every: int = 10
@@ -214,7 +215,7 @@ def optimizer_step(model, opt, sched, scaler, cfg, heads):
         for prm in getattr(model, f"{x}_linear").parameters():
             prm.grad = None
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    lr = sched.get_last_lr()[0]
+    lr = opt.param_groups[0]["lr"]
     scaler.step(opt)
     scaler.update()
     sched.step()
@@ -269,23 +270,21 @@ def train(cfg, resume, state, ddp, rank, world, device):
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
     step, epoch, index = 0, 0, 0
     if resume:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore(opt, sched, scaler, state)
         step, epoch, index = state["step"], state["epoch"], state["index"]
-        done = f": nothing to do, the run has {total} steps (raise max_steps or epochs to go on)"
+        done = f": nothing to do, the run has {total} steps (more: raise max_steps or epochs, --resume_changes=true)"
         print0(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})" + (done if step >= total else ""))
-    if rank == 0:  # model and data are good: only now is anything in out_dir changed
-        start_run_dir(cfg, step)
-    if ddp:
-        dist.barrier()
     schedule = parse_schedule(cfg.head_schedule)
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if rank == 0 else None
-    writer = tensorboard_writer(cfg, step) if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
     stream = rank_batches(datasets, tok, Sampling.of(cfg), batch_kw, epoch, index, num_workers=cfg.num_workers,
                           prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
+    log = writer = None
     try:
+        if rank == 0:  # model and data are good: only now is anything in out_dir changed
+            start_run_dir(cfg, step)
+            log, writer = open(os.path.join(cfg.out_dir, "log.jsonl"), "a"), tensorboard_writer(cfg, step)
+        if ddp:
+            dist.barrier()
         while step < total:
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
@@ -320,6 +319,8 @@ def train(cfg, resume, state, ddp, rank, world, device):
         for f in (log, writer):
             if f is not None:
                 f.close()
+        if rank == 0 and step < total:  # stopped early: before its first checkpoint, the run it replaces comes back
+            put_back(cfg.out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
