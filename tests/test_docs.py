@@ -181,3 +181,21 @@ def test_user_docs_do_not_cite_this_projects_issue_tracker():
 @pytest.mark.parametrize("doc", ["README.md", "RESULTS.md", "data/README.md", "SPEC.md"])
 def test_user_docs_exist_and_are_utf8(doc):
     assert read(doc).strip(), f"{doc} is empty"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) the README's common edits point at code and tests that exist
+
+def test_common_edits_name_functions_and_tests_that_exist():
+    section = read("README.md").split("## Common edits")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| edit")]
+    assert len(rows) >= 8, rows
+    pairs = re.findall(r"`(\w+\.py)` `([\w.]+)`", section)  # a file, then the function or list to edit there
+    tests = re.findall(r"`(tests/\w+\.py)::(\w+)`", section)
+    assert len(pairs) >= 4 and len(tests) >= len(rows)
+    for fname, name in pairs:
+        src = read(fname)
+        last = name.split(".")[-1]
+        assert re.search(rf"^\s*(def|class) {last}\b|^{last}\s*=", src, re.M), f"README: {fname} has no {name}"
+    for fname, name in tests:
+        assert f"def {name}(" in read(fname), f"README: {fname} has no test {name}"
