@@ -9,18 +9,17 @@ in worker processes), _read (one example from its file). Evaluation data (BEIR l
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from jsonl_index import INDEX_BLOCK, JsonlDataset, open_index, parse_line, query_text, tokenizer_id
+from jsonl_index import (INDEX_BLOCK, JsonlDataset, is_blank, open_index, parse_line, query_text, tokenizer_id,
+                         training_files)
 
 SORT_WINDOW = 64  # group_by_length sorts windows of this many global batches by length (bench/padding.py: 0.999)
 PAD_MULTIPLE = 8  # batches are padded to a multiple of 8 tokens (tensor-core friendly shapes)
 SHUFFLE_MIN_CHARS, SHUFFLE_CHUNKS = 100, 3  # shuffle_ratio: positives over 100 characters, in 3 chunks (SPEC 4.2)
-INDEX_DIR = re.compile(r"\.idx(\.(tmp|old)\d+)?(/|$)")  # a cache directory of jsonl_index, or in one
 log = logging.getLogger(__name__)
 
 
@@ -146,31 +145,24 @@ def _pad(seqs, pad_id):
 
 def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=False, verify=True, share=None,
                   small_threshold=0, drop_threshold=0, group_size=None):
-    """One JsonlDataset per .jsonl/.json file under `path` (sorted); index cached next to the data or in cache_dir.
+    """One JsonlDataset per .jsonl/.json file under `path` (jsonl_index.training_files: sorted, any case; compressed
+    files refused); index cached next to the data or in cache_dir.
     verify=False trusts a cache whose size, mtime and tokenizer match without hashing the file (jsonl_index).
     share=(local_rank, local_world, barrier): a node's ranks check (and build) every local_world-th file's index
     each, wait at barrier(), then every rank opens them all, trusting them: the build is spread over the ranks.
-    A file whose name (before .jsonl) or a folder of `path` ends in no_in_batch_neg gets no in-batch negatives (SPEC
-    4.1); with group_size (Config.train_group_size) such a file must give groups of 2 or more passages.
-    small_threshold / drop_threshold: see merge_small."""
-    if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d)  # (its .json files)
-                       for f in fs if f.endswith((".jsonl", ".json")))
-        if not files:
-            raise FileNotFoundError(f"{path}: no .jsonl or .json files")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"{path}: no such file or directory")
+    A file whose name (before .jsonl) or a folder above it ends in no_in_batch_neg gets no in-batch negatives (SPEC
+    4.1; training_files); with group_size (Config.train_group_size) such a file must give groups of 2 or more
+    passages. small_threshold / drop_threshold: see merge_small."""
+    files = training_files(path)  # [(file, no_in_batch_neg)]
     tok_id = tokenizer_id(tokenizer)
     if share:
         local_rank, local_world, barrier = share
-        for f in files[local_rank::local_world]:
+        for f, _ in files[local_rank::local_world]:
             open_index(f, tokenizer, tok_id, cache_dir, num_workers, verify=True)
         barrier()
         verify = False
     datasets = []
-    for f in files:
+    for f, no_in_batch_neg in files:
         ds = open_index(f, tokenizer, tok_id, cache_dir, num_workers, verify)
         if len(ds.lengths) == 0:
             raise ValueError(f"{f}: empty file, no examples")
@@ -179,8 +171,7 @@ def open_datasets(path, tokenizer, *, cache_dir=None, num_workers=2, teacher_kd=
             raise ValueError(f"{f}, line {line}: field '{fld}': missing (teacher_kd needs pos_scores and neg_scores)")
         if teacher_kd and ds.meta["empty_neg"]:  # borrowed negatives (below) would have no teacher score
             raise ValueError(f"{f}, line {ds.meta['empty_neg_line']}: field 'neg': empty (teacher_kd needs scores)")
-        inside = os.path.relpath(f, os.path.dirname(os.path.normpath(path)))  # path's own name counts too
-        ds.no_in_batch_neg = any(x.endswith("no_in_batch_neg") for x in os.path.splitext(inside)[0].split(os.sep))
+        ds.no_in_batch_neg = no_in_batch_neg
         if ds.no_in_batch_neg and group_size and file_group_size(ds, group_size) < 2:
             raise ValueError(f"{f}: no_in_batch_neg data scores each query against its own group only, and its groups "
                              f"have 1 passage (train_group_size {group_size}, type {ds.meta['type']}): no negative")
@@ -361,10 +352,10 @@ def _read(ds, i):
             raw = f.readline()
             if not raw:
                 err = "the file ends before this example"
-            elif raw.strip() and k == 0:
+            elif not is_blank(raw) and k == 0:
                 break  # example i's line
             else:
-                k -= bool(raw.strip())  # an example before it, or a blank line
+                k -= not is_blank(raw)  # an example before it, or a blank line
                 line += 1
         size = os.fstat(f.fileno()).st_size
     ex, err = (None, err) if err else parse_line(raw)

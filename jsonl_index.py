@@ -3,13 +3,16 @@
 the block's first example: 2 + 16 / 16 = 3 bytes per example. Built in parallel over byte chunks and cached next to
 the data under a content key, as .npy files that every rank memory-maps (block_offsets, block_lines, lengths).
 data.py reads example i from its block's first line forward, skipping blank lines as build_index does, and batches
-examples by their lengths; nothing else of a file is held in memory.
+examples by their lengths; nothing else of a file is held in memory. training_files: which files a train_data path
+names (and refuses compressed ones: an index of byte offsets cannot read a stream).
 """
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -19,13 +22,20 @@ from tqdm import tqdm
 
 from runtime import write_atomic
 
-INDEX_VERSION = 5  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files;
-# 5: offsets and line numbers per block of INDEX_BLOCK examples, uint16 lengths
+INDEX_VERSION = 6  # 2: the key hashes the whole file; 3: type, batch_size and min_neg per file; 4: .npy files;
+# 5: offsets and line numbers per block of INDEX_BLOCK examples, uint16 lengths; 6: finite teacher scores, no empty
+# texts, strict UTF-8 (every file indexed by 5 is checked again)
 INDEX_BLOCK = 16  # examples per block: one offset and one line number each
 LENGTH_MAX = 2 ** 16 - 1  # lengths are uint16: longer examples count as this long (the batcher only compares lengths)
 CHUNK_BYTES = 4 << 20  # bytes per indexing task: spreads one file over the workers, bounds their memory
 TYPES = ("normal", "only_1neg", "symmetric_class", "symmetric_sts", "symmetric_clustering")  # `type` (SPEC 4.1)
 FILE_FIELDS = ("type", "batch_size")  # one value per file: its batches share one group size and one batch size
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors write it): skipped at the start of a line
+JSON_EXT = (".jsonl", ".json")  # a folder's training files, in any case
+COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd", ".zip": "zip"}  # suffix -> kind
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+UNPACK = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd", "zip": "unzip"}
+INDEX_DIR = re.compile(r"\.idx(\.(tmp|old)\d+)?(/|$)")  # a cache directory of this module, or in one
 log = logging.getLogger("data")
 
 
@@ -39,7 +49,7 @@ class JsonlDataset:
     block_lines: np.ndarray = None  # (ceil(n / 16),) int64 its 1-based line number (error messages)
     meta: dict = field(default_factory=dict)  # counts from indexing: blank, empty_neg, no_scores (+ first line of
     # each); the file's type and batch_size (FILE_FIELDS), min_neg (fewest negatives of an example) and size (bytes)
-    no_in_batch_neg: bool = False  # the file or a folder above it ends in no_in_batch_neg (data.open_datasets)
+    no_in_batch_neg: bool = False  # the file or a folder above it ends in no_in_batch_neg (training_files)
     parts: list = field(default_factory=list)  # small files merged into this dataset (small_threshold), in order
     part_starts: np.ndarray = None  # (len(parts) + 1,) int64 index of each part's first example, then n
 
@@ -71,14 +81,46 @@ def check_example(ex):
             return f"field '{f}': expected a list of numbers"
         if f in ex and len(ex[f]) != len(ex.get(texts, [])):
             return f"field '{f}': {len(ex[f])} scores for {len(ex.get(texts, []))} '{texts}' texts"
+        bad = next((i for i, x in enumerate(ex.get(f, ())) if not _finite(x)), None)  # json reads NaN, Infinity
+        if bad is not None:
+            return (f"field '{f}': index {bad}: {json.dumps(ex[f][bad])[:40]} is not a finite number (a teacher score "
+                    "must be one: fix or drop the example)")
     if ex.get("prompt") is not None and not isinstance(ex["prompt"], str):
         return "field 'prompt': expected a string"
+    for f in ("query", "prompt"):
+        if isinstance(ex.get(f), str) and not _unicode(ex[f]):
+            return f"field '{f}': {NOT_UNICODE}"
+    for f in ("pos", "neg"):
+        for i, t in enumerate(ex.get(f) or ()):
+            if not t.strip():
+                return f"field '{f}': index {i}: empty text (drop it from the list)"
+            if not _unicode(t):
+                return f"field '{f}': index {i}: {NOT_UNICODE}"
     if ex.get("type") is not None and ex["type"] not in TYPES:
         return f"field 'type': unsupported value {json.dumps(ex['type'])[:60]} (supported: {', '.join(TYPES)})"
     bs = ex.get("batch_size")
     if bs is not None and not (type(bs) is int and bs >= 1):
         return f"field 'batch_size': expected an integer >= 1, got {json.dumps(bs)[:40]}"
     return None
+
+
+NOT_UNICODE = "not valid Unicode text (a lone surrogate such as \\ud800, which no tokenizer reads)"
+
+
+def _finite(x):
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer past the float range
+        return False
+
+
+def _unicode(text):
+    """False for text with a lone surrogate (a "\\ud800" escape in the JSON): it has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def file_values(ex):
@@ -93,14 +135,61 @@ def query_text(ex, prefix=""):
 
 
 def parse_line(raw):
-    """(example, None) for a valid line (bytes), else (None, the error)."""
+    """(example, None) for a valid line (bytes, strict UTF-8; a byte-order mark before it is skipped), else (None,
+    the error)."""
+    mark = len(BOM) if raw.startswith(BOM) else 0
     try:
-        ex = json.loads(raw)
+        ex = json.loads(raw[mark:].decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {mark + e.start + 1} of the line): save the file as UTF-8"
     except json.JSONDecodeError as e:
         return None, f"malformed JSON: {e.msg} (column {e.colno})"
-    except UnicodeDecodeError:
-        return None, "not valid UTF-8"
     return ex, check_example(ex)
+
+
+def is_blank(raw):
+    """A line (bytes) that holds no example: whitespace, after a byte-order mark if any (skipped, counted blank)."""
+    return not raw.removeprefix(BOM).strip()
+
+
+# ----------------------------------------------------------------------------- the files of a train_data path
+
+
+def training_files(path):
+    """[(file, no_in_batch_neg)] of train_data `path` (SPEC 4.1): the file itself, or every .jsonl/.json file under
+    the folder (any case, sorted, index caches left out). A compressed file stops with its name (the index keeps
+    byte offsets into a file: it cannot read a stream), unless its decompressed copy sits beside it (`gunzip -k`).
+    no_in_batch_neg: the file's name (before .jsonl) or a folder above it ends in no_in_batch_neg, up to the folder
+    passed (its own name included) or, for a file passed alone, the folder that holds it."""
+    if os.path.isdir(path):
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d) for f in fs)
+        files = [f for f in found if f.lower().endswith(JSON_EXT)]
+        plain = set(files)
+        packed = [f for f in found if _packed_kind(f, inner=True) and os.path.splitext(f)[0] not in plain]
+        top = os.path.dirname(os.path.normpath(os.path.abspath(path)))
+    elif os.path.isfile(path):
+        files, packed = [path], [path] if _packed_kind(path) else []
+        top = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if packed:
+        raise ValueError(compressed_error([(f, _packed_kind(f)) for f in packed]))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .jsonl or .json files")
+    names = [os.path.splitext(os.path.relpath(os.path.abspath(f), top))[0].split(os.sep) for f in files]
+    return [(f, any(x.endswith("no_in_batch_neg") for x in n)) for f, n in zip(files, names)]
+
+
+def _packed_kind(path, inner=False):
+    """The compression its name says (e.g. "gzip" for .gz) or None; inner: only for a compressed .jsonl/.json."""
+    stem, ext = os.path.splitext(path.lower())
+    return COMPRESSED.get(ext) if not inner or stem.endswith(JSON_EXT) else None
+
+
+def compressed_error(packed):
+    """The error for compressed training files [(path, kind)]."""
+    return ("; ".join(f"{p}: compressed ({k}): decompress it first ({UNPACK[k]} {p})" for p, k in packed)
+            + " (the index keeps byte offsets into a file, so it cannot read a compressed stream)")
 
 
 # ----------------------------------------------------------------------------- building the index, in parallel
@@ -133,7 +222,7 @@ def _index_chunk(task, tok=None):
     offsets, rel, texts, n_texts, off = [], [], [], [], start
     for k, raw in enumerate(raw_lines):
         line_off, off = off, off + len(raw) + 1
-        if not raw.strip():
+        if is_blank(raw):
             out["blank"] += 1
             continue
         ex, err = parse_line(raw)
@@ -222,6 +311,10 @@ def build_index(path, tokenizer, num_workers):
     size = os.path.getsize(path)
     starts = [0]
     with open(path, "rb") as f:  # chunk boundaries at line starts, so each line belongs to exactly one chunk
+        head = f.read(8)
+        kind = next((k for magic, k in MAGIC.items() if head.startswith(magic)), None)  # a compressed file's start
+        if kind:
+            raise ValueError(compressed_error([(path, kind)]))
         while starts[-1] + CHUNK_BYTES < size:
             f.seek(starts[-1] + CHUNK_BYTES)
             f.readline()
