@@ -11,7 +11,6 @@ every head, so fusion never fills in 0 for a passage that one head missed. --pro
 built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
 Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
 per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
-Packed encodings (see pack): dense (N, D), sparse as CSR rows (sp_ptr, sp_ids, sp_w), colbert as (cb_ptr, cb_vecs).
 """
 import argparse
 import hashlib
@@ -24,13 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from beir import data_error, lang_dirs, load_beir, passage_text
-from logs import eval_to_tensorboard
+from logs import check_out, default_out, eval_to_tensorboard
 from model import M3, POOLINGS
-from runtime import run_command, write_atomic
+from packed import encode_cached, inference_device, model_loader
+from runtime import run_command, writable_error, write_atomic
 from search import (FUSION, METRICS, PAPER, PAPER_DEPTH, ROWS, fuse, macro, paper_rows, retrieve, row_weights,
                     run_metrics)
 from st_layout import prompts as st_prompts
-from store import as_stored, encode_cached, encode_corpora, encode_store, inference_device, model_loader, store_meta
+from store import as_stored, encode_corpora, encode_store, store_meta
 
 PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
 TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights
@@ -77,6 +77,13 @@ def main(argv=None):
         p.error(error if error.startswith("--") else f"--tune_on: {error}")
     if encode and not (a.store and a.data):
         p.error("encode needs --data and --store")
+    out_dir = a.out or (a.data and default_out(a.ckpt, a.data, a.split))
+    for path, what in ((a.store, f"--store {a.store}"), (not encode and out_dir, f"--out {out_dir}")):
+        error = path and (f"{what} is a file, not a folder" if os.path.isfile(path) else writable_error(path, what))
+        if error:  # before anything is loaded or encoded
+            p.error(error)
+    if a.index_params and a.index == a.colbert_index == "Flat":
+        p.error(f"--index_params {a.index_params}: search parameters of a non-Flat --index or --colbert_index")
     model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
     kw["shard_size"] = a.shard_size
     langs = a.langs.split(",") if a.langs else None
@@ -91,8 +98,7 @@ def main(argv=None):
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
                               a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, tune_on=a.tune_on,
-              protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite,
-              out_dir=a.out or default_out(a.ckpt, a.data, a.split))
+              protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite, out_dir=out_dir)
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
@@ -360,36 +366,6 @@ def option_error(weights, prefix="", ranks=None, protocol="exact", task=None, sw
                                   and int(lo_hi[0]) < int(lo_hi[1])):
         return f"{prefix}range: expected fused ranks lo-hi, integers with 0 <= lo < hi (e.g. 10-100); got {ranks!r}"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the output folder: one per checkpoint
-
-def default_out(ckpt, data_dir, split):
-    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
-    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
-    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
-    name = "_".join(x for x in parts if x)
-    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
-
-
-def check_out(out_dir, ckpt):
-    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
-    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
-    path = os.path.join(out_dir, "metrics.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-    except ValueError:
-        old = None
-    old = old if isinstance(old, dict) else {}
-    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
-    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
-        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
-        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
-                              "(out_dir), --overwrite, or remove that file")
 
 
 if __name__ == "__main__":

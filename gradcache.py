@@ -1,4 +1,5 @@
-"""Gradient cache (SPEC 0, 4.6): one step's gradients with a peak memory that does not grow with the batch.
+"""A batch encoded in chunks (SPEC 4.6): sub-batches (forward_chunks: slices of one padded tensor, one graph), and the
+gradient cache (SPEC 0): one step's gradients with a peak memory that does not grow with the batch.
 
 1) encode every chunk of texts without a graph, 2) the loss on the whole batch and its gradients with respect to the
 representations, 3) re-encode each chunk with a graph (the same dropout: its RNG state is replayed) and back-propagate
@@ -49,3 +50,17 @@ def set_rng_state(state):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
+
+
+def texts_per_chunk(cfg, ids):
+    """Texts per encoder call for ids (N, T): sub_batch_tokens // T (at least 1), else sub_batch_size; 0 = all N."""
+    return max(1, cfg.sub_batch_tokens // ids.shape[1]) if cfg.sub_batch_tokens > 0 else cfg.sub_batch_size
+
+
+def forward_chunks(model, ids, mask, chunk, heads):
+    """model(ids, mask, heads) in chunks of `chunk` texts (0: at once): slices of one padded tensor, so they
+    concatenate. heads: the optional heads to compute (M3.forward)."""
+    if chunk <= 0 or chunk >= len(ids):
+        return model(ids, mask, heads)
+    outs = [model(ids[s:s + chunk], mask[s:s + chunk], heads) for s in range(0, len(ids), chunk)]
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}

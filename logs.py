@@ -1,5 +1,6 @@
 """What a run reports: every logged training step (one printed line, one log.jsonl record, TensorBoard scalars) with
-every term the loss returned, the sparse head's health, and eval.py's rows at the evaluated checkpoint's step.
+every term the loss returned, the sparse head's health; eval.py's results (one metrics.json folder per checkpoint,
+never another's) and its rows in TensorBoard at the evaluated checkpoint's step.
 log.jsonl is the record; TensorBoard is a view of it (bench/plot_logs.py draws it without). TensorBoard is optional:
 torch.utils.tensorboard is imported only when asked for. Shared by training and evaluation; imports neither.
 """
@@ -115,6 +116,36 @@ def eval_to_tensorboard(ckpt, res, data_dir, split):
             writer.add_scalar(f"eval/{name}/{row}/{metric}", v, step)
     writer.close()
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation results: one folder (metrics.json) per checkpoint
+
+def default_out(ckpt, data_dir, split):
+    """runs/eval/<ckpt>-<data dir name>-<split>, <ckpt> from the last two components of a local checkpoint's absolute
+    path (runs/a/final -> a_final: distinct checkpoints, distinct folders), else the name with '/' -> '_' (hub)."""
+    parts = os.path.abspath(ckpt).split(os.sep)[-2:] if os.path.isdir(ckpt) else ckpt.split("/")
+    name = "_".join(x for x in parts if x)
+    return os.path.join("runs", "eval", f"{name}-{os.path.basename(os.path.abspath(data_dir))}-{split}")
+
+
+def check_out(out_dir, ckpt):
+    """Refuse to replace an out_dir/metrics.json that records another checkpoint (or none: an older eval.py's).
+    The same checkpoint path is the same run (retrained in place, its metrics are replaced); in memory: the weights."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except ValueError:  # unreadable: not a record of this checkpoint
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    same_path = ckpt["ckpt_abspath"] is not None and old.get("ckpt_abspath") == ckpt["ckpt_abspath"]
+    if not same_path and old.get("ckpt_key") != ckpt["ckpt_key"]:
+        name = lambda c: f"{c.get('ckpt_abspath') or c.get('ckpt', '(none)')} (key {str(c.get('ckpt_key'))[:12]})"
+        raise FileExistsError(f"{path} holds the metrics of {name(old)}, not of {name(ckpt)}: pass another --out "
+                              "(out_dir), --overwrite, or remove that file")
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import eval as ev
 import search
 from beir import load_beir, passage_text, read_jsonl
 from jsonl_index import check_example, query_text
+from packed import encode_cached, model_loader
 from runtime import output_error, run_command, write_atomic
-from store import encode_cached, model_loader
 
 
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,

@@ -7,7 +7,9 @@ reducers hold the group), waits for every rank and destroys the group. A rank th
 (they may be inside a collective that will never complete): run_command reports its error and leaves at once, and
 torchrun stops the other ranks.
 """
+import contextlib
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -26,18 +28,40 @@ def stop(msg):
 
 
 def write_atomic(path, lines):
-    """Write the strings lines to path through a temporary file: a crash or a full disk never leaves half a file, and
-    an existing file at path stays as it was until the new one is complete."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write the strings lines to path through a temporary file (replacing): a crash or a full disk never leaves half a
+    file, and an existing file at path stays as it was until the new one is complete."""
+    with replacing(path, tag=str(os.getpid())) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+@contextlib.contextmanager
+def replacing(path, tag=""):
+    """A temporary name next to path to write (path's extension kept: np.save/np.savez add theirs otherwise), renamed
+    to path when the block ends; tag: for writers without the store's lock. Any error removes the temporary file;
+    an OSError (a full disk: ENOSPC, or numpy's "N requested and M written") becomes one naming path."""
+    folder, name = os.path.split(path)
+    stem, dot, ext = name.partition(".")
+    tmp = os.path.join(folder, f"{stem}.tmp{tag}{dot}{ext}")  # shards/00001.tmp.tokens.npy, dense.tmp.npy
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise OSError(e.errno, f"{path}: not written ({e.strerror or e}); any earlier file there is unchanged") from e
+        msg = (f"{path}: not written ({e}): disk full or not writable; free space (or fix the permissions) and run "
+               "again: what was finished is kept")
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def read_json(path):
+    """The JSON object in path, or None if missing, unreadable, being written or not an object."""
+    try:
+        with open(path) as f:
+            x = json.load(f)
+        return x if isinstance(x, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,8 +154,8 @@ def writable_error(folder, what):
     """Why nothing can be written in folder (or the first of its ancestors that exists: the rest would be created),
     naming what (the option and its value), or None. Tried with a real file: root passes every permission check, even
     on a read-only file system."""
-    parent = folder
-    while not os.path.exists(parent):
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):  # ends at / at the latest
         parent = os.path.dirname(parent)
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".m3-write-check-"):

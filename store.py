@@ -1,28 +1,34 @@
-"""Passage encodings: packed in memory (pack), cached under the checkpoint's identity (encode_cached), and written once
-into a store on disk by one process or several, memory-mapped for evaluation (encode_store, open_store).
+"""Passage encodings on disk (a store): packed.pack's arrays written once, by one process or several, and
+memory-mapped for evaluation (encode_store, open_store).
 
 python eval.py encode --ckpt DIR --data DIR --store DIR [--shard_size 4096]     # one process
 torchrun --nproc_per_node 8 eval.py encode --ckpt DIR --data DIR --store DIR    # one GPU each, shards round robin
-A store is a directory of model.pack's arrays as .npy files: dense.npy (N, H) float32, sp_ptr.npy (N+1,) int64,
+A store is a directory of packed.pack's arrays as .npy files: dense.npy (N, H) float32, sp_ptr.npy (N+1,) int64,
 sp_ids.npy int32, sp_w.npy float32, offsets.npy (N+1,) int64 and tokens.npy (sum of L_i, D) float16 (passage i's token
 vectors are tokens[offsets[i]:offsets[i + 1]]), and meta.json, written last: the model, corpus and settings that wrote
-it, checked on every open. The corpus is encoded in shards of shard_size passages (shards/NNNNN.tokens.npy, then
-shards/NNNNN.npz, each written under a temporary name and renamed), so a restart skips the finished shards and never
-reads a half-written one; once all are there they are merged into the store and deleted after meta.json is written.
+it, and each array file's size, mtime and SHA-1 (check_files: a file whose size or mtime changed is hashed on open;
+checked.json remembers a changed mtime whose content matched, e.g. a copied store). The corpus is encoded in shards of
+shard_size passages (shards/NNNNN.tokens.npy, then shards/NNNNN.npz, each written under a temporary name and renamed),
+so a restart skips the finished shards (each read and checked first; a damaged one is encoded again) and never reads a
+half-written one; once all are there they are merged into the store and deleted after meta.json is written. One
+process writes a store at a time (encode.lock; the ranks of one torchrun job share rank 0's); a full disk leaves no
+half file under a final name, and a rerun resumes.
 """
-import functools
+import contextlib
 import glob
 import hashlib
+import io
 import json
 import os
 import shutil
+import socket
+import warnings
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from model import HEAD_FILES, M3, is_local_path
-from runtime import end_distributed, init_distributed
+from packed import check_packed, load, model_loader, pack
+from runtime import end_distributed, init_distributed, read_json, replacing
 from search import release
 
 FORMAT = "m3-store-1"
@@ -30,100 +36,7 @@ FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "
          "cb_ptr": "offsets.npy", "cb_vecs": "tokens.npy"}  # packed key -> file
 DTYPES = {"dense": np.float32, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
           "cb_vecs": np.float16}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# encodings in memory (eval.py, mine.py): packed arrays, cached on disk under the checkpoint's identity
-
-def encode_cached(get_model, texts, max_length, batch_size=32, mcls=False, cache_dir=None, key=None):
-    """pack(model.encode(texts)), cached as <cache_dir>/<sha256(checkpoint, texts, max_length, mcls)>.npz, no pickle."""
-    if cache_dir:
-        h = hashlib.sha256(f"{key}|{max_length}|{mcls}|{len(texts)}".encode())
-        h.update("\0".join(texts).encode())
-        path = os.path.join(cache_dir, h.hexdigest()[:40] + ".npz")
-        if os.path.exists(path):
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-    enc = pack(get_model().encode(texts, batch_size=batch_size, max_length=max_length, mcls=mcls))
-    if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path + ".tmp.npz", **enc)
-        os.replace(path + ".tmp.npz", path)  # never a half-written cache file
-    return enc
-
-
-def pack(out):
-    """model.encode output -> flat arrays: dense (N, D); sparse CSR sp_ptr (N+1,), sp_ids, sp_w (ids sorted within a
-    row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D). Row i's entries: ptr[i]:ptr[i + 1]."""
-    sp = [sorted(d.items()) for d in out["sparse"]]
-    sp_len = np.array([len(d) for d in sp], np.int64)
-    cb_len = np.array([len(v) for v in out["colbert"]], np.int64)
-    D = out["dense"].shape[1]
-    return dict(dense=np.ascontiguousarray(out["dense"], np.float32),
-                sp_ptr=np.concatenate([[0], np.cumsum(sp_len)]),
-                sp_ids=np.fromiter((k for d in sp for k, _ in d), np.int64, sp_len.sum()),
-                sp_w=np.fromiter((w for d in sp for _, w in d), np.float32, sp_len.sum()),
-                cb_ptr=np.concatenate([[0], np.cumsum(cb_len)]),
-                cb_vecs=np.concatenate([np.asarray(v, np.float32).reshape(-1, D) for v in out["colbert"]]))
-
-
-def model_loader(model, need_key):
-    """(get_model, key, ckpt) for a checkpoint path (loaded lazily, only on a cache miss), an in-memory M3 or a function
-    returning one (cli_setup's --new_heads/--pooling: loaded after the data checks); ckpt: what metrics.json records.
-    A triple this returned is returned as is (eval.evaluate_langs: one model for every language)."""
-    if isinstance(model, tuple):
-        return model
-    if not isinstance(model, str):
-        model = model if hasattr(model, "encode") else model()
-        key = model_key(model) if need_key else None
-        return (lambda: model), key, {"ckpt": getattr(model, "source", "<in-memory model>"), "ckpt_abspath": None,
-                                      "ckpt_key": key}
-    key = ckpt_key(model)
-    ckpt = {"ckpt": model, "ckpt_abspath": os.path.abspath(model) if os.path.isdir(model) else None, "ckpt_key": key}
-
-    @functools.cache
-    def get():
-        return M3.from_pretrained(model).to(inference_device()).eval()
-    return get, key, ckpt
-
-
-def inference_device():
-    """Where evaluation and mining encode: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def ckpt_key(path):
-    """Identity of a checkpoint dir: content hash of files under 64 MB, (name, size, mtime) of larger ones."""
-    if not os.path.isdir(path):
-        if is_local_path(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
-        return f"hub:{path}"  # a hub name: from_pretrained checks the heads; the cache assumes the repo does not change
-    missing = [f for f in HEAD_FILES.values() if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"{path} has no {' / '.join(missing)}: a checkpoint without heads (e.g. dense-only "
-                                "fine-tuning) cannot be evaluated on sparse/multi-vector retrieval (SPEC.md 2); "
-                                "for a bare encoder's zero-shot dense row pass --new_heads")
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        f = os.path.join(path, name)
-        if os.path.isfile(f):
-            st = os.stat(f)
-            h.update(f"{name}|{st.st_size}|".encode())
-            if st.st_size < 64 << 20:
-                with open(f, "rb") as fh:
-                    h.update(fh.read())
-            else:
-                h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()
-
-
-def model_key(model):
-    """Identity of an in-memory model: hash of its weights and pooling."""
-    h = hashlib.sha256(str(getattr(model, "pooling", "")).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+LOCK, CHECKED = "encode.lock", "checked.json"  # in the store's folder: its writer; the mtimes accepted since merge
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,33 +77,79 @@ def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_
 
 def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096, rank=0, world=1, progress=True):
     """The store of texts in out_dir (see the module docstring), encoded now where it is not yet: shard s by rank
-    s % world; rank 0 merges once every shard is written (a torch.distributed barrier when world > 1), the other ranks
-    return None at once. Returns open_store(out_dir) on rank 0. A store or shards of another meta: an error."""
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
+    s % world; rank 0 holds the store's lock (store_lock) and merges once every shard is written (a torch.distributed
+    barrier when world > 1), the other ranks return None at once. Returns open_store(out_dir) on rank 0. A store or
+    shards of another meta: an error."""
+    final = os.path.join(out_dir, "meta.json")
+    if os.path.exists(final):
         return open_store(out_dir, meta) if rank == 0 else None
     sdir = os.path.join(out_dir, "shards")
-    os.makedirs(sdir, exist_ok=True)
-    if rank == 0:  # shards of another model, corpus or shard size are never mixed in
-        write_or_check_meta(os.path.join(sdir, "meta.json"), dict(meta, shard_size=shard_size))
-    barrier(world)
-    check_meta(os.path.join(sdir, "meta.json"), dict(meta, shard_size=shard_size))
-    n_shards = -(-len(texts) // shard_size)
-    mine = [s for s in range(rank, n_shards, world)]
-    size = lambda s: min(shard_size, len(texts) - s * shard_size)
-    todo = [s for s in mine if not os.path.exists(shard_path(out_dir, s) + ".npz")]
-    with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
-              desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
-              smoothing=0.1) as bar:
-        for s in todo:
-            enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
-                                          max_length=meta["max_length"], mcls=meta["mcls"], progress=False))
-            write_shard(shard_path(out_dir, s), enc)
-            bar.update(size(s))
-    barrier(world)  # every shard is written
-    if rank != 0:
-        return None
-    merge(out_dir, meta, n_shards, size)
-    return open_store(out_dir, meta)
+    os.makedirs(out_dir, exist_ok=True)
+    with store_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and not os.path.exists(final):  # shards of another model, corpus or shard size are never mixed in
+            os.makedirs(sdir, exist_ok=True)
+            write_or_check_meta(os.path.join(sdir, "meta.json"), dict(meta, shard_size=shard_size))
+        barrier(world)
+        if os.path.exists(final):  # finished by another process just before rank 0 took the lock
+            return open_store(out_dir, meta) if rank == 0 else None
+        check_meta(os.path.join(sdir, "meta.json"), dict(meta, shard_size=shard_size))
+        n_shards = -(-len(texts) // shard_size)
+        mine = [s for s in range(rank, n_shards, world)]
+        size = lambda s: min(shard_size, len(texts) - s * shard_size)
+        todo = [s for s in mine if not finished(shard_path(out_dir, s), size(s))]
+        with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
+                  desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
+                  smoothing=0.1) as bar:
+            for s in todo:
+                enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
+                                              max_length=meta["max_length"], mcls=meta["mcls"], progress=False))
+                write_shard(shard_path(out_dir, s), enc)
+                bar.update(size(s))
+        barrier(world)  # every shard is written
+        if rank != 0:
+            return None
+        merge(out_dir, meta, n_shards, size)
+        return open_store(out_dir, meta)
+
+
+@contextlib.contextmanager
+def store_lock(out_dir):
+    """out_dir/encode.lock while this process writes the store: created with O_CREAT | O_EXCL holding its pid and host,
+    removed at the end, also on errors. A second writer stops at once naming the holder; a lock whose pid no longer
+    runs on this host (a killed run's) is stale and taken over. A holder on another host cannot be checked: it holds."""
+    path, me = os.path.join(out_dir, LOCK), {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = read_json(path)
+            if not (holder and holder.get("host") == me["host"] and not running(holder.get("pid"))):
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "a process (lock unreadable)"
+                raise RuntimeError(f"{out_dir} is being written by {who} ({path}): wait for it to finish; if no "
+                                   f"encode of this store runs there, remove {path}") from None
+            if read_json(path) == holder:  # not taken over meanwhile by another process (a small window remains)
+                warnings.warn(f"{path}: pid {holder['pid']} on {holder['host']} no longer runs: lock taken over")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        yield
+    finally:
+        if read_json(path) == me:
+            os.remove(path)
+
+
+def running(pid):
+    """A process with this pid runs on this host (signal 0: nothing is sent); not an int: assumed running."""
+    try:
+        os.kill(pid, 0) if isinstance(pid, int) and pid > 0 else None
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        return True
 
 
 def barrier(world):
@@ -207,17 +166,34 @@ def shard_path(out_dir, s):
 
 def write_shard(path, enc):
     """Token vectors (float16) to path.tokens.npy, then the other arrays to path.npz, each under a temporary name
-    and renamed: the .npz exists only once both are complete."""
-    np.save(path + ".tmp.tokens.npy", enc["cb_vecs"].astype(np.float16))
-    os.replace(path + ".tmp.tokens.npy", path + ".tokens.npy")
-    np.savez(path + ".tmp.npz", **{k: v.astype(DTYPES[k]) for k, v in enc.items() if k != "cb_vecs"})
-    os.replace(path + ".tmp.npz", path + ".npz")
+    and renamed (replacing): the .npz exists only once both are complete."""
+    with replacing(path + ".tokens.npy") as tmp:
+        np.save(tmp, enc["cb_vecs"].astype(np.float16))
+    with replacing(path + ".npz") as tmp:
+        np.savez(tmp, **{k: v.astype(DTYPES[k]) for k, v in enc.items() if k != "cb_vecs"})
+
+
+def finished(path, n):
+    """Shard path of n passages is written and readable (check_shard); a damaged one is named and encoded again."""
+    if not os.path.exists(path + ".npz"):
+        return False
+    try:
+        check_shard(path, n)
+        return True
+    except ValueError as e:
+        warnings.warn(f"{e}: encoding it again")
+        os.remove(path + ".npz")  # the mark of a finished shard
+        return False
 
 
 def merge(out_dir, meta, n_shards, size):
-    """The shards -> the store's .npy files (streamed, one shard at a time), meta.json last; then the shards go."""
+    """The shards -> the store's .npy files (streamed, one shard at a time), meta.json last with each file's record
+    (write_npy); then the shards go."""
     paths = [shard_path(out_dir, s) for s in range(n_shards)]
-    c = [check_shard(p, size(s)) for s, p in enumerate(paths)]  # every shard checked before anything is written
+    try:
+        c = [check_shard(p, size(s)) for s, p in enumerate(paths)]  # every shard checked before anything is written
+    except ValueError as e:
+        raise ValueError(f"{e}: run the same encode again, it encodes this shard again") from None
     H, D = (c[0]["H"], c[0]["D"]) if c else (0, 0)
     total = {k: sum(x[k] for x in c) for k in ("n", "nnz", "tokens")}
 
@@ -232,6 +208,7 @@ def merge(out_dir, meta, n_shards, size):
                 yield z[key]
     shapes = {"dense": (total["n"], H), "sp_ptr": (total["n"] + 1,), "sp_ids": (total["nnz"],),
               "sp_w": (total["nnz"],), "cb_ptr": (total["n"] + 1,), "cb_vecs": (total["tokens"], D)}
+    files = {}
     for key, fname in FILES.items():
         if key in ("sp_ptr", "cb_ptr"):  # (N+1,) pointers, shifted to the whole store's positions
             ptr = [np.zeros(1, np.int64)]
@@ -241,58 +218,60 @@ def merge(out_dir, meta, n_shards, size):
             chunks = ptr
         else:
             chunks = (x for p in paths for x in part(p, key))
-        write_npy(os.path.join(out_dir, fname), shapes[key], DTYPES[key], chunks)
-    full = dict(meta, hidden=int(H), dim=int(D), nnz=total["nnz"], tokens=total["tokens"])
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(full, f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))  # the store is complete
+        files[fname] = write_npy(os.path.join(out_dir, fname), shapes[key], DTYPES[key], chunks)
+    full = dict(meta, hidden=int(H), dim=int(D), nnz=total["nnz"], tokens=total["tokens"], files=files)
+    with replacing(os.path.join(out_dir, "meta.json")) as tmp, open(tmp, "w") as f:
+        json.dump(full, f, indent=1)  # the store is complete
     shutil.rmtree(os.path.join(out_dir, "shards"))
 
 
 def check_shard(path, n):
-    """Sizes of a written shard of n passages, its arrays checked against each other; errors name the file and
-    field."""
-    with np.load(path + ".npz") as z:
-        x = {k: z[k] for k in z.files}
-    tok = np.load(path + ".tokens.npy", mmap_mode="r")
-    need = {"dense": (n, None), "sp_ptr": (n + 1,), "sp_ids": (None,), "sp_w": (None,), "cb_ptr": (n + 1,)}
-    for k, shape in need.items():
-        if k not in x or x[k].ndim != len(shape) or shape[0] not in (None, len(x[k])):
-            got = x[k].shape if k in x else "missing"
-            raise ValueError(f"{path}.npz: field '{k}': expected shape {shape} (None: any), got {got}; remove this "
-                             "shard to encode it again")
-    for k, total in (("sp_ptr", len(x["sp_ids"])), ("cb_ptr", len(tok))):
-        if x[k][0] != 0 or x[k][-1] != total or (np.diff(x[k]) < 0).any():
-            raise ValueError(f"{path}.npz: field '{k}': expected offsets from 0 to {total}, non-decreasing; remove "
-                             "this shard to encode it again")
-    if tok.dtype != np.float16 or tok.ndim != 2 or len(x["sp_w"]) != len(x["sp_ids"]):
-        raise ValueError(f"{path}.tokens.npy: field 'shape': expected (tokens, D) float16, got {tok.shape} {tok.dtype}"
-                         "; remove this shard to encode it again")
+    """Sizes of a written shard of n passages, its arrays read (token vectors: mapped) and checked against each other;
+    errors (ValueError) name the file and field."""
+    x = load(path + ".npz")
+    tok = load(path + ".tokens.npy", mmap_mode="r")
+    if tok.dtype != np.float16 or tok.ndim != 2:
+        raise ValueError(f"{path}.tokens.npy: field 'shape': expected (tokens, D) float16, got {tok.shape} {tok.dtype}")
+    check_packed(dict(x, cb_vecs=tok), n, path + ".npz")
     return dict(n=n, nnz=len(x["sp_ids"]), tokens=len(tok), H=x["dense"].shape[1], D=tok.shape[1])
 
 
 def write_npy(path, shape, dtype, chunks):
-    """A .npy file of shape and dtype from chunks (arrays whose rows concatenate to it), streamed through
-    path.tmp and renamed; the rows must add up to shape[0]."""
-    rows = 0
-    with open(path + ".tmp", "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                 "fortran_order": False, "shape": tuple(int(x) for x in shape)})
+    """A .npy file of shape and dtype from chunks (arrays whose rows concatenate to it), streamed through a temporary
+    file (replacing); the rows must add up to shape[0]. Returns its record for meta.json: size, mtime_ns and the SHA-1
+    of the bytes, hashed as they are written (file_hash's)."""
+    h, rows = hashlib.sha1(), 0
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                    "fortran_order": False, "shape": tuple(int(x) for x in shape)})
+        f.write(head.getvalue())
+        h.update(head.getvalue())
         for x in chunks:
-            f.write(np.ascontiguousarray(x, dtype).tobytes())
+            x = np.ascontiguousarray(x, dtype)
+            f.write(x)
+            h.update(x)
             rows += len(x)
-    if rows != shape[0]:
-        os.remove(path + ".tmp")
-        raise ValueError(f"{path}: {rows} rows written, expected {shape[0]}")
-    os.replace(path + ".tmp", path)
+        if rows != shape[0]:
+            raise ValueError(f"{path}: {rows} rows written, expected {shape[0]}")
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": h.hexdigest()}
+
+
+def file_hash(path, chunk=1 << 24):
+    """SHA-1 of a file's bytes, read in chunks of 16 MB (stores can be tens of GB)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_or_check_meta(path, meta):
     """Write meta to path (JSON) if it is not there, else check that it says the same (check_meta)."""
     if not os.path.exists(path):
-        with open(path + ".tmp", "w") as f:
+        with replacing(path) as tmp, open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(path + ".tmp", path)
     check_meta(path, meta)
 
 
@@ -315,7 +294,7 @@ def check_meta(path, expect):
 def open_store(path, expect=None):
     """The store in path as packed encodings, every array memory-mapped (np.load mmap_mode="r"): nothing is read until
     used. expect: fields meta.json must have (store_meta). Every file is checked against meta.json (dtype, shape,
-    offsets), naming the file and the field."""
+    offsets, then check_files: unchanged since merge), naming the file and the field."""
     if not os.path.exists(os.path.join(path, "meta.json")):
         shards = glob.glob(os.path.join(path, "shards", "*.npz"))
         raise FileNotFoundError(f"{path}: no meta.json: not a finished store ({len(shards)} shards written; "
@@ -326,10 +305,7 @@ def open_store(path, expect=None):
     P = {}
     for key, fname in FILES.items():
         f = os.path.join(path, fname)
-        try:
-            x = np.load(f, mmap_mode="r")
-        except (OSError, ValueError) as e:  # missing, truncated, not a .npy
-            raise ValueError(f"{f}: unreadable ({e.__class__.__name__}: {e})") from None
+        x = load(f, mmap_mode="r")  # missing, truncated, not a .npy: "unreadable"
         if x.dtype != DTYPES[key] or x.shape != shapes[key]:
             raise ValueError(f"{f}: field 'shape': expected {shapes[key]} {np.dtype(DTYPES[key])} (meta.json), got "
                              f"{x.shape} {x.dtype}")
@@ -341,4 +317,35 @@ def open_store(path, expect=None):
             raise ValueError(f"{os.path.join(path, FILES[key])}: field 'values': expected offsets from 0 to {total} "
                              f"(meta.json), non-decreasing; got {ptr[0]} .. {ptr[-1]}"
                              + (f", decreasing after entry {down[0]}" if len(down) else ""))
+    check_files(path, meta)
     return P
+
+
+def check_files(path, meta):
+    """Each array file is the one merge wrote (meta.json's "files": size, mtime_ns, sha1). Only a file whose size or
+    mtime differs from the record is read: hashed, and refused if its content differs; the same content at a new mtime
+    (a copied store) is accepted and the mtime kept in checked.json, so it is not hashed again. A store written before
+    the record has its files hashed on first open (what they then were goes to checked.json; a store takes hours to
+    encode, a hash pass minutes) and is checked from then on."""
+    record, checked, new = meta.get("files"), read_json(os.path.join(path, CHECKED)) or {}, {}
+    if not record and not checked:
+        gb = sum(os.path.getsize(os.path.join(path, f)) for f in FILES.values()) / 1e9
+        warnings.warn(f"{path}: written before stores recorded their files' hashes: hashing them now ({gb:.1f} GB, "
+                      "once), checked from now on")
+    for fname in FILES.values():
+        f, st = os.path.join(path, fname), os.stat(os.path.join(path, fname))
+        ref = (record or checked).get(fname) or {}  # {} before the record, on first open
+        known = [r for r in (ref, checked.get(fname)) if r and r.get("sha1") == ref.get("sha1")]
+        if any((r.get("size"), r.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) for r in known):
+            continue  # unchanged: not read
+        h = file_hash(f) if not ref or ref.get("size") == st.st_size else None
+        if ref and h != ref.get("sha1"):
+            raise ValueError(f"{f}: changed since it was written ({'content' if h else 'size'} differs from "
+                             f"{'meta.json' if record else CHECKED}): encode again (remove {path})")
+        new[fname] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": h}
+    if new:
+        try:
+            with replacing(os.path.join(path, CHECKED), tag=str(os.getpid())) as tmp, open(tmp, "w") as f:
+                json.dump(dict(checked, **new), f, indent=1)
+        except OSError as e:  # a read-only store still opens
+            warnings.warn(f"{e}: its changed files are hashed again on every open")

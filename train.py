@@ -24,7 +24,7 @@ from tqdm import tqdm
 import attention
 from checkpoints import check_start, find_resume, put_back, restore, save_checkpoint, start_run_dir
 from data import Sampling, epoch_batches, open_datasets, rank_batches
-from gradcache import grad_cache_step
+from gradcache import forward_chunks, grad_cache_step, texts_per_chunk
 from logs import REPORT_TO, lexical_health, log_step, report_to_problem, tensorboard_writer
 from losses import TEACHER_KD, gather, m3_loss
 from model import HEAD_FILES, HEADS, M3, POOLINGS, at_least_fp32, colbert_score, dense_score, sparse_score
@@ -131,20 +131,6 @@ def train_step(model, batch, cfg, heads, self_distill, amp, scaler):
     loss, parts = loss_fn(q, p)
     scaler.scale(loss).backward()
     return loss.detach(), parts
-
-
-def texts_per_chunk(cfg, ids):
-    """Texts per encoder call for ids (N, T): sub_batch_tokens // T (at least 1), else sub_batch_size; 0 = all N."""
-    return max(1, cfg.sub_batch_tokens // ids.shape[1]) if cfg.sub_batch_tokens > 0 else cfg.sub_batch_size
-
-
-def forward_chunks(model, ids, mask, chunk, heads):
-    """model(ids, mask, heads) in chunks of `chunk` texts (0: at once): slices of one padded tensor, so they
-    concatenate. heads: the optional heads to compute (M3.forward)."""
-    if chunk <= 0 or chunk >= len(ids):
-        return model(ids, mask, heads)
-    outs = [model(ids[s:s + chunk], mask[s:s + chunk], heads) for s in range(0, len(ids), chunk)]
-    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
 def compute_loss(q, p, batch, cfg, heads, self_distill, special_ids=None):

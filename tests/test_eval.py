@@ -12,6 +12,7 @@ import torch
 
 import eval as ev
 import mine
+import packed
 import search
 import store
 from beir import load_beir, passage_text
@@ -50,7 +51,7 @@ def test_dense_faiss_equals_numpy():
 def test_sparse_index_equals_dict_overlap():
     rng = np.random.default_rng(1)
     qo, po = rand_out(rng, 12), rand_out(rng, 90)
-    Q, P = store.pack(qo), store.pack(po)
+    Q, P = packed.pack(qo), packed.pack(po)
     S = brute(qo, po)[1]
     rows = np.arange(3, 12)  # a batch that does not start at query 0
     top = np.sort(S[rows], 1)[:, ::-1]
@@ -72,7 +73,7 @@ def test_sparse_index_equals_dict_overlap():
 def test_colbert_candidates_and_maxsim_equal_exhaustive(capsys):
     rng = np.random.default_rng(2)
     qo, po = rand_out(rng, 10), rand_out(rng, 50)
-    Q, P = store.pack(qo), store.pack(po)
+    Q, P = packed.pack(qo), packed.pack(po)
     C = brute(qo, po)[2]
     n_tok = len(P["cb_vecs"])
     for k in (n_tok, 0):  # candidate depth covers the corpus (0 = all passages) -> exhaustive MaxSim
@@ -137,7 +138,7 @@ def test_ties_break_by_doc_id():
 def test_fusion_uses_exact_scores_of_missed_passages():
     rng = np.random.default_rng(3)
     qo, po = rand_out(rng, 8), rand_out(rng, 60)
-    Q, P = store.pack(qo), store.pack(po)
+    Q, P = packed.pack(qo), packed.pack(po)
     S = brute(qo, po)
     w = np.array([1, 0.3, 1], np.float32)
     tie = np.arange(60)
@@ -231,7 +232,7 @@ def test_evaluate_matches_brute_force_and_caches(tmp_path):
             assert res["rows"][name][k] == pytest.approx(np.mean([x[k] for x in want]), abs=1e-6)
         de = [x["nDCG@10"] for x, q in zip(want, qs) if q["lang"] == "de"]
         assert res["per_lang"]["de"][name]["nDCG@10"] == pytest.approx(np.mean(de), abs=1e-6)
-    fused = search.fuse(search.retrieve(store.pack(qo), store.pack(po)), (0, 1, 0), 1000, np.arange(40))
+    fused = search.fuse(search.retrieve(packed.pack(qo), packed.pack(po)), (0, 1, 0), 1000, np.arange(40))
     sparse_only = [ids[c] for c, _ in fused]
     assert all(len(r) == (S[1, i] > 0).sum() for i, r in enumerate(sparse_only))  # sparse lists skip zero overlap
 
@@ -249,8 +250,8 @@ def test_a_new_fusion_row_is_one_entry_in_search_rows(tmp_path, monkeypatch):
     m = FakeM3()
     res = ev.evaluate(m, data, depth=100, colbert_k=1000, verbose=False)
     corpus, queries, qrels, _ = load_beir(data, "test")  # brute force: every candidate ranked by its RRF score
-    P = store.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
-    Q = store.pack(m.encode([r["text"] for r in queries], max_length=64))
+    P = packed.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
+    Q = packed.pack(m.encode([r["text"] for r in queries], max_length=64))
     ids = np.array([r["_id"] for r in corpus])
     tie = np.argsort(np.argsort(ids, kind="stable"))
     ranked = []
@@ -274,8 +275,8 @@ def test_named_fusion_weights_equal_explicit_weights(tmp_path):
     kw = dict(depth=100, colbert_k=1000, verbose=False)
     res = ev.evaluate(m, data, weights="mldr", out_dir=str(tmp_path / "out"), **kw)
     corpus, queries, qrels, _ = load_beir(data, "test")  # expected: retrieve + fuse + run_metrics, SPEC 6.2's MLDR
-    P = store.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
-    Q = store.pack(m.encode([r["text"] for r in queries], max_length=64))
+    P = packed.pack(m.encode([passage_text(r) for r in corpus], max_length=512))
+    Q = packed.pack(m.encode([r["text"] for r in queries], max_length=64))
     ids = np.array([r["_id"] for r in corpus])
     results = search.retrieve(Q, P, depth=100, colbert_k=1000)
     for row, w in (("dense+sparse", (0.2, 0.8, 0)), ("all", (0.15, 0.5, 0.35))):
@@ -417,7 +418,7 @@ def test_missing_files_and_heads_give_clear_errors(tmp_path):
     ckpt.mkdir()
     (ckpt / "sparse_linear.pt").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="colbert_linear.pt"):
-        store.ckpt_key(str(ckpt))
+        packed.ckpt_key(str(ckpt))
 
 
 def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
@@ -434,7 +435,7 @@ def test_cli_on_a_tiny_checkpoint_scores_like_model_py(tmp_path):
     qo = m.encode([q["text"] for q in qs], max_length=64)
     po = m.encode([passage_text(r) for r in docs], max_length=512)
     assert sum(len(d) for d in po["sparse"]) > 0
-    Q, P = store.pack(qo), store.pack(po)
+    Q, P = packed.pack(qo), packed.pack(po)
     for i, (cand, s, src) in enumerate(search.retrieve(Q, P, depth=25, colbert_k=1000)):
         assert len(cand) == 25
         np.testing.assert_allclose(s[0], po["dense"] @ qo["dense"][i], rtol=1e-5, atol=1e-5)
@@ -478,7 +479,7 @@ def test_cli_zero_shot_bare_encoder_with_new_heads_and_pooling(tmp_path):
     ref = ev.evaluate(loaded, data, depth=100, verbose=False)
     assert res["rows"] == ref["rows"]  # the CLI loads exactly the seeded mean-pooling model
     assert res["ckpt"].startswith(str(tmp_path / "bare"))  # and records it
-    assert res["ckpt_key"] == store.model_key(loaded)
+    assert res["ckpt_key"] == packed.model_key(loaded)
     cls = ev.main(["--ckpt", str(tmp_path / "bare"), "--new_heads", "--data", data, "--cache_dir", "", "--depth", "100",
                    "--out", str(tmp_path / "out_cls")])
     assert cls["rows"]["dense"] != res["rows"]["dense"]  # pooling really changed
@@ -551,7 +552,7 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
         saved = json.load(open(f"runs/eval/{run}_final-data-test/metrics.json"))
         assert saved == json.loads(json.dumps(res))
         assert (saved["ckpt"], saved["ckpt_abspath"]) == (f"runs/{run}/final", str(tmp_path / "runs" / run / "final"))
-        assert saved["ckpt_key"] == store.ckpt_key(f"runs/{run}/final")
+        assert saved["ckpt_key"] == packed.ckpt_key(f"runs/{run}/final")
     assert ev.default_out("BAAI/bge-m3", "data/", "dev") == os.path.join("runs", "eval", "BAAI_bge-m3-data-dev")
     a_dir = "runs/eval/a_final-data-test"
     before = open(f"{a_dir}/metrics.json").read()
@@ -566,12 +567,12 @@ def test_metrics_json_records_the_checkpoint_and_never_replaces_another(tmp_path
     again = ev.main(["--ckpt", "runs/a/final", "--weights", "1,1,1"] + cli)  # the same checkpoint replaces its own
     assert json.load(open(f"{a_dir}/metrics.json"))["weights"] == again["weights"] == [1, 1, 1]
     tiny_m3(seed=2).save_pretrained("runs/a/final")  # retrained in place: the same run, its metrics are replaced
-    assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == store.ckpt_key("runs/a/final") != again["ckpt_key"]
+    assert ev.main(["--ckpt", "runs/a/final"] + cli)["ckpt_key"] == packed.ckpt_key("runs/a/final") != again["ckpt_key"]
     ev.main(["--ckpt", "runs/b/final", "--out", a_dir, "--overwrite"] + cli)  # on purpose
-    assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == store.ckpt_key("runs/b/final")
+    assert json.load(open(f"{a_dir}/metrics.json"))["ckpt_key"] == packed.ckpt_key("runs/b/final")
     m = FakeM3()  # in memory: the weights' hash is the identity
     res = ev.evaluate(m, "data", out_dir="mem", verbose=False)
-    assert (res["ckpt"], res["ckpt_key"]) == ("<in-memory model>", store.model_key(m))
+    assert (res["ckpt"], res["ckpt_key"]) == ("<in-memory model>", packed.model_key(m))
     ev.evaluate(m, "data", out_dir="mem", verbose=False)
     m.pooling = "mean"
     with pytest.raises(FileExistsError, match="mem"):
@@ -606,7 +607,7 @@ def test_mine_passes_index_options_and_exhaustive_ivf_equals_flat(tmp_path, monk
     queries = [" ".join(rng.choice(WORDS, 3)) for _ in range(5)]
     positives = [[i] for i in range(5)]
     m = NoisyTokens()
-    P, Q = store.pack(m.encode(passages)), store.pack(m.encode(queries))
+    P, Q = packed.pack(m.encode(passages)), packed.pack(m.encode(queries))
     kw = dict(lo=2, hi=12, n_neg=4, scores=True, colbert_k=3, weights=(1, 0.3, 1))
     # no near-ties at the dense top-hi and token top-colbert_k boundaries: IVF and Flat find the same candidates
     top = np.sort(Q["dense"] @ P["dense"].T, 1)[:, ::-1]
@@ -659,6 +660,15 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--ckpt", nope, "--data", str(tmp_path / "nowhere")])
     assert "--data" in (err := capsys.readouterr().err.splitlines()[-1]) and "nowhere: no such dir" in err
+    a_file = str(tmp_path / "a_file")
+    open(a_file, "w").close()
+    for extra, msg in ((["--out", a_file], f"--out {a_file} is a file, not a folder"),
+                       (["--out", "/proc/self/ev"], "--out /proc/self/ev: cannot write in /proc/self"),
+                       (["--store", a_file], f"--store {a_file} is a file, not a folder"),
+                       (["--index_params", "nprobe=8"], "--index_params nprobe=8: search parameters of a non-Flat")):
+        with pytest.raises(SystemExit):  # outputs and meaningless options: before the checkpoint is looked at
+            ev.main(E[1] + extra)
+        assert msg in capsys.readouterr().err.splitlines()[-1]
     jsonl = str(tmp_path / "train.jsonl")
     with open(jsonl, "w") as f:
         f.write(json.dumps({"query": "q", "pos": ["p"]}) + "\n")
@@ -697,7 +707,7 @@ def test_checkpoints_and_bare_encoders_are_encoded_on_the_gpu_when_there_is_one(
     moved = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the loaders can tell
     monkeypatch.setattr(M3, "to", lambda self, *a, **kw: moved.append(a) or self)
-    get_model, _, _ = store.model_loader(str(tmp_path / "ck"), need_key=False)
+    get_model, _, _ = packed.model_loader(str(tmp_path / "ck"), need_key=False)
     get_model()
     p = ev.cli_parser("", split="test")  # --new_heads / --pooling: loaded in memory by cli_setup
     a = p.parse_args(["--ckpt", str(tmp_path / "ck"), "--pooling", "mean"])

@@ -12,7 +12,7 @@ OURS = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 SHARED = {"runtime", "logs"}  # what both sides need: rank-0 print, atomic writes, the process group; the logs
 DATA = {"data", "jsonl_index", "beir"}
 TRAINING = {"train", "checkpoints", "gradcache", "losses", "attention", "reference_names"}
-EVALUATION = {"eval", "search", "store", "mine"}
+EVALUATION = {"eval", "search", "store", "packed", "mine"}
 ALLOWED = {  # module group -> the modules of ours it may pull in when imported
     **{m: SHARED for m in SHARED},
     **{m: SHARED | DATA for m in DATA},

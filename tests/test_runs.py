@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import checkpoints
+import runtime
 import train
 from model import M3
 from tiny import make_encoder, make_tokenizer, write_examples
@@ -160,3 +161,9 @@ def test_resume_auto_skips_a_checkpoint_whose_tokenizer_or_m3_json_is_damaged(se
     assert path.endswith("step-0000002")
     for name, why in (("final", "tokenizer.json: not valid JSON"), ("step-0000004", "m3.json: not valid JSON")):
         assert re.search(f"skipped .*{name}, newer but broken \\(.*{why}", said), (name, said)
+
+
+def test_the_writable_check_takes_relative_paths_whose_folders_do_not_exist_yet(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/eval/<name>: eval.py's default --out, before runs/ exists
+    assert runtime.writable_error(os.path.join("runs", "eval", "x"), "--out") is None
+    assert "cannot write in /proc/self" in runtime.writable_error("/proc/self/a/b", "--out")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import packed
 import search
 import store
 from runtime import end_distributed
@@ -75,7 +76,7 @@ def brute_paper(qo, P, cfg, tie):
 def test_paper_protocol_equals_brute_force():
     rng = np.random.default_rng(21)
     qo, po = rand_out(rng, 9), rand_out(rng, 60, max_nnz=12)
-    Q, P = store.pack(qo), store.as_stored(store.pack(po))
+    Q, P = packed.pack(qo), store.as_stored(packed.pack(po))
     tie = rng.permutation(60)  # a rank per passage, not the index order
     want, S = brute_paper(qo, P, SMALL, tie)
     got = search.paper_rows(Q, P, SMALL, tie, qbatch=4, progress=False)
@@ -105,7 +106,7 @@ def test_paper_protocol_equals_brute_force():
 
 def write_store(tmp_path, texts, model, shard_size=7, name="st", **kw):
     """encode_store of texts with model (key: its weights) into tmp_path/name."""
-    meta = store.store_meta(store.model_key(model), texts, 64, False)
+    meta = store.store_meta(packed.model_key(model), texts, 64, False)
     return store.encode_store(lambda: model, texts, str(tmp_path / name), meta, 4, shard_size, progress=False, **kw)
 
 
@@ -116,9 +117,9 @@ def test_store_is_memory_mapped_and_scores_bit_identically_to_memory(tmp_path):
     m = NoisyTokens()
     P = write_store(tmp_path, TEXTS, m)
     assert isinstance(P["cb_vecs"], np.memmap) and P["cb_vecs"].dtype == np.float16 and P["sp_ids"].dtype == np.int32
-    mem = store.as_stored(store.pack(m.encode(TEXTS, max_length=64)))  # the same encodings, never written
+    mem = store.as_stored(packed.pack(m.encode(TEXTS, max_length=64)))  # the same encodings, never written
     assert all(np.array_equal(mem[k], P[k]) and mem[k].dtype == P[k].dtype for k in mem)
-    Q = store.pack(m.encode(TEXTS[:6], max_length=64))
+    Q = packed.pack(m.encode(TEXTS[:6], max_length=64))
     tie = np.arange(len(TEXTS))
     task = dict(SMALL, first=10, mv=6, all=4)
     a, b = (search.paper_rows(Q, x, task, tie, qbatch=2, progress=False) for x in (P, mem))

@@ -2,8 +2,8 @@
 import dataclasses
 import datetime
 import json
-import pickle
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
+import gradcache
 import train
 from data import Sampling, epoch_batches, make_batch, open_datasets
 from losses import info_nce
@@ -165,8 +166,8 @@ def test_dense_only_steps_do_not_compute_the_other_heads_and_give_the_same_gradi
 
 def test_sub_batch_tokens_sizes_chunks_by_padded_length():
     cfg = train.Config(sub_batch_tokens=100)
-    assert [train.texts_per_chunk(cfg, torch.zeros(40, T)) for T in (16, 32, 100, 512)] == [6, 3, 1, 1]
-    assert train.texts_per_chunk(train.Config(sub_batch_size=3), torch.zeros(40, 16)) == 3  # texts, as before
+    assert [gradcache.texts_per_chunk(cfg, torch.zeros(40, T)) for T in (16, 32, 100, 512)] == [6, 3, 1, 1]
+    assert gradcache.texts_per_chunk(train.Config(sub_batch_size=3), torch.zeros(40, 16)) == 3  # texts, as before
 
 
 def test_bf16_representations_are_scored_in_fp32():
