@@ -127,7 +127,8 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
                          passage_max_len=passage_max_len, shard_size=shard_size)
     if not error and tune_on:  # the tuning split's files and queries, checked before anything else is read
         try:
-            tuning = {r["_id"] for r in load_beir(data_dir, tune_on, corpus=False)[1]}
+            _, tuning, tuning_qrels, _ = load_beir(data_dir, tune_on, corpus=False)
+            tuning = {r["_id"] for r in tuning}
         except (FileNotFoundError, ValueError) as e:
             error = f"tune_on: {e}"
     if error:
@@ -140,6 +141,9 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         raise ValueError(f"tune_on: {len(shared)} queries of split {tune_on} are also evaluated (e.g. id "
                          f"{shared[0]!r} in {os.path.join(data_dir, 'qrels')}): the weights must be chosen on other "
                          "queries")
+    named = {d for rels in tuning_qrels.values() for d in rels} if tune_on and max_corpus is None else None
+    if named is not None and not named & {r["_id"] for r in corpus}:  # every tuning score would be 0: before encoding
+        raise ValueError(f"tune_on: no document that split {tune_on}'s qrels name is in {data_dir}'s corpus")
     get_model, key, ckpt = model_loader(model, need_key=bool(cache_dir or out_dir or store or protocol == "paper"))
     if out_dir and not overwrite:  # before encoding: never replace another checkpoint's metrics
         check_out(out_dir, ckpt)

@@ -3,6 +3,7 @@
 SPEC.md sections 1-2. forward() returns representations only; losses live in losses.py.
 Shapes: N texts, T tokens, H hidden, D colbert dim, V vocab (never materialised: see sparse_vectors).
 """
+import contextlib
 import json
 import os
 import warnings
@@ -238,7 +239,8 @@ class M3(nn.Module):
                 f"{path}: no {' / '.join(missing)} -- this is a bare encoder or a dense-only checkpoint. Pass "
                 f"new_heads=True (config: init_new_heads=true) to start new random sparse/colbert heads on purpose.")
         meta = _find(path, "m3.json")
-        saved = json.load(open(meta)) if meta else {}
+        with open(meta) if meta else contextlib.nullcontext() as f:
+            saved = json.load(f) if meta else {}
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             # AutoTokenizer would fall back to a 5-token tokenizer that maps every word to <unk>, silently
             raise FileNotFoundError(f"{path}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); a checkpoint "

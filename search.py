@@ -1,6 +1,6 @@
 """First stages and exact scores over packed encodings, and the paper's evaluation protocol (SPEC.md 6.2).
 
-Packed encodings (model.pack in memory, store.open_store memory-mapped from disk): dense (N, D); sparse CSR sp_ptr
+Packed encodings (packed.pack in memory, store.open_store memory-mapped from disk): dense (N, D); sparse CSR sp_ptr
 (N+1,), sp_ids, sp_w (ids sorted within a row); colbert cb_ptr (N+1,), cb_vecs (sum of L_i, D), float32 in memory or
 float16 on disk. Row i's entries: ptr[i]:ptr[i + 1]. A mapped array is read only where a score needs it, and its pages
 leave this process's resident set after each use (release): a store of any size costs the rows being scored.

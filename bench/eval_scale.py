@@ -76,15 +76,16 @@ def write_synthetic(path, n, nq, distinct, tokens, dim, depth, chunk=1 << 15):
             keep = np.argsort(-s, axis=1)[:, :depth]
             top_s, top_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
             yield x
-    store.write_npy(os.path.join(path, "dense.npy"), (n, dim), np.float32, dense_chunks())
+    files = {"dense.npy": store.write_npy(os.path.join(path, "dense.npy"), (n, dim), np.float32, dense_chunks())}
     parts = [zipf_csr(np.random.default_rng([SEED, 2, a]), min(chunk, n - a), P_DRAWS) for a in range(0, n, chunk)]
     base = np.cumsum([0] + [p[0][-1] for p in parts])
-    store.write_npy(os.path.join(path, "sp_ptr.npy"), (n + 1,), np.int64,
-                    [np.zeros(1, np.int64)] + [p[0][1:] + b for p, b in zip(parts, base)])
+    files["sp_ptr.npy"] = store.write_npy(os.path.join(path, "sp_ptr.npy"), (n + 1,), np.int64,
+                                          [np.zeros(1, np.int64)] + [p[0][1:] + b for p, b in zip(parts, base)])
     for k, name in ((1, "sp_ids.npy"), (2, "sp_w.npy")):
-        store.write_npy(os.path.join(path, name), (base[-1],), parts[0][k].dtype, [p[k] for p in parts])
+        files[name] = store.write_npy(os.path.join(path, name), (base[-1],), parts[0][k].dtype, [p[k] for p in parts])
     del parts
-    store.write_npy(os.path.join(path, "offsets.npy"), (n + 1,), np.int64, [np.arange(n + 1) * tokens])
+    files["offsets.npy"] = store.write_npy(os.path.join(path, "offsets.npy"), (n + 1,), np.int64,
+                                           [np.arange(n + 1) * tokens])
     tok = np.lib.format.open_memmap(os.path.join(path, "tokens.npy"), "w+", np.float16, (n * tokens, dim))
     header = tok.offset
     del tok  # a sparse file of the full size; now the rerank candidates' rows, by plain writes
@@ -93,8 +94,10 @@ def write_synthetic(path, n, nq, distinct, tokens, dim, depth, chunk=1 << 15):
         for j in cand:
             f.seek(header + int(j) * tokens * dim * 2)
             f.write(unit(np.random.default_rng([SEED, 3, j]).standard_normal((tokens, dim))).astype(np.float16).data)
+    st = os.stat(os.path.join(path, "tokens.npy"))  # recorded unhashed: open_store checks size and mtime, and
+    files["tokens.npy"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": None}  # hashing the holes is no cost
     meta = dict(format=store.FORMAT, model="synthetic", corpus=f"synthetic seed {SEED}", n=n, max_length=tokens + 1,
-                mcls=False, hidden=dim, dim=dim, nnz=int(base[-1]), tokens=n * tokens)
+                mcls=False, hidden=dim, dim=dim, nnz=int(base[-1]), tokens=n * tokens, files=files)  # a real open has
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(meta, f)
     return len(cand) * tokens * dim * 2

@@ -324,5 +324,9 @@ def test_qrels_naming_only_documents_missing_from_the_corpus_are_refused(tmp_pat
     add_split(good, np.random.default_rng(1), "train", 4)  # --tune_on a split of another corpus: the same check
     with open(os.path.join(good, "qrels", "train.tsv"), "w") as f:
         f.write("".join(f"t{i}\tx{i}\t1\n" for i in range(4)))
+    m = FakeM3()
+    with pytest.raises(ValueError, match="tune_on: no document that split train's qrels name is in .*'s corpus"):
+        ev.evaluate(m, good, tune_on="train", depth=100, verbose=False)
+    assert m.calls == 0  # found before anything is encoded
     with pytest.raises(ValueError, match=re.escape(os.path.join(good, "qrels", "train.tsv")) + ": none of the 4"):
-        ev.evaluate(FakeM3(), good, tune_on="train", depth=100, verbose=False)
+        ev.evaluate(m, good, tune_on="train", depth=100, verbose=False, max_corpus=5)  # (another corpus slice)
