@@ -86,7 +86,9 @@ def main(argv=None):
         p.error(f"--index_params {a.index_params}: search parameters of a non-Flat --index or --colbert_index")
     model, kw = cli_setup(p, a, None, depth=a.depth, shard_size=a.shard_size)
     kw["shard_size"] = a.shard_size
-    langs = a.langs.split(",") if a.langs else None
+    langs = [x.strip() for x in a.langs.split(",")] if a.langs is not None else None
+    if langs is not None and not all(langs):
+        p.error(f"--langs {a.langs!r}: an empty language name (a stray comma?)")
     try:
         dirs = a.data and lang_dirs(a.data, a.split, langs)
     except (FileNotFoundError, ValueError) as e:

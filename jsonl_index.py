@@ -165,30 +165,30 @@ def training_files(path):
         found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d) for f in fs)
         files = [f for f in found if f.lower().endswith(JSON_EXT)]
         plain = set(files)
-        packed = [f for f in found if _packed_kind(f, inner=True) and os.path.splitext(f)[0] not in plain]
+        compressed = [f for f in found if compression(f, inner=True) and os.path.splitext(f)[0] not in plain]
         top = os.path.dirname(os.path.normpath(os.path.abspath(path)))
     elif os.path.isfile(path):
-        files, packed = [path], [path] if _packed_kind(path) else []
+        files, compressed = [path], [path] if compression(path) else []
         top = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
-    if packed:
-        raise ValueError(compressed_error([(f, _packed_kind(f)) for f in packed]))
+    if compressed:
+        raise ValueError(compressed_error([(f, compression(f)) for f in compressed]))
     if not files:
         raise FileNotFoundError(f"{path}: no .jsonl or .json files")
     names = [os.path.splitext(os.path.relpath(os.path.abspath(f), top))[0].split(os.sep) for f in files]
     return [(f, any(x.endswith("no_in_batch_neg") for x in n)) for f, n in zip(files, names)]
 
 
-def _packed_kind(path, inner=False):
+def compression(path, inner=False):
     """The compression its name says (e.g. "gzip" for .gz) or None; inner: only for a compressed .jsonl/.json."""
     stem, ext = os.path.splitext(path.lower())
     return COMPRESSED.get(ext) if not inner or stem.endswith(JSON_EXT) else None
 
 
-def compressed_error(packed):
+def compressed_error(files):
     """The error for compressed training files [(path, kind)]."""
-    return ("; ".join(f"{p}: compressed ({k}): decompress it first ({UNPACK[k]} {p})" for p, k in packed)
+    return ("; ".join(f"{p}: compressed ({k}): decompress it first ({UNPACK[k]} {p})" for p, k in files)
             + " (the index keeps byte offsets into a file, so it cannot read a compressed stream)")
 
 

@@ -665,7 +665,8 @@ def test_bad_options_fail_early_naming_the_option(tmp_path, capsys):
     for extra, msg in ((["--out", a_file], f"--out {a_file} is a file, not a folder"),
                        (["--out", "/proc/self/ev"], "--out /proc/self/ev: cannot write in /proc/self"),
                        (["--store", a_file], f"--store {a_file} is a file, not a folder"),
-                       (["--index_params", "nprobe=8"], "--index_params nprobe=8: search parameters of a non-Flat")):
+                       (["--index_params", "nprobe=8"], "--index_params nprobe=8: search parameters of a non-Flat"),
+                       (["--langs", "ar,,bn"], "--langs 'ar,,bn': an empty language name")):
         with pytest.raises(SystemExit):  # outputs and meaningless options: before the checkpoint is looked at
             ev.main(E[1] + extra)
         assert msg in capsys.readouterr().err.splitlines()[-1]
