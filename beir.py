@@ -11,7 +11,8 @@ import json
 import lzma
 import os
 
-BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (Windows editors write it): skipped at the start of a line
+from jsonl_index import BOM, NOT_UNICODE, is_unicode
+
 READ = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compressed files, read as they are
 UNREAD = {".zst": "unzstd", ".lz4": "lz4 -d", ".zip": "unzip"}  # compressions the standard library does not read
 
@@ -181,9 +182,9 @@ def read_jsonl(path, fields=(), unique=None, check=None):
             if not isinstance(r.get(k), str):
                 got = f"expected a string, got {json.dumps(r[k])[:40]}" if k in r else "missing"
                 raise ValueError(f"{path}, line {n}: field '{k}': {got}")
-        bad = next((k for k, v in r.items() if isinstance(v, str) and not _unicode(v)), None)
+        bad = next((k for k, v in r.items() if isinstance(v, str) and not is_unicode(v)), None)
         if bad:  # a "\ud800" escape: text without a UTF-8 form, which no tokenizer reads
-            raise ValueError(f"{path}, line {n}: field '{bad}': not valid Unicode text (a lone surrogate)")
+            raise ValueError(f"{path}, line {n}: field '{bad}': {NOT_UNICODE}")
         error = check and check(r)
         if error:
             raise ValueError(f"{path}, line {n}: {error}")
@@ -194,14 +195,6 @@ def read_jsonl(path, fields=(), unique=None, check=None):
             seen[r[unique]] = n
         recs.append(r)
     return recs
-
-
-def _unicode(text):
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def read_qrels(path):

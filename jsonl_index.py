@@ -88,13 +88,13 @@ def check_example(ex):
     if ex.get("prompt") is not None and not isinstance(ex["prompt"], str):
         return "field 'prompt': expected a string"
     for f in ("query", "prompt"):
-        if isinstance(ex.get(f), str) and not _unicode(ex[f]):
+        if isinstance(ex.get(f), str) and not is_unicode(ex[f]):
             return f"field '{f}': {NOT_UNICODE}"
     for f in ("pos", "neg"):
         for i, t in enumerate(ex.get(f) or ()):
             if not t.strip():
                 return f"field '{f}': index {i}: empty text (drop it from the list)"
-            if not _unicode(t):
+            if not is_unicode(t):
                 return f"field '{f}': index {i}: {NOT_UNICODE}"
     if ex.get("type") is not None and ex["type"] not in TYPES:
         return f"field 'type': unsupported value {json.dumps(ex['type'])[:60]} (supported: {', '.join(TYPES)})"
@@ -114,7 +114,7 @@ def _finite(x):
         return False
 
 
-def _unicode(text):
+def is_unicode(text):
     """False for text with a lone surrogate (a "\\ud800" escape in the JSON): it has no UTF-8 form."""
     try:
         text.encode("utf-8")

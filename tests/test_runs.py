@@ -20,19 +20,14 @@ import checkpoints
 import runtime
 import train
 from model import M3
-from tiny import make_encoder, make_tokenizer, write_examples
+from tiny import run_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("runs")
-    tok = make_tokenizer()
-    M3(make_encoder(tok), tok).save_pretrained(d / "model")
-    write_examples(d / "train.jsonl", 12)
-    write_examples(d / "long.jsonl", 400, seed=3)
-    return d
+    return run_inputs(tmp_path_factory.mktemp("runs"), long=400, seed=3)
 
 
 def args(setup, out, *extra):

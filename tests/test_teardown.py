@@ -14,7 +14,7 @@ import pytest
 
 import data
 from model import M3
-from tiny import make_encoder, make_tokenizer, run, write_examples
+from tiny import run, run_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -23,12 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teardown")
-    tok = make_tokenizer()
-    M3(make_encoder(tok), tok).save_pretrained(d / "model")
-    write_examples(d / "train.jsonl", 12)
-    write_examples(d / "long.jsonl", 80, seed=1)
-    return d
+    return run_inputs(tmp_path_factory.mktemp("teardown"), long=80)
 
 
 def train_cmd(setup, out, *extra, data_file="train.jsonl"):

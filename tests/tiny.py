@@ -68,6 +68,17 @@ def write_examples(path, n, seed=0, words=WORDS[:23]):
     return str(path)
 
 
+def run_inputs(d, long=0, seed=1):
+    """A tiny saved M3 with heads (d/model) and 12 fine-tuning examples (d/train.jsonl) for train.py runs; long > 0:
+    also d/long.jsonl with that many (seeded by seed), for runs that must last."""
+    tok = make_tokenizer()
+    M3(make_encoder(tok), tok).save_pretrained(d / "model")
+    write_examples(d / "train.jsonl", 12)
+    if long:
+        write_examples(d / "long.jsonl", long, seed=seed)
+    return d
+
+
 def spawn(fn, args, nprocs=2, timeout=300):
     """torch.multiprocessing.spawn with a deadline: fn(rank, init_file, *args) in nprocs processes, init_file a fresh
     rendezvous file. A worker's exception or death fails the test (no retry: a crash at start-up or teardown is a
