@@ -17,9 +17,10 @@ READ = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compressed file
 UNREAD = {".zst": "unzstd", ".lz4": "lz4 -d", ".zip": "unzip"}  # compressions the standard library does not read
 
 
-def load_beir(data_dir, split, max_corpus=None, corpus=True):
+def load_beir(data_dir, split, max_corpus=None, corpus=True, max_queries=None):
     """corpus records, queries with a relevant doc, qrels {qid: {doc_id: rel}}, counts of ids missing from the files;
-    corpus False: only the queries and qrels checked and returned (corpus records and missing counts None)."""
+    corpus False: only the queries and qrels checked and returned (corpus records and missing counts None).
+    max_queries: the first N of those queries in the qrels file's order (quick runs, evaluation during training)."""
     _stop(*_check(data_dir, split))
     qpath, path = find(data_dir, "queries.jsonl"), find(data_dir, f"qrels/{split}.tsv")
     queries = {r["_id"]: r for r in read_jsonl(qpath, ("_id", "text"), "_id")}
@@ -31,6 +32,7 @@ def load_beir(data_dir, split, max_corpus=None, corpus=True):
         why = ("no rows" if not qrels else f"0 of {len(qrels)} query ids in qrels are in {qpath}" if not found else
                f"none of its {found} queries that are in {qpath} has a relevance > 0")
         raise ValueError(f"{path}: no query to evaluate: {why}")
+    usable = dict(list(usable.items())[:max_queries])
     if not corpus:
         return None, [queries[q] for q in usable], usable, None
     cpath = find(data_dir, "corpus.jsonl")
@@ -42,7 +44,7 @@ def load_beir(data_dir, split, max_corpus=None, corpus=True):
                          f"queries is in {cpath} (e.g. {relevant[0]!r}): are these the qrels of another corpus?")
     missing = {"queries": sum(q not in queries for q in qrels),
                "docs": sum(d not in doc_ids for rels in qrels.values() for d in rels)}
-    if max_corpus is not None:  # quick runs: every relevant doc plus the first max_corpus others
+    if max_corpus is not None:  # quick runs: every relevant doc (of the queries kept) plus the first max_corpus others
         rel = {d for rels in usable.values() for d in rels}
         corpus = [r for i, r in enumerate(corpus) if r["_id"] in rel or i < max_corpus]
     return corpus, [queries[q] for q in usable], usable, missing

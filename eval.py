@@ -58,6 +58,7 @@ def parser():
     p.add_argument("--tune_on", metavar="SPLIT", help="another split (e.g. train) whose queries choose the fusion "
                    "weights from --sweep's grid: adds rows 'tuned d+s' and 'tuned all'")
     p.add_argument("--max_corpus", type=int, help="quick runs: relevant docs + the first N others")
+    p.add_argument("--max_queries", type=int, help="quick runs: the first N queries of the qrels file")
     p.add_argument("--out", help="dir for metrics.json, never another checkpoint's (default runs/eval/<ckpt>-"
                                  "<data>-<split>, <ckpt>: the checkpoint path's last two folders, e.g. a_final)")
     p.add_argument("--overwrite", action="store_true", help="replace --out's metrics.json of another checkpoint")
@@ -99,8 +100,9 @@ def main(argv=None):
     if encode:
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
                               a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
-    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, sweep=a.sweep, tune_on=a.tune_on,
-              protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite, out_dir=out_dir)
+    kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, max_queries=a.max_queries, sweep=a.sweep,
+              tune_on=a.tune_on, protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite,
+              out_dir=out_dir)
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
@@ -114,7 +116,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
              protocol="exact", task=None, store=None, shard_size=4096, query_prefix="", passage_prefix="",
-             tune_on=None, passages=None):
+             tune_on=None, passages=None, max_queries=None):
     """Every row of search.ROWS (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a function returning an M3 or
     model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or "paper" (task: a search.PAPER
     name, default miracl; the exact protocol takes none). store: a store.py folder for the passages (default with the
@@ -123,10 +125,12 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     query / passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose
     the fusion weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it);
     adds the TUNED rows, and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they are
-    this corpus's (tune_weights hands its caller's over)."""
+    this corpus's (tune_weights hands its caller's over). max_queries: the first N queries of the qrels file."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
-                         passage_max_len=passage_max_len, shard_size=shard_size)
+                         passage_max_len=passage_max_len, shard_size=shard_size,
+                         **{k: v for k, v in (("max_corpus", max_corpus), ("max_queries", max_queries))
+                            if v is not None})
     if not error and tune_on:  # the tuning split's files and queries, checked before anything else is read
         try:
             _, tuning, tuning_qrels, _ = load_beir(data_dir, tune_on, corpus=False)
@@ -137,7 +141,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         raise ValueError(error)
     task = task or "miracl" if protocol == "paper" else None
     t0 = time.time()
-    corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus)
+    corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus, max_queries=max_queries)
     shared = sorted({r["_id"] for r in queries} & tuning) if tune_on else []
     if shared:  # before the long part: the weights are never chosen on the evaluated queries
         raise ValueError(f"tune_on: {len(shared)} queries of split {tune_on} are also evaluated (e.g. id "
@@ -335,7 +339,8 @@ def cli_setup(p, a, data, ranks=None, **ints):
                        passage_prefix=a.passage_prefix)
 
 
-MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1)
+MINIMUM = dict(depth=1, colbert_k=0, batch_size=1, query_max_len=2, passage_max_len=2, n_neg=1, shard_size=1,
+               max_corpus=0, max_queries=1)
 
 
 def option_error(weights, prefix="", ranks=None, protocol="exact", task=None, sweep=False, tune_on=None,
