@@ -155,15 +155,18 @@ def is_blank(raw):
 # ----------------------------------------------------------------------------- the files of a train_data path
 
 
+MINE_STATS = ".stats.json"  # mine.py's counts beside a mined file: not training data
+
+
 def training_files(path):
     """[(file, no_in_batch_neg)] of train_data `path` (SPEC 4.1): the file itself, or every .jsonl/.json file under
-    the folder (any case, sorted, index caches left out). A compressed file stops with its name (the index keeps
+    the folder (any case, sorted, index caches and mine.py's <out>.stats.json left out). A compressed file stops with its name (the index keeps
     byte offsets into a file: it cannot read a stream), unless its decompressed copy sits beside it (`gunzip -k`).
     no_in_batch_neg: the file's name (before .jsonl) or a folder above it ends in no_in_batch_neg, up to the folder
     passed (its own name included) or, for a file passed alone, the folder that holds it."""
     if os.path.isdir(path):
         found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) if not INDEX_DIR.search(d) for f in fs)
-        files = [f for f in found if f.lower().endswith(JSON_EXT)]
+        files = [f for f in found if f.lower().endswith(JSON_EXT) and not f.endswith(MINE_STATS)]
         plain = set(files)
         compressed = [f for f in found if compression(f, inner=True) and os.path.splitext(f)[0] not in plain]
         top = os.path.dirname(os.path.normpath(os.path.abspath(path)))
