@@ -17,7 +17,8 @@ from model import HEAD_FILES, TOKENIZER_FILES, check_weights, is_local_path, loa
 from runtime import print0, stop, writable_error
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RUN_FILES = ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final", TB_DIR)  # + step-*, .tmp-*: a run's own
+RUN_FILES = ("config.yaml", "log.jsonl", "log.superseded.jsonl", "final", "best", "best.superseded",
+             TB_DIR)  # + step-*, .tmp-*: a run's own files
 REPLACED = ".replaced"  # under out_dir: an --overwrite's earlier run, kept until the new run saves its first checkpoint
 SAME_RUN = ("out_dir", "resume", "overwrite", "resume_changes", "log_every", "save_every", "keep_last", "report_to",
             "num_workers", "prefetch", "dist_timeout_s", "min_sparse_share", "gradient_checkpointing", "sub_batch_size",
@@ -51,6 +52,35 @@ def save_checkpoint(model, opt, sched, scaler, cfg, position, name):
     if os.path.isdir(os.path.join(cfg.out_dir, REPLACED)):
         shutil.rmtree(os.path.join(cfg.out_dir, REPLACED))
         print0(f"the run this one replaces ({cfg.out_dir}) is deleted now that this one saved {name}")
+
+
+def save_best(model, cfg, rec):
+    """out_dir/best: the release layout of the weights evaluated in rec (selection.evaluation), + best.json (its step,
+    select_metric and value, the whole evaluation record); written under a temporary name and swapped in, so a
+    failure leaves the earlier best whole."""
+    best, tmp = os.path.join(cfg.out_dir, "best"), os.path.join(cfg.out_dir, ".tmp-best")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, prompts={"query": cfg.query_prefix, "passage": cfg.passage_prefix})
+        with open(os.path.join(tmp, "best.json"), "w") as f:
+            json.dump({"step": rec["step"], "select_metric": cfg.select_metric, "value": rec[cfg.select_metric],
+                       "retain_metric": cfg.retain_metric, "retain_tolerance": cfg.retain_tolerance, "eval": rec}, f)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"{best}: not written ({str(e).splitlines()[0]}): disk full or not writable") from e
+    if os.path.isdir(best):
+        os.rename(best, tmp + "-old")
+    os.rename(tmp, best)
+    shutil.rmtree(tmp + "-old", ignore_errors=True)
+
+
+def best_step(out_dir):
+    """The step out_dir/best was evaluated at (best.json), or None."""
+    try:
+        with open(os.path.join(out_dir, "best", "best.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def restore(opt, sched, scaler, state):
@@ -214,8 +244,8 @@ def run_files(out_dir):
 def start_run_dir(cfg, step):
     """Rank 0, once the model and the data loaded: move a run being overwritten aside (REPLACED: save_checkpoint
     deletes it after the new run's first checkpoint, put_back restores it if the new run fails before), keep log.jsonl
-    to the steps before `step` (a resume re-runs the others; their records move to log.superseded.jsonl), write
-    config.yaml."""
+    to the steps before `step` and the evaluations up to it (a resume re-runs the others: their records move to
+    log.superseded.jsonl, and a best checkpoint of a later step to best.superseded), write config.yaml."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.overwrite and run_files(cfg.out_dir):
         aside = os.path.join(cfg.out_dir, REPLACED)
@@ -227,7 +257,9 @@ def start_run_dir(cfg, step):
         keep, drop = [], []
         for line in open(log):
             try:
-                (keep if json.loads(line)["step"] < step else drop).append(line)
+                rec = json.loads(line)  # an evaluation (early stop) at `step` came before checkpoint `step`
+                (keep if rec["step"] < step or 0 < rec["step"] == step and rec.get("event") else
+                 drop).append(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by a kill
                 drop.append(line if line.endswith("\n") else line + "\n")
         if drop:
@@ -237,6 +269,11 @@ def start_run_dir(cfg, step):
         with open(log + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log + ".tmp", log)
+    if (best_step(cfg.out_dir) or 0) > step:
+        shutil.rmtree(os.path.join(cfg.out_dir, "best.superseded"), ignore_errors=True)
+        os.rename(os.path.join(cfg.out_dir, "best"), os.path.join(cfg.out_dir, "best.superseded"))
+        print0(f"best: step {best_step(os.path.join(cfg.out_dir, 'best.superseded'))} is re-run now; its best "
+               "checkpoint moved to best.superseded")
     with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))

@@ -88,12 +88,22 @@ def tensorboard_writer(cfg, step):
     return tensorboard_class()(os.path.join(cfg.out_dir, TB_DIR), purge_step=step or None)
 
 
-def write_scalars(writer, rec):
-    """One log.jsonl record as train/<key> scalars at its step."""
+def write_scalars(writer, rec, section="train"):
+    """One log.jsonl record's numbers as <section>/<key> scalars at its step."""
     for k, v in rec.items():
-        if k != "step":
-            writer.add_scalar(f"train/{k}", v, rec["step"])
+        if k not in ("step", "best_step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(f"{section}/{k}", v, rec["step"])
     writer.flush()
+
+
+def log_record(log, writer, rec, line):
+    """A record that is not a training step (selection.py: an evaluation, an early stop): printed as line, appended to
+    log.jsonl, its numbers to TensorBoard as eval/<set>/<row>/<metric>."""
+    print(line, flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if writer is not None:
+        write_scalars(writer, rec, "eval")
 
 
 def eval_to_tensorboard(ckpt, res, data_dir, split):

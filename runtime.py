@@ -98,15 +98,24 @@ def parse_config(cls, argv, problems, hint=lambda key: ""):
                 stop(f"config: unknown key {key!r} ({src}){hint(key)}")
             setattr(cfg, key, _coerce(key, val, types[key], src))
             where[key] = src
-    for key, problem in problems(cfg):
-        stop(f"config: {key}={getattr(cfg, key)!r} ({where.get(key, 'default')}): {problem}")
+    for key, problem in problems(cfg):  # key: a field, or a dotted path into a mapping field (eval_sets.dev.data)
+        top, *path = key.split(".")
+        value = getattr(cfg, top)
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        stop(f"config: {key}={value!r} ({where.get(top, 'default')}): {problem}")
     return cfg
 
 
 def _coerce(key, val, typ, where):
     """Coerce a YAML/CLI value to the field's type: "1e-5" -> float, "48,32" -> [48, 32]."""
-    typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(getattr(typ, "__name__", typ), typ)
+    typ = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict}.get(
+        getattr(typ, "__name__", typ), typ)
     try:
+        if typ is dict and val is not None and not isinstance(val, dict):
+            raise ValueError("expected a mapping, e.g. {dev: {data: DIR, split: dev}}")
+        if typ is dict:  # a YAML mapping (eval_sets), checked by the config's problems
+            return val or {}
         if typ is list:
             items = val.split(",") if isinstance(val, str) else val if isinstance(val, list) else [val]
             return [int(x) for x in items]

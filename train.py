@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention
-from checkpoints import check_start, find_resume, put_back, restore, save_checkpoint, start_run_dir
+import selection
+from checkpoints import check_start, find_resume, put_back, restore, save_best, save_checkpoint, start_run_dir
 from data import Sampling, epoch_batches, open_datasets, rank_batches
 from gradcache import forward_chunks, grad_cache_step, texts_per_chunk
 from logs import REPORT_TO, lexical_health, log_step, report_to_problem, tensorboard_writer
@@ -104,6 +105,13 @@ class Config:
     report_to: str = ""  # logs.REPORT_TO; tensorboard: log.jsonl's scalars also in out_dir/tb (pip install tensorboard)
     min_sparse_share: float = 0.05  # warn when fewer real tokens have a sparse weight (collapse: FlagEmbedding #982)
     dist_timeout_s: int = 7200  # collectives wait this long (NCCL's 10-minute default would kill an index build)
+    # fine-tuning without regret (selection.py; README "Fine-tuning on your data")
+    eval_every: int = 0  # evaluate eval_sets at step 0, every this many steps and at the end; 0 = off
+    eval_sets: dict = field(default_factory=dict)  # name -> {data: BEIR_DIR, split: dev, max_corpus: N, max_queries: N}
+    select_metric: str = ""  # e.g. dev/all/nDCG@10: the best evaluation's weights are kept in out_dir/best
+    early_stop_patience: int = 0  # stop (final written) after this many evaluations without a better one; 0 = never
+    retain_metric: str = ""  # e.g. retention/all/nDCG@10: never select weights whose value fell more than
+    retain_tolerance: float = 0.0  # this below the starting model's (step 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,6 +220,17 @@ def optimizer_step(model, opt, sched, scaler, cfg, heads):
 # ----------------------------------------------------------------------------------------------------------------
 # the run
 
+def evaluate(raw, cfg, step, history, log, writer, ddp):
+    """Evaluation during training (selection.py) of the weights after `step` steps -> why the run stops early, or "".
+    Rank 0 (log not None) evaluates, logs and keeps out_dir/best: the sets are dev-sized and eval.py's search runs in
+    one process. The others wait for it in the broadcast (under dist_timeout_s) that tells them whether to stop."""
+    why = [selection.evaluation(raw, cfg, step, history, log, writer, lambda rec: save_best(raw, cfg, rec))
+           if log is not None else ""]
+    if ddp:
+        dist.broadcast_object_list(why, src=0)
+    return why[0]
+
+
 def main(argv):
     """The run: config, resume point, start checks, process group, train, then the ordered end (runtime.py)."""
     cfg = load_config(argv)
@@ -254,24 +273,30 @@ def train(cfg, resume, state, ddp, rank, world, device):
     half = DTYPES[cfg.dtype]
     amp = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda" and half != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
-    step, epoch, index = 0, 0, 0
+    step, epoch, index, stopped = 0, 0, 0, ""
     if resume:
         restore(opt, sched, scaler, state)
-        step, epoch, index = state["step"], state["epoch"], state["index"]
+        step, epoch, index, stopped = state["step"], state["epoch"], state["index"], state.get("stopped", "")
         done = f": nothing to do, the run has {total} steps (more: raise max_steps or epochs, --resume_changes=true)"
-        print0(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})" + (done if step >= total else ""))
+        print0(f"resumed from {resume} at step {step} (epoch {epoch}, batch {index})" + (done if step >= total else
+               f": nothing to do, the run stopped early ({stopped})" if stopped else ""))
     schedule = parse_schedule(cfg.head_schedule)
     bar = tqdm(total=total, initial=step, disable=not (rank == 0 and sys.stderr.isatty()), desc="train")
     stream = rank_batches(datasets, tok, Sampling.of(cfg), batch_kw, epoch, index, num_workers=cfg.num_workers,
                           prefetch=cfg.prefetch, pin_memory=device.type == "cuda")
     log = writer = None
+    history = []  # rank 0: this run's evaluations (selection.py), those before a resume from log.jsonl
     try:
         if rank == 0:  # model and data are good: only now is anything in out_dir changed
+            selection.check_resume(cfg, step)
             start_run_dir(cfg, step)
             log, writer = open(os.path.join(cfg.out_dir, "log.jsonl"), "a"), tensorboard_writer(cfg, step)
+            history = selection.logged_evaluations(cfg.out_dir)
         if ddp:
             dist.barrier()
-        while step < total:
+        if cfg.eval_every and step == 0:  # the starting model (a resume's step was evaluated before it was saved)
+            stopped = evaluate(raw, cfg, step, history, log, writer, ddp)
+        while step < total and not stopped:
             t0 = time.time()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)  # dropout: a function of (seed, step, rank)
             epoch, index, n_batches, batch = next(stream)
@@ -293,10 +318,12 @@ def train(cfg, resume, state, ddp, rank, world, device):
             bar.update(1)
             position = {"step": step, "epoch": epoch, "index": index + 1} if index + 1 < n_batches else \
                 {"step": step, "epoch": epoch + 1, "index": 0}  # where the next step's batch comes from
-            if step % cfg.save_every == 0 or step == total:
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                stopped = evaluate(raw, cfg, step, history, log, writer, ddp)
+            if step % cfg.save_every == 0 or step == total or stopped:
                 if rank == 0:
-                    save_checkpoint(raw, opt, sched, scaler, cfg, position, "final" if step == total else
-                                    f"step-{step:07d}")
+                    save_checkpoint(raw, opt, sched, scaler, cfg, {**position, **({"stopped": stopped} if stopped
+                                    else {})}, "final" if step == total or stopped else f"step-{step:07d}")
                 if ddp:  # the others wait for the checkpoint (no barrier on the other steps)
                     dist.barrier()
     finally:  # every way out: the stream's worker processes joined, the log and the dashboard closed
@@ -305,7 +332,7 @@ def train(cfg, resume, state, ddp, rank, world, device):
         for f in (log, writer):
             if f is not None:
                 f.close()
-        if rank == 0 and step < total:  # stopped early: before its first checkpoint, the run it replaces comes back
+        if rank == 0 and step < total and not stopped:  # failed: before its first checkpoint, the replaced run is back
             put_back(cfg.out_dir)
 
 
@@ -353,7 +380,7 @@ def config_problems(cfg):
               ("batch_sizes", len(cfg.batch_sizes) == len(cfg.length_ranges) - 1,
                f"{len(cfg.batch_sizes)} values but length_ranges {cfg.length_ranges} has "
                f"{len(cfg.length_ranges) - 1} ranges")]
-    problems = [(key, why) for key, ok, why in rules if not ok]
+    problems = [(key, why) for key, ok, why in rules if not ok] + selection.config_problems(cfg)
     if cfg.report_to in REPORT_TO and report_to_problem(cfg.report_to):
         problems.append(("report_to", report_to_problem(cfg.report_to)))
     try:

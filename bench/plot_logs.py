@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-SKIP = ("epoch", "lr", "ms", "tok_s", "samples_s")  # in every record, not drawn unless asked for with --keys
+SKIP = ("epoch", "lr", "ms", "tok_s", "samples_s", "eval_s", "best_step")  # bookkeeping: drawn only if asked for
 
 
 def read_log(path):
