@@ -6,6 +6,7 @@ Shapes: N texts, T tokens, H hidden, D colbert dim, V vocab (never materialised:
 import contextlib
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -189,7 +190,7 @@ class M3(nn.Module):
         order = np.argsort([-len(x) for x in all_ids], kind="stable")  # longest first: little padding per batch
         dense, sparse, colbert = [None] * len(texts), [None] * len(texts), [None] * len(texts)
         pad = self.tokenizer.pad_token_id
-        show = len(texts) > 10 * batch_size if progress is None else progress
+        show = len(texts) > 10 * batch_size and sys.stderr.isatty() if progress is None else progress  # a terminal
         half = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
         amp = torch.autocast(device.type, dtype=half, enabled=device.type == "cuda")  # fp32 on CPU
         for s in tqdm(range(0, len(order), batch_size), desc="encode", disable=not show, leave=False):
@@ -232,13 +233,13 @@ class M3(nn.Module):
     def from_pretrained(cls, path, new_heads=False, pooling=None, colbert_dim=-1, **encoder_kwargs):
         """Load a local directory, hub name or bundled name; missing head files raise unless new_heads=True (SPEC 0)."""
         path = resolve(path)
-        head_files = {name: _find(path, fname) for name, fname in HEAD_FILES.items()}
+        head_files = {name: find_file(path, fname) for name, fname in HEAD_FILES.items()}
         missing = [HEAD_FILES[n] for n, f in head_files.items() if f is None]
         if missing and not new_heads:
             raise FileNotFoundError(
                 f"{path}: no {' / '.join(missing)} -- this is a bare encoder or a dense-only checkpoint. Pass "
                 f"new_heads=True (config: init_new_heads=true) to start new random sparse/colbert heads on purpose.")
-        meta = _find(path, "m3.json")
+        meta = find_file(path, "m3.json")
         with open(meta) if meta else contextlib.nullcontext() as f:
             saved = json.load(f) if meta else {}
         if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
@@ -286,7 +287,7 @@ def is_local_path(path):
         (path.count("/") == 1 and os.path.isdir(path.split("/")[0]))
 
 
-def _find(path, fname):
+def find_file(path, fname):
     """Local file path of `fname` in a directory or hub repo, or None if it does not exist."""
     if os.path.isdir(path):
         f = os.path.join(path, fname)
