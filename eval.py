@@ -3,17 +3,19 @@
 python eval.py --ckpt DIR --data DIR [--split test] [--weights m3|mldr|1,0.3,1] [--sweep] [--index Flat]
 python eval.py --ckpt DIR --data DIR --tune_on train   # + fusion rows whose weights the train queries chose
 python eval.py --ckpt DIR --data DIR --protocol paper --task miracl|mkqa|mldr [--store DIR]   # the paper's rows
+python eval.py ... --protocol paper --colbert_from encode   # a store without token vectors: candidates encoded now
 python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
 [torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
 --protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
 multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
 every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
-built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only.
+built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only, or
+with --colbert_from encode (the default for a store written with it) a store of dense and sparse only, the candidates'
+token vectors encoded for each batch of queries (each passage once a batch; res["colbert_encoded_per_query"]).
 Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
 per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -25,12 +27,13 @@ from tqdm import tqdm
 from beir import data_error, lang_dirs, load_beir, passage_text
 from logs import check_out, default_out, eval_to_tensorboard
 from model import M3, POOLINGS
-from packed import encode_cached, inference_device, model_loader
+from packed import TokenEncoder, encode_cached, inference_device, model_loader
 from runtime import run_command, writable_error, write_atomic
 from search import (FUSION, METRICS, PAPER, PAPER_DEPTH, ROWS, fuse, macro, paper_rows, retrieve, row_weights,
                     run_metrics)
 from st_layout import prompts as st_prompts
-from store import as_stored, encode_corpora, encode_store, store_meta
+from store import (COLBERT_FROM, as_stored, encode_corpora, encode_store, resolve_colbert_from, store_meta,
+                   store_name, without_tokens)
 
 PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
 TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights
@@ -39,6 +42,7 @@ TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: t
 SWEEP = [(d, s, c) for d in (0, 0.1, 0.2, 0.3, 0.5, 1) for s in (0, 0.1, 0.2, 0.3, 0.5, 1) for c in (0, 0.5, 1)
          if d or s or c]
 TUNE_DEPTH = 100  # --tune_on's candidates: each query's dense and sparse top 100
+ENCODE_TOKENS = 1 << 19  # --colbert_from encode: passages per model call x passage_max_len at most (2 GB at D=1024)
 
 # ----------------------------------------------------------------------------- command line and evaluate
 
@@ -52,6 +56,10 @@ def parser():
     p.add_argument("--task", choices=tuple(PAPER), help="the paper protocol's settings (SPEC 6.2; default miracl)")
     p.add_argument("--store", help="passage encodings on disk (store.py); the paper protocol's default: in --cache_dir")
     p.add_argument("--shard_size", type=int, default=4096, help="passages per shard of a store")
+    p.add_argument("--colbert_from", choices=tuple(COLBERT_FROM), help="the paper protocol's multi-vector scores: "
+                   "store (passage token vectors read from the store) or encode (a store of dense and sparse only; "
+                   "each query batch's candidates encoded now). Default: encode for a store written with encode, "
+                   "else store. With eval.py encode: the store to write")
     p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
@@ -97,12 +105,19 @@ def main(argv=None):
     error = not dirs and a.data and data_error(a.data, a.split)
     if error or not a.data:
         p.error(f"--data: {error}" if error else "--data is required")
+    try:  # each store there is, against --colbert_from: before anything is loaded or encoded
+        for name in dirs or {"": a.data}:
+            path = a.store and (os.path.join(a.store, name) if dirs else a.store)
+            colbert_source(a.colbert_from, None if encode else a.protocol, path, "--")
+    except ValueError as e:
+        p.error(str(e))
     if encode:
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
-                              a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix)
+                              a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix,
+                              colbert_from=a.colbert_from)
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, max_queries=a.max_queries, sweep=a.sweep,
               tune_on=a.tune_on, protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite,
-              out_dir=out_dir)
+              out_dir=out_dir, colbert_from=a.colbert_from)
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
@@ -116,7 +131,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
              protocol="exact", task=None, store=None, shard_size=4096, query_prefix="", passage_prefix="",
-             tune_on=None, passages=None, max_queries=None):
+             tune_on=None, passages=None, max_queries=None, colbert_from=None):
     """Every row of search.ROWS (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a function returning an M3 or
     model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or "paper" (task: a search.PAPER
     name, default miracl; the exact protocol takes none). store: a store.py folder for the passages (default with the
@@ -125,7 +140,10 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     query / passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose
     the fusion weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it);
     adds the TUNED rows, and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they are
-    this corpus's (tune_weights hands its caller's over). max_queries: the first N queries of the qrels file."""
+    this corpus's (tune_weights hands its caller's over). max_queries: the first N queries of the qrels file.
+    colbert_from (the paper protocol): "store", MaxSim over the store's token vectors; "encode", a store of dense and
+    sparse only and the candidates' token vectors encoded per query batch (res["colbert_encoded_per_query"]); None:
+    "encode" for a store without token vectors, else "store" (colbert_source)."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size,
@@ -139,6 +157,7 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
             error = f"tune_on: {e}"
     if error:
         raise ValueError(error)
+    colbert_from = colbert_source(colbert_from, protocol, store)  # a store of the other kind: before anything is read
     task = task or "miracl" if protocol == "paper" else None
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus, max_queries=max_queries)
@@ -157,12 +176,13 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     if passages is not None and passages[0] == texts:  # tune_weights: its caller's passages
         P = passages[1]
     elif store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
-        meta = store_meta(key, texts, passage_max_len, mcls)
-        store = store or os.path.join(cache_dir, "store-" + hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:40])
+        meta = store_meta(key, texts, passage_max_len, mcls, COLBERT_FROM[colbert_from])
+        store = store or os.path.join(cache_dir, store_name(meta))
         P = encode_store(get_model, texts, store, meta, batch_size, shard_size, progress=verbose)
     else:  # in memory; the paper protocol reads a store's dtypes, so its scores do not depend on where P is
         P = encode_cached(get_model, texts, passage_max_len, batch_size, mcls, cache_dir, key)
         P = as_stored(P) if protocol == "paper" else P
+        P = without_tokens(P) if colbert_from == "encode" else P  # as a store without token vectors holds them
     Q = encode_cached(get_model, [query_prefix + r["text"] for r in queries], query_max_len, batch_size, False,
                       cache_dir, key)
     t1 = time.time()
@@ -178,10 +198,16 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
                data=os.path.abspath(data_dir), protocol=protocol, index=index, query_max_len=query_max_len,
                passage_max_len=passage_max_len, mcls=mcls, store=store and os.path.abspath(store),
                query_prefix=query_prefix, passage_prefix=passage_prefix)
+    encoder = None  # colbert_from encode: the candidates' token vectors, encoded as the store's passages were
+    if protocol == "paper" and colbert_from == "encode":
+        encoder = TokenEncoder(get_model, texts, passage_max_len, mcls, batch_size)
     if protocol == "paper":
-        lists = paper_rows(Q, P, task, tie, index, index_params, progress=verbose)
+        lists = paper_rows(Q, P, task, tie, index, index_params, progress=verbose, encode=encoder,
+                           encode_chunk=max(1, ENCODE_TOKENS // passage_max_len))
         scored = {row: run_metrics([ids[c] for c, _ in lists[row]], qrels_list, langs, PAPER_DEPTH) for row in ROWS}
-        res.update(task=task, weights=list(FUSION[task]["all"]), paper=PAPER[task])
+        res.update(task=task, weights=list(FUSION[task]["all"]), paper=PAPER[task], colbert_from=colbert_from)
+        if encoder:  # the cost of not storing token vectors: passages encoded per query, and the time it took
+            res["colbert_encoded_per_query"] = round(encoder.passages / max(len(queries), 1), 2)
     else:
         results = retrieve(Q, P, depth, index, index_params, colbert_index, colbert_k, progress=verbose)
 
@@ -203,9 +229,13 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
         swept = [{"weights": list(w), **score(w)[0]} for w in tqdm(SWEEP, desc="sweep", disable=not verbose)]
         res["sweep"] = sorted(swept, key=lambda r: -r["nDCG@10"])
     res["time_s"] = {"encode": round(t1 - t0, 1), "retrieve_and_score": round(time.time() - t1, 1)}
+    if encoder:
+        res["time_s"]["colbert_encode"] = round(encoder.seconds, 1)  # within retrieve_and_score
     if verbose:
         print(f"{data_dir} [{split}]: {len(queries)} queries, {len(corpus)} passages, {protocol} protocol"
               + (f", task {task}" if protocol == "paper" else f", depth {depth}")
+              + (f", {res['colbert_encoded_per_query']} passages encoded per query (--colbert_from encode)"
+                 if "colbert_encoded_per_query" in res else "")
               + f"; qrels ids missing: {missing['queries']} queries, {missing['docs']} docs")
     return report(res, out_dir, overwrite, ckpt, verbose)
 
@@ -240,8 +270,9 @@ def evaluate_langs(model, data_dir, dirs, split="test", store=None, out_dir=None
                   + "  ".join(f"{k} {m['nDCG@10']:.4f}" for k, m in per[lang]["rows"].items()))
     res = dict(next(iter(per.values())), data=os.path.abspath(data_dir), store=store and os.path.abspath(store),
                per_lang={l: r["rows"] for l, r in per.items()}, macro=macro({l: r["rows"] for l, r in per.items()}))
-    for k in ("n_queries", "n_corpus", "missing_qrels_ids", "time_s"):
-        res[k] = {l: r[k] for l, r in per.items()}
+    for k in ("n_queries", "n_corpus", "missing_qrels_ids", "time_s", "colbert_encoded_per_query"):
+        if k in res:
+            res[k] = {l: r[k] for l, r in per.items()}
     res["rows"] = res["macro"]
     return report(res, out_dir, overwrite, loaded[2], verbose)
 
@@ -264,6 +295,20 @@ def report(res, out_dir, overwrite, ckpt, verbose):
         if verbose:
             print(f"wrote {os.path.join(out_dir, 'metrics.json')}")
     return res
+
+
+def colbert_source(colbert_from, protocol, store=None, prefix=""):
+    """Where the multi-vector scores come from, "store" or "encode": colbert_from, by default "encode" for a store
+    without token vectors, else "store" (store.resolve_colbert_from, which refuses a store of the other kind). encode
+    is for the paper protocol (protocol None: eval.py encode, which writes the store): the exact protocol searches
+    every passage's token vectors. Errors: a ValueError naming the option (prefix "--" on the command line)."""
+    source = resolve_colbert_from(colbert_from, store, prefix)
+    if source == "encode" and protocol == "exact":
+        held = (f"{store} holds no passage token vectors (written with {prefix}colbert_from encode); "
+                if colbert_from is None else "")
+        raise ValueError(f"{prefix}colbert_from encode: {held}the exact protocol searches every passage's token "
+                         f"vectors ({prefix}colbert_k): use {prefix}protocol paper, or a store with token vectors")
+    return source
 
 
 # ----------------------------------------------------------------------------- tables

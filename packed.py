@@ -1,6 +1,7 @@
 """Encodings as packed arrays (eval.py, mine.py, store.py): model.encode's output packed into flat arrays (pack),
-checked (check_packed), cached on disk under the checkpoint's identity (encode_cached, ckpt_key, model_key), and the
-model loaded only when an encoding is missing (model_loader).
+checked (check_packed), cached on disk under the checkpoint's identity (encode_cached, ckpt_key, model_key), the
+model loaded only when an encoding is missing (model_loader), and passages' token vectors encoded on demand
+(TokenEncoder).
 
 Packed: dense (N, D) float32; sparse CSR sp_ptr (N+1,), sp_ids, sp_w (ids sorted within a row); colbert cb_ptr (N+1,),
 cb_vecs (sum of L_i, D). Row i's entries: ptr[i]:ptr[i + 1]. A store (store.py) holds the same arrays on disk.
@@ -9,6 +10,7 @@ import fnmatch
 import functools
 import hashlib
 import os
+import time
 import warnings
 import zipfile
 
@@ -41,6 +43,27 @@ def encode_cached(get_model, texts, max_length, batch_size=32, mcls=False, cache
         with replacing(path, tag=str(os.getpid())) as tmp:  # never a half-written cache file; no lock: own temporary
             np.savez(tmp, **enc)
     return enc
+
+
+class TokenEncoder:
+    """Passage token vectors encoded when asked for (eval.py --colbert_from encode: the multi-vector candidates of a
+    store without token vectors): called with passage ids, returns their packed colbert arrays cb_ptr (n+1,), cb_vecs
+    (sum of L_i, D) in that order, float16 as a store holds them, encoded as the store was (the texts with their prefix,
+    max_length, mcls) by get_model() (on the GPU when there is one: model_loader). Counts calls and passages encoded."""
+
+    def __init__(self, get_model, texts, max_length, mcls=False, batch_size=32):
+        self.get_model, self.texts, self.max_length, self.mcls = get_model, texts, max_length, mcls
+        self.batch_size, self.calls, self.passages, self.seconds = batch_size, 0, 0, 0.0
+
+    def __call__(self, ids):
+        t0 = time.time()
+        out = self.get_model().encode([self.texts[j] for j in ids], batch_size=self.batch_size,
+                                      max_length=self.max_length, mcls=self.mcls, progress=False)
+        P = pack(out)
+        self.calls += 1
+        self.passages += len(ids)
+        self.seconds += time.time() - t0
+        return {"cb_ptr": P["cb_ptr"], "cb_vecs": P["cb_vecs"].astype(np.float16)}
 
 
 def pack(out):
@@ -137,18 +160,24 @@ def load(f, mmap_mode=None):
         raise ValueError(f"{f}: unreadable ({e.__class__.__name__}: {e})") from None
 
 
-def check_packed(x, n, where):
+def check_packed(x, n, where, tokens=True):
     """x if it is pack's arrays for n passages (shapes, and offsets from 0 to their array's length, non-decreasing),
-    else a ValueError naming where and the field."""
+    else a ValueError naming where and the field. tokens False: the arrays without cb_ptr and cb_vecs (a store that
+    holds no token vectors), which must then be absent."""
     need = {"dense": (n, None), "sp_ptr": (n + 1,), "sp_ids": (None,), "sp_w": (None,), "cb_ptr": (n + 1,),
             "cb_vecs": (None, None)}
+    if not tokens:
+        extra = [k for k in ("cb_ptr", "cb_vecs") if k in x]
+        if extra:
+            raise ValueError(f"{where}: field '{extra[0]}': not expected without token vectors")
+        del need["cb_ptr"], need["cb_vecs"]
     for k, shape in need.items():
         if k not in x or x[k].ndim != len(shape) or shape[0] not in (None, len(x[k])):
             got = x[k].shape if k in x else "missing"
             raise ValueError(f"{where}: field '{k}': expected shape {shape} (None: any), got {got}")
-    for k, total in (("sp_ptr", len(x["sp_ids"])), ("cb_ptr", len(x["cb_vecs"]))):
-        if x[k][0] != 0 or x[k][-1] != total or (np.diff(x[k]) < 0).any():
-            raise ValueError(f"{where}: field '{k}': expected offsets from 0 to {total}, non-decreasing")
+    for k, rows in (("sp_ptr", "sp_ids"), ("cb_ptr", "cb_vecs")):
+        if k in need and (x[k][0] != 0 or x[k][-1] != len(x[rows]) or (np.diff(x[k]) < 0).any()):
+            raise ValueError(f"{where}: field '{k}': expected offsets from 0 to {len(x[rows])}, non-decreasing")
     if len(x["sp_w"]) != len(x["sp_ids"]):
         raise ValueError(f"{where}: field 'sp_w': {len(x['sp_w'])} weights for {len(x['sp_ids'])} ids")
     return x

@@ -6,6 +6,8 @@ float16 on disk. Row i's entries: ptr[i]:ptr[i + 1]. A mapped array is read only
 leave this process's resident set after each use (release): a store of any size costs the rows being scored.
 eval.py --protocol exact (the default) is retrieve (build_index, sparse_index/sparse_search and maxsim per query) and
 fuse; --protocol paper is paper_rows: every row built the way the paper built it, with the per-task settings in PAPER.
+Its multi-vector scores read the candidates' token vectors from P, or (eval.py --colbert_from encode, a store without
+token vectors) have them encoded for each batch of queries, every candidate of the batch once (encoded_maxsim).
 """
 import mmap
 
@@ -287,14 +289,17 @@ def paper_indices(P, index="Flat", index_params=""):
     return inv, build_index(P["dense"], index, index_params)
 
 
-def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progress=True, indices=None):
+def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progress=True, indices=None, encode=None,
+               encode_chunk=1024):
     """Every row of ROWS, the paper's five as SPEC 6.2 built them; task: a PAPER name or a dict like its entries (with
     "fusion": the fused rows' weights, else FUSION[task]). Per row, per query (passages, scores), ranked by score, then
     tie (a rank per passage). dense: FAISS top-first; sparse: impact-quantised top-first (score / 100^2); multi-vector:
     MaxSim reranks the dense top-mv; dense+sparse: the two top-first lists fused, 0 for a passage missing from one;
     all: the dense top-all reranked by the weighted average of exact dense, sparse and MaxSim scores; a row the paper
     did not have: the dense top-all reranked by its own score of the exact scores.
-    indices: paper_indices(P, ...) when already built."""
+    indices: paper_indices(P, ...) when already built. encode: None, MaxSim over P's token vectors; else a function
+    passage ids -> their token vectors {"cb_ptr", "cb_vecs"} (packed.TokenEncoder), called for the union of a query
+    batch's reranked candidates (the dense top-max(mv, all)), encode_chunk passages a call (encoded_maxsim)."""
     cfg = PAPER[task] if isinstance(task, str) else task
     fused = cfg.get("fusion") or FUSION[task]
     n, nq = len(P["sp_ptr"]) - 1, len(Q["dense"])
@@ -311,10 +316,14 @@ def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progre
     for a in tqdm(range(0, nq, qbatch), desc="paper protocol", disable=not progress or nq <= qbatch):
         qrows = np.arange(a, min(a + qbatch, nq))
         sparse = sparse_search(inv, Qi, qrows, cfg["first"], tie, scores=True)
+        first = [ranked(d_i[i][d_i[i] >= 0], d_s[i][d_i[i] >= 0], tie) for i in qrows]  # FAISS order, ties by tie rank
+        if encode is None:  # per query: (<= k_mv,) MaxSim of the dense top candidates
+            mv = [maxsim(Q, i, P, dc[:k_mv]) for i, (dc, _) in zip(qrows, first)]
+        else:
+            mv = encoded_maxsim(Q, qrows, [dc[:k_mv] for dc, _ in first], encode, encode_chunk)
         for r, i in enumerate(qrows):
-            dc, ds = ranked(d_i[i][d_i[i] >= 0], d_s[i][d_i[i] >= 0], tie)  # FAISS order, ties by tie rank
+            (dc, ds), c = first[r], mv[r]
             sc, ss = ranked(sparse[r][0], sparse[r][1] / IMPACT ** 2, tie)
-            c = maxsim(Q, i, P, dc[:k_mv])  # (<= k_mv,) MaxSim of the dense top candidates
             out["dense"].append((dc[:cfg["first"]], ds[:cfg["first"]]))
             out["sparse"].append((sc, ss))
             out["multi-vector"].append(ranked(dc[:cfg["mv"]], c[:cfg["mv"]], tie))
@@ -325,6 +334,21 @@ def paper_rows(Q, P, task, tie, index="Flat", index_params="", qbatch=32, progre
             out["all"].append(ranked(ca, w_all @ s3 / w_all.sum(), tie))  # compute_score's weighted average
             for row, (w, score) in others.items():
                 out[row].append(ranked(ca, score(s3, w), tie))
+    return out
+
+
+def encoded_maxsim(Q, qrows, cands, encode, chunk=1024):
+    """MaxSim of query qrows[r] with passages cands[r], for each r, over token vectors encoded now: encode(ids) gives
+    {"cb_ptr", "cb_vecs"} of passages ids (ascending), called for the union of cands, each passage once, chunk
+    passages a call (what bounds the token vectors held at once); scored by maxsim as stored ones are. Per r: (n_r,)."""
+    union = np.unique(np.concatenate(cands)) if cands else np.zeros(0, np.int64)  # (u,) ascending, each passage once
+    out = [np.zeros(len(c), np.float32) for c in cands]
+    for a in range(0, len(union), chunk):
+        part = union[a:a + chunk]  # a range of the sorted union: a candidate is in it iff part[0] <= it <= part[-1]
+        T = encode(part)  # cb_ptr (len(part) + 1,), cb_vecs (tokens of part, D)
+        for r, i in enumerate(qrows):
+            at = np.flatnonzero((cands[r] >= part[0]) & (cands[r] <= part[-1]))  # positions in cands[r]
+            out[r][at] = maxsim(Q, i, T, np.searchsorted(part, cands[r][at]))
     return out
 
 

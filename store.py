@@ -13,6 +13,10 @@ so a restart skips the finished shards (each read and checked first; a damaged o
 half-written one; once all are there they are merged into the store and deleted after meta.json is written. One
 process writes a store at a time (encode.lock; the ranks of one torchrun job share rank 0's); a full disk leaves no
 half file under a final name, and a rerun resumes.
+A store for --colbert_from encode (meta.json "token_vectors": "none") holds dense and sparse only: no offsets.npy, no
+tokens.npy, no shards/NNNNN.tokens.npy; the multi-vector scores of its candidates are encoded when evaluated (eval.py).
+A store written before the field holds float16 token vectors (DEFAULTS). The two kinds are never mixed: meta.json
+and the shards' meta.json say which, and a run asking for the other kind stops naming --colbert_from.
 """
 import contextlib
 import glob
@@ -36,21 +40,68 @@ FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "
          "cb_ptr": "offsets.npy", "cb_vecs": "tokens.npy"}  # packed key -> file
 DTYPES = {"dense": np.float32, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
           "cb_vecs": np.float16}
+TOKEN_KEYS = ("cb_ptr", "cb_vecs")  # what a store without token vectors leaves out
+COLBERT_FROM = {"store": "float16", "encode": "none"}  # --colbert_from -> the token vectors a store holds
+DEFAULTS = {"token_vectors": "float16"}  # meta.json fields a store written before them has, with their value then
 LOCK, CHECKED = "encode.lock", "checked.json"  # in the store's folder: its writer; the mtimes accepted since merge
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the store on disk
 
-def store_meta(key, texts, max_length, mcls):
+def store_meta(key, texts, max_length, mcls, token_vectors="float16"):
     """What a store must match to be read: the model's key, the passages (SHA-256 of their texts), how they were
-    encoded."""
+    encoded, and its token vectors: "float16" (stored) or "none" (--colbert_from encode, COLBERT_FROM)."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode())
         h.update(b"\0")
     return {"format": FORMAT, "model": key, "corpus": h.hexdigest(), "n": len(texts), "max_length": max_length,
-            "mcls": bool(mcls)}
+            "mcls": bool(mcls), "token_vectors": token_vectors}
+
+
+def store_name(meta):
+    """A store's folder name in a cache: store-<hash of meta>, fields at their DEFAULTS value left out (a store
+    written before the field keeps its name)."""
+    named = {k: v for k, v in meta.items() if k not in DEFAULTS or v != DEFAULTS[k]}
+    return "store-" + hashlib.sha256(json.dumps(named).encode()).hexdigest()[:40]
+
+
+def has_tokens(meta):
+    """The store of this meta.json holds passage token vectors."""
+    return meta.get("token_vectors", DEFAULTS["token_vectors"]) != "none"
+
+
+def store_files(meta):
+    """{packed key: file} of the arrays a store of this meta.json holds (FILES, less TOKEN_KEYS' without tokens)."""
+    return {k: f for k, f in FILES.items() if has_tokens(meta) or k not in TOKEN_KEYS}
+
+
+def stored_tokens(path):
+    """The token vectors of the store in path ("float16" or "none"), finished or still in shards; None where no store
+    is written yet."""
+    for f in (os.path.join(path, "meta.json"), os.path.join(path, "shards", "meta.json")):
+        meta = read_json(f)  # None: missing (or unreadable: encode_store and open_store name it)
+        if meta is not None:
+            return meta.get("token_vectors", DEFAULTS["token_vectors"])
+    return None
+
+
+def resolve_colbert_from(colbert_from, path, prefix=""):
+    """Where multi-vector scores come from for the store in path (None: none): colbert_from as given, or by default
+    "encode" for a store without token vectors, else "store". A store of the other kind: a ValueError naming the option
+    (prefix "--" on the command line); the store is left as it is."""
+    if colbert_from not in (None, *COLBERT_FROM):
+        raise ValueError(f"{prefix}colbert_from: expected one of {', '.join(COLBERT_FROM)}; got {colbert_from!r}")
+    held = stored_tokens(path) if path else None
+    if colbert_from is None:
+        return "encode" if held == "none" else "store"
+    if held is not None and held != COLBERT_FROM[colbert_from]:
+        other = "encode" if held == "none" else "store"
+        which = ("holds no passage token vectors (" if held == "none" else f"holds passage token vectors ({held}, ")
+        raise ValueError(f"{prefix}colbert_from {colbert_from}: {path} {which}written with {prefix}colbert_from "
+                         f"{other}): pass {prefix}colbert_from {other} (or leave it out), or another {prefix}store")
+    return colbert_from
 
 
 def as_stored(P):
@@ -60,18 +111,21 @@ def as_stored(P):
 
 
 def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_size=32, mcls=False, shard_size=4096,
-                   passage_prefix=""):
+                   passage_prefix="", colbert_from=None):
     """eval.py encode: the corpus of each BEIR dir ({name: dir}, e.g. one per language) into store_dir/name, sharded
-    over torchrun's ranks (one GPU each), with the passages and the key eval.py evaluates with."""
+    over torchrun's ranks (one GPU each), with the passages and the key eval.py evaluates with. colbert_from "encode":
+    stores without token vectors; "store": with them; None: as a store already begun there, else with them."""
     from beir import load_beir, passage_text
     _, rank, world, _ = init_distributed(12 * 3600, backend="gloo")  # barriers only; rank 0's merge may take hours
     get_model, key, _ = model_loader(model, need_key=True)
     for name, d in dirs.items():
         texts = [passage_prefix + passage_text(r) for r in load_beir(d, split, max_corpus)[0]]  # as eval.py reads them
-        meta = store_meta(key, texts, max_length, mcls)
-        P = encode_store(get_model, texts, os.path.join(store_dir, name), meta, batch_size, shard_size, rank, world)
+        path = os.path.join(store_dir, name)
+        meta = store_meta(key, texts, max_length, mcls, COLBERT_FROM[resolve_colbert_from(colbert_from, path)])
+        P = encode_store(get_model, texts, path, meta, batch_size, shard_size, rank, world)
         if P is not None:
-            print(f"{os.path.join(store_dir, name)}: {meta['n']} passages, {len(P['cb_vecs'])} token vectors")
+            print(f"{path}: {meta['n']} passages, " + (f"{len(P['cb_vecs'])} token vectors" if "cb_vecs" in P else
+                                                       "no token vectors (multi-vector scores: --colbert_from encode)"))
     end_distributed()
 
 
@@ -79,7 +133,7 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
     """The store of texts in out_dir (see the module docstring), encoded now where it is not yet: shard s by rank
     s % world; rank 0 holds the store's lock (store_lock) and merges once every shard is written (a torch.distributed
     barrier when world > 1), the other ranks return None at once. Returns open_store(out_dir) on rank 0. A store or
-    shards of another meta: an error."""
+    shards of another meta: an error. meta's token_vectors "none": no token vectors are written (store_files)."""
     final = os.path.join(out_dir, "meta.json")
     if os.path.exists(final):
         return open_store(out_dir, meta) if rank == 0 else None
@@ -96,14 +150,15 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
         n_shards = -(-len(texts) // shard_size)
         mine = [s for s in range(rank, n_shards, world)]
         size = lambda s: min(shard_size, len(texts) - s * shard_size)
-        todo = [s for s in mine if not finished(shard_path(out_dir, s), size(s))]
+        tokens = has_tokens(meta)
+        todo = [s for s in mine if not finished(shard_path(out_dir, s), size(s), tokens)]
         with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
                   desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
                   smoothing=0.1) as bar:
             for s in todo:
                 enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
                                               max_length=meta["max_length"], mcls=meta["mcls"], progress=False))
-                write_shard(shard_path(out_dir, s), enc)
+                write_shard(shard_path(out_dir, s), enc if tokens else without_tokens(enc))
                 bar.update(size(s))
         barrier(world)  # every shard is written
         if rank != 0:
@@ -164,21 +219,27 @@ def shard_path(out_dir, s):
     return os.path.join(out_dir, "shards", f"{s:05d}")
 
 
+def without_tokens(P):
+    """Packed encodings less their token vectors and offsets (TOKEN_KEYS): what a store without tokens holds."""
+    return {k: v for k, v in P.items() if k not in TOKEN_KEYS}
+
+
 def write_shard(path, enc):
-    """Token vectors (float16) to path.tokens.npy, then the other arrays to path.npz, each under a temporary name
-    and renamed (replacing): the .npz exists only once both are complete."""
-    with replacing(path + ".tokens.npy") as tmp:
-        np.save(tmp, enc["cb_vecs"].astype(np.float16))
+    """Token vectors (float16) to path.tokens.npy (where enc has them), then the other arrays to path.npz, each under a
+    temporary name and renamed (replacing): the .npz exists only once both are complete."""
+    if "cb_vecs" in enc:
+        with replacing(path + ".tokens.npy") as tmp:
+            np.save(tmp, enc["cb_vecs"].astype(np.float16))
     with replacing(path + ".npz") as tmp:
         np.savez(tmp, **{k: v.astype(DTYPES[k]) for k, v in enc.items() if k != "cb_vecs"})
 
 
-def finished(path, n):
+def finished(path, n, tokens=True):
     """Shard path of n passages is written and readable (check_shard); a damaged one is named and encoded again."""
     if not os.path.exists(path + ".npz"):
         return False
     try:
-        check_shard(path, n)
+        check_shard(path, n, tokens)
         return True
     except ValueError as e:
         warnings.warn(f"{e}: encoding it again")
@@ -189,9 +250,9 @@ def finished(path, n):
 def merge(out_dir, meta, n_shards, size):
     """The shards -> the store's .npy files (streamed, one shard at a time), meta.json last with each file's record
     (write_npy); then the shards go."""
-    paths = [shard_path(out_dir, s) for s in range(n_shards)]
+    paths, tokens = [shard_path(out_dir, s) for s in range(n_shards)], has_tokens(meta)
     try:
-        c = [check_shard(p, size(s)) for s, p in enumerate(paths)]  # every shard checked before anything is written
+        c = [check_shard(p, size(s), tokens) for s, p in enumerate(paths)]  # every shard checked before writing
     except ValueError as e:
         raise ValueError(f"{e}: run the same encode again, it encodes this shard again") from None
     H, D = (c[0]["H"], c[0]["D"]) if c else (0, 0)
@@ -209,7 +270,7 @@ def merge(out_dir, meta, n_shards, size):
     shapes = {"dense": (total["n"], H), "sp_ptr": (total["n"] + 1,), "sp_ids": (total["nnz"],),
               "sp_w": (total["nnz"],), "cb_ptr": (total["n"] + 1,), "cb_vecs": (total["tokens"], D)}
     files = {}
-    for key, fname in FILES.items():
+    for key, fname in store_files(meta).items():
         if key in ("sp_ptr", "cb_ptr"):  # (N+1,) pointers, shifted to the whole store's positions
             ptr = [np.zeros(1, np.int64)]
             for p in paths:
@@ -219,16 +280,20 @@ def merge(out_dir, meta, n_shards, size):
         else:
             chunks = (x for p in paths for x in part(p, key))
         files[fname] = write_npy(os.path.join(out_dir, fname), shapes[key], DTYPES[key], chunks)
-    full = dict(meta, hidden=int(H), dim=int(D), nnz=total["nnz"], tokens=total["tokens"], files=files)
+    full = dict(meta, hidden=int(H), nnz=total["nnz"])
+    full.update(dict(dim=int(D), tokens=total["tokens"]) if tokens else {}, files=files)
     with replacing(os.path.join(out_dir, "meta.json")) as tmp, open(tmp, "w") as f:
         json.dump(full, f, indent=1)  # the store is complete
     shutil.rmtree(os.path.join(out_dir, "shards"))
 
 
-def check_shard(path, n):
+def check_shard(path, n, tokens=True):
     """Sizes of a written shard of n passages, its arrays read (token vectors: mapped) and checked against each other;
-    errors (ValueError) name the file and field."""
+    errors (ValueError) name the file and field. tokens False: a shard of a store without token vectors."""
     x = load(path + ".npz")
+    if not tokens:
+        check_packed(x, n, path + ".npz", tokens=False)
+        return dict(n=n, nnz=len(x["sp_ids"]), tokens=0, H=x["dense"].shape[1], D=0)
     tok = load(path + ".tokens.npy", mmap_mode="r")
     if tok.dtype != np.float16 or tok.ndim != 2:
         raise ValueError(f"{path}.tokens.npy: field 'shape': expected (tokens, D) float16, got {tok.shape} {tok.dtype}")
@@ -283,34 +348,39 @@ def check_meta(path, expect):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a store's meta.json ({e.__class__.__name__}: {e})") from None
     for k, v in expect.items():
-        if meta.get(k) != v:
+        got = meta.get(k, DEFAULTS.get(k))  # a field the store was written before: its value then
+        if got != v:
             show = lambda x: x[:12] if isinstance(x, str) and len(x) == 64 else x  # hashes: a prefix is enough
-            raise ValueError(f"{path}: field '{k}': this store was written for {show(meta.get(k))!r}, this run needs "
-                             f"{show(v)!r} (another model, corpus or setting): pass another --store, or remove "
-                             f"{os.path.dirname(path)} to encode again")
+            other = "another --colbert_from" if k == "token_vectors" else "another model, corpus or setting"
+            raise ValueError(f"{path}: field '{k}': this store was written for {show(got)!r}, this run needs "
+                             f"{show(v)!r} ({other}): pass another --store, or remove {os.path.dirname(path)} to "
+                             "encode again")
     return meta
 
 
 def open_store(path, expect=None):
     """The store in path as packed encodings, every array memory-mapped (np.load mmap_mode="r"): nothing is read until
     used. expect: fields meta.json must have (store_meta). Every file is checked against meta.json (dtype, shape,
-    offsets, then check_files: unchanged since merge), naming the file and the field."""
+    offsets, then check_files: unchanged since merge), naming the file and the field. A store without token vectors:
+    no cb_ptr, cb_vecs."""
     if not os.path.exists(os.path.join(path, "meta.json")):
         shards = glob.glob(os.path.join(path, "shards", "*.npz"))
         raise FileNotFoundError(f"{path}: no meta.json: not a finished store ({len(shards)} shards written; "
                                 "python eval.py encode ... finishes it)")
     meta = check_meta(os.path.join(path, "meta.json"), {"format": FORMAT, **(expect or {})})
     shapes = {"dense": (meta["n"], meta["hidden"]), "sp_ptr": (meta["n"] + 1,), "sp_ids": (meta["nnz"],),
-              "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (meta["tokens"], meta["dim"])}
+              "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (meta.get("tokens"), meta.get("dim"))}
     P = {}
-    for key, fname in FILES.items():
+    for key, fname in store_files(meta).items():
         f = os.path.join(path, fname)
         x = load(f, mmap_mode="r")  # missing, truncated, not a .npy: "unreadable"
         if x.dtype != DTYPES[key] or x.shape != shapes[key]:
             raise ValueError(f"{f}: field 'shape': expected {shapes[key]} {np.dtype(DTYPES[key])} (meta.json), got "
                              f"{x.shape} {x.dtype}")
         P[key] = x
-    for key, total in (("sp_ptr", meta["nnz"]), ("cb_ptr", meta["tokens"])):
+    for key, total in (("sp_ptr", meta["nnz"]), ("cb_ptr", meta.get("tokens"))):
+        if key not in P:  # a store without token vectors
+            continue
         ptr = P[key] = np.array(P[key])  # (N+1,) int64 in memory: 8 MB per million passages
         if ptr[0] != 0 or ptr[-1] != total or (np.diff(ptr) < 0).any():
             down = np.flatnonzero(np.diff(ptr) < 0)
@@ -329,10 +399,10 @@ def check_files(path, meta):
     encode, a hash pass minutes) and is checked from then on."""
     record, checked, new = meta.get("files"), read_json(os.path.join(path, CHECKED)) or {}, {}
     if not record and not checked:
-        gb = sum(os.path.getsize(os.path.join(path, f)) for f in FILES.values()) / 1e9
+        gb = sum(os.path.getsize(os.path.join(path, f)) for f in store_files(meta).values()) / 1e9
         warnings.warn(f"{path}: written before stores recorded their files' hashes: hashing them now ({gb:.1f} GB, "
                       "once), checked from now on")
-    for fname in FILES.values():
+    for fname in store_files(meta).values():
         f, st = os.path.join(path, fname), os.stat(os.path.join(path, fname))
         ref = (record or checked).get(fname) or {}  # {} before the record, on first open
         known = [r for r in (ref, checked.get(fname)) if r and r.get("sha1") == ref.get("sha1")]

@@ -32,7 +32,8 @@ def test_the_readme_lists_every_choice_of_every_list():
     table = readme_choices()
     names = {f"model.{n}" for n in ("POOLINGS", "HEADS")} | {"losses.TEACHER_KD", "attention.MODES", "train.DTYPES",
                                                               "logs.REPORT_TO", "jsonl_index.TYPES", "eval.PROTOCOLS",
-                                                              "search.PAPER", "search.FUSION", "search.ROWS"}
+                                                              "search.PAPER", "search.FUSION", "search.ROWS",
+                                                              "store.COLBERT_FROM"}
     assert set(table) == names
     for name, (_, listed) in table.items():
         assert listed == code_list(name), name
@@ -59,7 +60,7 @@ def test_command_line_choices_are_the_lists(capsys):
         return {a.dest: list(a.choices) for a in p._actions if a.choices is not None}
     got = choices(ev.parser())
     assert got == {"pooling": code_list("model.POOLINGS"), "protocol": code_list("eval.PROTOCOLS"),
-                   "task": code_list("search.PAPER")}
+                   "task": code_list("search.PAPER"), "colbert_from": code_list("store.COLBERT_FROM")}
     assert choices(ev.cli_parser("", "train")) == {"pooling": code_list("model.POOLINGS")}  # mine.py's options
     with pytest.raises(SystemExit):
         mine.main(["--ckpt", "x", "--jsonl", "x", "--out", "x", "--pooling", "max"])

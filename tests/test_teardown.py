@@ -54,6 +54,15 @@ def test_finished_two_process_runs_always_exit(setup, tmp_path):
         assert left == [], (i, left)
 
 
+def freeze(proc, out, sig):
+    """sig to every process of the run: torchrun's group, and the ranks with their DataLoader workers, which torchrun
+    starts in sessions of their own (a signal to its group alone leaves them running: they would read the file while
+    the test rewrites it)."""
+    os.killpg(proc.pid, sig)
+    for pid in leftovers(out):
+        os.kill(int(pid), sig)
+
+
 def test_a_rank_stopped_by_a_bad_line_does_not_leave_the_other_waiting(setup, tmp_path):
     out = tmp_path / "bad"
     path = str(setup / "long.jsonl")
@@ -66,7 +75,7 @@ def test_a_rank_stopped_by_a_bad_line_does_not_leave_the_other_waiting(setup, tm
         deadline = time.time() + 120
         while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGSTOP)  # freeze the run while rank 1's later lines are broken
+        freeze(proc, out, signal.SIGSTOP)  # the whole run, while rank 1's later lines are broken
         step = max(json.loads(x)["step"] for x in log.read_text().splitlines())
         tok = M3.from_pretrained(str(setup / "model")).tokenizer
         later = data.epoch_batches(data.open_datasets(path, tok), epoch=0, seed=42, world_size=2, rank=1,
@@ -77,12 +86,13 @@ def test_a_rank_stopped_by_a_bad_line_does_not_leave_the_other_waiting(setup, tm
             lines[batch[0][1]] = lines[batch[0][1]][:-1] + " "
         open(path, "w").write("\n".join(lines))
         t0 = time.time()
-        os.killpg(proc.pid, signal.SIGCONT)
+        freeze(proc, out, signal.SIGCONT)
         stdout, stderr = proc.communicate(timeout=120)  # far below dist_timeout_s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "long.jsonl, line " in stderr and "malformed JSON" in stderr, stderr[-3000:]
+    assert "not at the start of a line" not in stderr and "bytes, " not in stderr, stderr[-3000:]  # read while frozen
     assert time.time() - t0 < 120 and leftovers(out) == []
 
 
