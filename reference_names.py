@@ -38,6 +38,9 @@ FLAGEMBEDDING = {  # their option -> (our key, or None when there is none; a not
     "max_example_num_per_dataset": (None, "not supported: cut the file"),
     "pad_to_multiple_of": (None, "always 8 (data.PAD_MULTIPLE)"),
     "deepspeed": (None, "plain torchrun DDP; for memory: gradient_checkpointing, sub_batch_size, grad_cache"),
+    "eval_steps": ("eval_every", "with eval_sets: BEIR folders evaluated by eval.py's code"),
+    "metric_for_best_model": ("select_metric", "a key <set>/<row>/<metric>, e.g. dev/all/nDCG@10"),
+    "load_best_model_at_end": (None, "with select_metric, out_dir/best holds the best evaluation's weights"),
 }
 
 

@@ -252,3 +252,26 @@ def test_retain_metric_on_a_run_without_its_starting_evaluation_stops(setup, tmp
                                *evaluating(setup, 2, "--select_metric=dev/all/nDCG@10",
                                            "--retain_metric=ret/all/nDCG@10"))])
     assert open(out / "log.jsonl").read() == log and not (out / "best").exists()
+
+
+# ------------------------------------------------------------------------------------ bench/finetune.py's data
+
+def test_the_measured_fine_tune_never_trains_or_selects_on_what_it_reports(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import finetune
+    finetune.prepare(str(tmp_path))
+    qrels = lambda path: [r.split("\t") for r in open(path).read().splitlines()[1:]]  # noqa: E731
+    src = os.path.join(ROOT, "data", "scifact")
+    dev = {q for q, _, _ in qrels(tmp_path / "scifact/qrels/dev.tsv")}
+    train_q = {q for q, _, _ in qrels(os.path.join(src, "qrels/train.tsv"))}
+    test_q = {q for q, _, _ in qrels(tmp_path / "scifact/qrels/test.tsv")}
+    assert len(dev) == finetune.N_DEV and dev <= train_q and not dev & test_q
+    texts = {r["_id"]: r["text"] for r in map(json.loads, open(os.path.join(src, "queries.jsonl")))}
+    lines = open(os.path.join(src, "train_mined.jsonl")).readlines()
+    kept = open(tmp_path / "train_nodev.jsonl").readlines()
+    assert kept == [x for x in lines if json.loads(x)["query"] not in {texts[q] for q in dev}]  # in order, whole
+    assert len(lines) - len(kept) == len(dev)
+    halves = [qrels(tmp_path / f"xquad-en/qrels/{s}.tsv") for s in ("retention", "report")]
+    paragraphs = [{d.split("-")[1] for _, d, _ in h} for h in halves]
+    assert not paragraphs[0] & paragraphs[1] and abs(len(paragraphs[0]) - len(paragraphs[1])) <= 1
+    assert sorted(halves[0] + halves[1]) == sorted(qrels(tmp_path / "xquad-en/qrels/test.tsv"))
