@@ -25,9 +25,9 @@ SET_KEYS = {"data": str, "split": str, "max_corpus": int, "max_queries": int, "q
 DEFAULT_SPLIT = "dev"
 
 
-def set_problems(sets, where="eval_sets"):
-    """[(key, why)] for an eval_sets mapping: names, keys, values, and each set's data folder with its split (checked
-    before a run writes anything: a typo must not cost the training before the first evaluation)."""
+def set_problems(sets, where="eval_sets", data=True):
+    """[(key, why)] for an eval_sets mapping: names, keys, values, and (data) each set's data folder with its split
+    (checked before a run writes anything: a typo must not cost the training before the first evaluation)."""
     if not isinstance(sets, dict):
         return [(where, f"expected a mapping name -> {{data: BEIR_DIR, split: ...}}, got {type(sets).__name__}")]
     problems = []
@@ -47,7 +47,7 @@ def set_problems(sets, where="eval_sets"):
                 problems.append((f"{key}.{k}", f"expected an integer >= {ev.MINIMUM.get(k, 1)}, got {v!r}"))
             elif typ is str and not (isinstance(v, str) and v):
                 problems.append((f"{key}.{k}", f"expected non-empty text, got {v!r}"))
-        if not any(k.startswith(key + ".") for k, _ in problems):
+        if data and not any(k.startswith(key + ".") for k, _ in problems):
             error = data_error(os.path.expanduser(spec["data"]), spec.get("split", DEFAULT_SPLIT))
             if error:
                 problems.append((f"{key}.data", error))
@@ -132,11 +132,18 @@ def config_problems(cfg):
               "guards the choice of the best checkpoint: set select_metric")]
     problems = [(key, why) for key, ok, why in rules if not ok]
     if on and cfg.eval_sets:
-        problems += set_problems(cfg.eval_sets)
+        problems += set_problems(cfg.eval_sets, data=False)  # the folders: check_data, when the run starts
     if not problems:
         problems += [(k, metric_problem(getattr(cfg, k), cfg.eval_sets)) for k in ("select_metric", "retain_metric")
                      if getattr(cfg, k) and metric_problem(getattr(cfg, k), cfg.eval_sets)]
     return problems
+
+
+def check_data(cfg):
+    """Before a run loads anything: every evaluation set's folder and split (a config names data it may not have yet,
+    as train_data)."""
+    for key, why in set_problems(cfg.eval_sets) if cfg.eval_every else []:
+        stop(f"config: {key}={cfg.eval_sets[key.split('.')[1]].get('data')!r}: {why}")
 
 
 def evaluation(model, cfg, step, history, log, writer, save_best):

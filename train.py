@@ -236,6 +236,7 @@ def main(argv):
     cfg = load_config(argv)
     resume, state = find_resume(cfg)  # every rank checks the same files before any process group work
     check_start(cfg, resume)
+    selection.check_data(cfg)
     if torch.cuda.is_available():  # the fp32 score matmuls on tensor cores: their bf16 inputs are exact in TF32
         torch.backends.cuda.matmul.allow_tf32 = True
     ddp, rank, world, device = init_distributed(cfg.dist_timeout_s)
