@@ -269,11 +269,11 @@ def start_run_dir(cfg, step):
         with open(log + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log + ".tmp", log)
-    if (best_step(cfg.out_dir) or 0) > step:
+    kept = best_step(cfg.out_dir)
+    if (kept or 0) > step:
         shutil.rmtree(os.path.join(cfg.out_dir, "best.superseded"), ignore_errors=True)
         os.rename(os.path.join(cfg.out_dir, "best"), os.path.join(cfg.out_dir, "best.superseded"))
-        print0(f"best: step {best_step(os.path.join(cfg.out_dir, 'best.superseded'))} is re-run now; its best "
-               "checkpoint moved to best.superseded")
+        print0(f"best: step {kept} is re-run now; its best checkpoint moved to best.superseded")
     with open(os.path.join(cfg.out_dir, "config.yaml.tmp"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
     os.replace(os.path.join(cfg.out_dir, "config.yaml.tmp"), os.path.join(cfg.out_dir, "config.yaml"))

@@ -61,11 +61,11 @@ def read_sets(path):
         with open(path, encoding="utf-8") as f:
             items = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
-        raise SystemExit(f"--eval_sets {path}: {e}")
+        stop(f"--eval_sets {path}: {e}")
     sets = items.get("eval_sets") if isinstance(items, dict) and "eval_sets" in items else items
     problems = set_problems(sets, "eval_sets" if sets is not items else os.path.basename(path))
     if problems:
-        raise SystemExit(f"--eval_sets {path}: " + "; ".join(f"{k}: {why}" for k, why in problems))
+        stop(f"--eval_sets {path}: " + "; ".join(f"{k}: {why}" for k, why in problems))
     return sets
 
 
