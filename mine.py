@@ -60,14 +60,17 @@ def filter_error(max_pos_ratio, min_margin, prefix=""):
 def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m3", seed=0, scores=False,
          query_max_len=64, passage_max_len=512, batch_size=32, index="Flat", index_params="", colbert_index="Flat",
          colbert_k=64, cache_dir=None, query_prefix="", passage_prefix="", prompts=None, max_pos_ratio=None,
-         min_margin=None, stats=None):
+         min_margin=None, stats=None, dropped=None):
     """FlagEmbedding records {query, pos, neg[, pos_scores, neg_scores]}: n_neg negatives drawn uniformly from the fused
     ranks [lo, hi) (0-based, positives keep their ranks) minus positives, texts equal to a positive, the query and the
-    candidates positive_aware drops (dense scores; off by default); None for a query without a positive or left without
-    a negative (main reports and drops them). positives[i]: indices into passages; weights: a search.FUSION name (its
-    all-three row) or 3 numbers. Encoded: prompts[i] (a line's prompt, if not None) or query_prefix + query i,
-    passage_prefix + passage. stats: a dict to receive the candidates at ranks lo-hi of the queries with a positive
-    and how many each rule dropped (a candidate both drop counts in each, once in dropped)."""
+    candidates positive_aware drops (dense scores; off by default), fewer where fewer are left (none: training borrows
+    other examples' negatives for it); None for a query without a positive, or, with scores, left without a negative
+    (teacher_kd has no score for a borrowed one): main reports and leaves them out. positives[i]: indices into
+    passages; weights: a search.FUSION name (its all-three row) or 3 numbers. Encoded: prompts[i] (a line's prompt, if
+    not None) or query_prefix + query i, passage_prefix + passage. stats: a dict to receive the candidates at ranks
+    lo-hi of the queries with a positive and how many each rule dropped (a candidate both drop counts in each, once in
+    dropped). dropped: a list to receive (query index, passage index, its dense score, the lowest positive's) for
+    every candidate the filter drops."""
     error = ev.option_error(weights, ranks=(lo, hi), n_neg=n_neg, colbert_k=colbert_k, batch_size=batch_size,
                             query_max_len=query_max_len, passage_max_len=passage_max_len)
     error = error or filter_error(max_pos_ratio, min_margin)
@@ -95,13 +98,16 @@ def mine(model, queries, positives, passages, lo=10, hi=100, n_neg=7, weights="m
         if len(pos):
             counts["candidates_in_window"] += int(ok.sum())
         if len(pos) and (max_pos_ratio is not None or min_margin is not None):  # the positives' exact dense scores
-            ratio, margin = positive_aware(search.dense_pairs(Q, i, P, top[ok]), search.dense_pairs(Q, i, P, pos),
-                                           max_pos_ratio, min_margin)
+            s, p = search.dense_pairs(Q, i, P, top[ok]), search.dense_pairs(Q, i, P, pos)
+            ratio, margin = positive_aware(s, p, max_pos_ratio, min_margin)
+            if dropped is not None:
+                drop = ratio | margin
+                dropped += [(i, int(j), float(x), float(np.min(p))) for j, x in zip(top[ok][drop], s[drop])]
             for k, n in (("dropped_by_ratio", ratio), ("dropped_by_margin", margin), ("dropped", ratio | margin)):
                 counts[k] += int(n.sum())
             ok[ok] = ~(ratio | margin)
         pick = np.sort(rng.choice(ok.sum(), min(n_neg, ok.sum()), replace=False))  # in rank order
-        if len(pos) == 0 or len(pick) == 0:
+        if len(pos) == 0 or scores and len(pick) == 0:
             out.append(None)
             continue
         rec = {"query": q, "pos": [passages[j] for j in pos], "neg": [passages[j] for j in top[ok][pick]]}
@@ -165,15 +171,17 @@ def main(argv=None):
     counts = {}
     mined = mine(model, queries, positives, pool, lo, hi, a.n_neg, a.weights, a.seed, a.scores, **kw,
                  max_pos_ratio=a.max_pos_ratio, min_margin=a.min_margin, stats=counts)
-    no_neg = [i for i, m in enumerate(mined) if m is None and positives[i]]
+    no_neg = [i for i, m in enumerate(mined) if m is None and positives[i]]  # --scores only
     short = [i for i, m in enumerate(mined) if m is not None and len(m["neg"]) < a.n_neg]
+    empty = sum(not mined[i]["neg"] for i in short)
     if a.drop_short:
         mined = [m if m is None or len(m["neg"]) == a.n_neg else None for m in mined]
     elif short:
-        print(f"kept {len(short)} of {len(queries)} queries with fewer than {a.n_neg} negatives (e.g. "
-              f"{queries[short[0]][:60]!r}); --drop_short leaves them out")
+        print(f"kept {len(short)} of {len(queries)} queries with fewer than {a.n_neg} negatives, {empty} with none "
+              f"(training borrows other examples' negatives for those) (e.g. {queries[short[0]][:60]!r}); "
+              "--drop_short leaves them out")
     for why, bad in (("no positive in the corpus", [i for i, p in enumerate(positives) if not p]),
-                     (f"no negative in ranks {lo}-{hi}", no_neg),
+                     (f"no negative in ranks {lo}-{hi} (--scores: a borrowed one has no teacher score)", no_neg),
                      (f"fewer than {a.n_neg} negatives (--drop_short)", short if a.drop_short else [])):
         if bad:
             print(f"left out {len(bad)} of {len(queries)} queries with {why} (e.g. {queries[bad[0]][:60]!r})")

@@ -84,19 +84,20 @@ def random_sparse_head(src, dst):
     return dst
 
 
-def train_config(out, config, seed, steps):
+def train_config(out, config, seed, steps, extra=()):
     """The three stages of one configuration and seed -> the final checkpoint. A stage whose arguments equal another
-    configuration's (stage 1 of ours and of without self-KD, say) is trained once."""
+    configuration's (stage 1 of ours and of without self-KD, say) is trained once. extra: train.py arguments of every
+    stage (bench/mining.py's --train_data), not part of the stages' names: one out dir per extra."""
     _, first, later, last = CONFIGS[config]
     tag = lambda args: "-".join(a.strip("-").replace("=", "") for a in args) or "base"  # noqa: E731
-    s1 = run_stage(out, f"1-{tag(first)}-s{seed}", steps[0], 0, seed, *first)
+    s1 = run_stage(out, f"1-{tag(first)}-s{seed}", steps[0], 0, seed, *first, *extra)
     mid = later
     if config.startswith("random sparse head"):
         s1 = random_sparse_head(s1, os.path.join(out, "ckpt", f"1-random-sparse-s{seed}"))
         mid = ["--random-sparse"]  # only names its stages
-    s2 = run_stage(out, f"2-{tag(mid)}-s{seed}", steps[1], 1, seed, HEADS, f"--init_from={s1}", *later)
+    s2 = run_stage(out, f"2-{tag(mid)}-s{seed}", steps[1], 1, seed, HEADS, f"--init_from={s1}", *later, *extra)
     return run_stage(out, f"3-{tag(mid + last)}-s{seed}", steps[2], 2, seed, HEADS, f"--init_from={s2}", *later,
-                     "--self_distill=true", *last)
+                     "--self_distill=true", *last, *extra)
 
 
 def runs(seeds):

@@ -91,7 +91,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_encoding(setup, cap
     assert calls == []
 
 
-def test_queries_without_a_positive_or_a_negative_are_left_out_and_said(setup, capsys):
+def test_queries_without_a_positive_are_left_out_and_without_a_negative_kept_and_said(setup, capsys):
     tmp, argv = setup
     records = mine.main(argv + ["--out", str(tmp / "m.jsonl")])
     said = capsys.readouterr().out
@@ -102,9 +102,14 @@ def test_queries_without_a_positive_or_a_negative_are_left_out_and_said(setup, c
     narrow = mine.main(argv[:2] + ["--jsonl", str(only_pos), "--range", "0-5", "--cache_dir", "",
                                    "--out", str(tmp / "n.jsonl")])
     said = capsys.readouterr().out
-    assert "left out 1 of 1 queries with no negative in ranks 0-5 (e.g. 'data')" in said and narrow == []
-    assert (tmp / "n.jsonl").read_text() == ""
-    assert mine.mine(tiny_m3(), ["q"], [[0, 1]], ["a", "b"], lo=0, hi=2) == [None]
+    assert "kept 1 of 1 queries with fewer than 7 negatives, 1 with none (training borrows" in said
+    assert narrow == [{"query": "data", "pos": ["model", "query"], "neg": []}]
+    scored = mine.main(argv[:2] + ["--jsonl", str(only_pos), "--range", "0-5", "--cache_dir", "", "--scores",
+                                   "--out", str(tmp / "s.jsonl")])
+    said = capsys.readouterr().out  # teacher_kd cannot train a borrowed negative: left out
+    assert "left out 1 of 1 queries with no negative in ranks 0-5 (--scores: a borrowed one" in said and scored == []
+    assert (tmp / "s.jsonl").read_text() == ""
+    assert mine.mine(tiny_m3(), ["q"], [[0, 1]], ["a", "b"], lo=0, hi=2, scores=True) == [None]
     with pytest.raises(ValueError, match=r"range: 25-30 starts past the passage pool's end \(25 passages\)"):
         mine.mine(tiny_m3(), ["q"], [[0]], [f"p{i}" for i in range(25)], lo=25, hi=30)
 
@@ -188,7 +193,7 @@ def test_positive_aware_mining_keeps_what_the_loop_keeps_and_counts_it(bag_of_wo
     assert 0 < count["dropped_by_ratio"] < count["dropped"] and 0 < count["dropped_by_margin"] < count["dropped"]
     assert kept[queries[2]] == [] and kept[queries[5]] == []  # unretrieved positives: scored exactly, every one drops
     got = {r["query"]: r["neg"] for r in mine.main(argv + filt + ["--n_neg", "100", "--out", str(tmp / "f.jsonl")])}
-    assert got == {q: k for q, k in kept.items() if k}  # in rank order; a query left without a negative is left out
+    assert got == kept  # in rank order; a query left without a negative is kept (training borrows negatives)
     said = capsys.readouterr().out
     assert (f"positive-aware: of {count['candidates_in_window']} candidates in ranks 0-15, dropped "
             f"{count['dropped_by_ratio']} by --max_pos_ratio, {count['dropped_by_margin']} by --min_margin "
@@ -198,7 +203,7 @@ def test_positive_aware_mining_keeps_what_the_loop_keeps_and_counts_it(bag_of_wo
     for drop_short in (False, True):
         out = tmp / f"short{drop_short}.jsonl"
         recs = mine.main(argv + filt + ["--n_neg", "5", "--out", str(out)] + ["--drop_short"] * drop_short)
-        written = [q for q, n in zip(queries, n_kept) if n >= (5 if drop_short else 1)]
+        written = [q for q, n in zip(queries, n_kept) if n >= (5 if drop_short else 0)]
         assert [r["query"] for r in recs] == written
         for r in recs:  # drawn from the kept ones, in rank order
             assert len(r["neg"]) == min(5, len(kept[r["query"]])) and r["neg"] == [t for t in kept[r["query"]]
