@@ -6,9 +6,12 @@ python eval.py --ckpt DIR --data DIR --protocol paper --task miracl|mkqa|mldr [-
 python eval.py ... --protocol paper --colbert_from encode   # a store without token vectors: candidates encoded now
 python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     # a bare encoder, zero-shot (dense row)
 [torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
+python eval.py encode ... --tokens int8|pq32     # token vectors 2x / 22x smaller than float16 on disk (codec.py)
 --protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
 multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
-every head, so fusion never fills in 0 for a passage that one head missed. --protocol paper: each row as the paper
+every head, so fusion never fills in 0 for a passage that one head missed. Passages are encoded into a store (store.py:
+in --cache_dir, or --store) and memory-mapped from it; passage token vectors are float16 there (and in memory with
+--cache_dir ''), so a corpus's token vectors are never in RAM whole. --protocol paper: each row as the paper
 built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only, or
 with --colbert_from encode (the default for a store written with it) a store of dense and sparse only, the candidates'
 token vectors encoded for each batch of queries (each passage once a batch; res["colbert_encoded_per_query"]).
@@ -32,8 +35,8 @@ from runtime import run_command, writable_error, write_atomic
 from search import (FUSION, METRICS, PAPER, PAPER_DEPTH, ROWS, fuse, macro, paper_rows, retrieve, row_weights,
                     run_metrics)
 from st_layout import prompts as st_prompts
-from store import (COLBERT_FROM, as_stored, encode_corpora, encode_store, resolve_colbert_from, store_meta,
-                   store_name, without_tokens)
+from store import (COLBERT_FROM, as_stored, encode_corpora, encode_store, resolve_colbert_from, resolve_tokens,
+                   store_meta, store_name, without_tokens)
 
 PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
 TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights
@@ -60,6 +63,9 @@ def parser():
                    "store (passage token vectors read from the store) or encode (a store of dense and sparse only; "
                    "each query batch's candidates encoded now). Default: encode for a store written with encode, "
                    "else store. With eval.py encode: the store to write")
+    p.add_argument("--tokens", help="how a store holds passage token vectors (codec.py): float16, int8 (2x smaller) or "
+                   "pq<M> (residual product quantisation, M + 2 bytes a vector, e.g. pq32). Default: as the store "
+                   "holds them, else float16")
     p.add_argument("--langs", help="per-language folders to evaluate, comma-separated (default: all)")
     p.add_argument("--mcls", action="store_true", help="MCLS for long passages (SPEC 5.3)")
     p.add_argument("--sweep", action="store_true", help="also score a small grid of fusion weights")
@@ -109,15 +115,16 @@ def main(argv=None):
         for name in dirs or {"": a.data}:
             path = a.store and (os.path.join(a.store, name) if dirs else a.store)
             colbert_source(a.colbert_from, None if encode else a.protocol, path, "--")
+            resolve_tokens(a.tokens, path, "--")
     except ValueError as e:
         p.error(str(e))
     if encode:
         return encode_corpora(model, dirs or {"": a.data}, a.store, a.split, a.max_corpus, a.passage_max_len,
                               a.batch_size, a.mcls, a.shard_size, passage_prefix=a.passage_prefix,
-                              colbert_from=a.colbert_from)
+                              colbert_from=a.colbert_from, tokens=a.tokens)
     kw = dict(kw, weights=a.weights, mcls=a.mcls, max_corpus=a.max_corpus, max_queries=a.max_queries, sweep=a.sweep,
               tune_on=a.tune_on, protocol=a.protocol, task=a.task, store=a.store, overwrite=a.overwrite,
-              out_dir=out_dir, colbert_from=a.colbert_from)
+              out_dir=out_dir, colbert_from=a.colbert_from, tokens=a.tokens)
     if dirs:
         return evaluate_langs(model, a.data, dirs, a.split, **kw)
     res = evaluate(model, a.data, a.split, depth=a.depth, **kw)
@@ -131,19 +138,22 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
              colbert_index="Flat", colbert_k=64, query_max_len=64, passage_max_len=512, batch_size=32, mcls=False,
              cache_dir=None, max_corpus=None, sweep=False, out_dir=None, overwrite=False, verbose=True,
              protocol="exact", task=None, store=None, shard_size=4096, query_prefix="", passage_prefix="",
-             tune_on=None, passages=None, max_queries=None, colbert_from=None):
+             tune_on=None, passages=None, max_queries=None, colbert_from=None, tokens=None):
     """Every row of search.ROWS (SPEC 6.2) on a BEIR split; model: M3, checkpoint, a function returning an M3 or
     model_loader's triple; protocol "exact" (weights: a FUSION name or 3 numbers) or "paper" (task: a search.PAPER
-    name, default miracl; the exact protocol takes none). store: a store.py folder for the passages (default with the
-    paper protocol: one in cache_dir, else in memory). out_dir/metrics.json records the checkpoint and replaces
-    another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3). The prefixes go before every
-    query / passage, as training's Config.query_prefix / passage_prefix. tune_on: another split whose queries choose
-    the fusion weights (tune_weights; the passages are encoded once unless max_corpus slices another corpus for it);
-    adds the TUNED rows, and res["tuned"]. passages: (texts, encodings) of texts encoded already, reused if they are
-    this corpus's (tune_weights hands its caller's over). max_queries: the first N queries of the qrels file.
+    name, default miracl; the exact protocol takes none). store: a store.py folder for the passages (default: one in
+    cache_dir, else in memory, with float16 token vectors as a store's). out_dir/metrics.json records the
+    checkpoint and replaces another's only on overwrite. mcls applies to passages only (long documents, SPEC 5.3). The
+    prefixes go before every query / passage, as training's Config.query_prefix / passage_prefix. tune_on: another
+    split whose queries choose the fusion weights (tune_weights; the passages are encoded once unless max_corpus
+    slices another corpus for it); adds the TUNED rows, and res["tuned"]. passages: (texts, encodings) of texts
+    encoded already, reused if they are this corpus's (tune_weights hands its caller's over). max_queries: the first N
+    queries of the qrels file.
     colbert_from (the paper protocol): "store", MaxSim over the store's token vectors; "encode", a store of dense and
     sparse only and the candidates' token vectors encoded per query batch (res["colbert_encoded_per_query"]); None:
-    "encode" for a store without token vectors, else "store" (colbert_source)."""
+    "encode" for a store without token vectors, else "store" (colbert_source). tokens: how the store holds token
+    vectors (codec.py: float16, int8, pq<M>; default as a store there holds them, else float16); compact ones need a
+    store (store or cache_dir)."""
     error = option_error(weights, protocol=protocol, task=task, sweep=sweep, tune_on=tune_on, split=split, depth=depth,
                          colbert_k=colbert_k, batch_size=batch_size, query_max_len=query_max_len,
                          passage_max_len=passage_max_len, shard_size=shard_size,
@@ -158,6 +168,11 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     if error:
         raise ValueError(error)
     colbert_from = colbert_source(colbert_from, protocol, store)  # a store of the other kind: before anything is read
+    tokens = resolve_tokens(tokens, store)
+    if tokens != "float16" and (colbert_from == "encode" or not (store or cache_dir)):
+        raise ValueError(f"tokens {tokens}: " + ("a store for colbert_from encode holds no token vectors"
+                                                 if colbert_from == "encode" else "compact token vectors are a "
+                                                 "store's: pass store (--store) or cache_dir"))
     task = task or "miracl" if protocol == "paper" else None
     t0 = time.time()
     corpus, queries, qrels, missing = load_beir(data_dir, split, max_corpus, max_queries=max_queries)
@@ -175,13 +190,12 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     texts = [passage_prefix + passage_text(r) for r in corpus]
     if passages is not None and passages[0] == texts:  # tune_weights: its caller's passages
         P = passages[1]
-    elif store or protocol == "paper" and cache_dir:  # passages on disk, token vectors read for candidates only
-        meta = store_meta(key, texts, passage_max_len, mcls, COLBERT_FROM[colbert_from])
+    elif store or cache_dir:  # passages on disk, memory-mapped: pages are read as used, token vectors float16
+        meta = store_meta(key, texts, passage_max_len, mcls, "none" if colbert_from == "encode" else tokens)
         store = store or os.path.join(cache_dir, store_name(meta))
         P = encode_store(get_model, texts, store, meta, batch_size, shard_size, progress=verbose)
-    else:  # in memory; the paper protocol reads a store's dtypes, so its scores do not depend on where P is
-        P = encode_cached(get_model, texts, passage_max_len, batch_size, mcls, cache_dir, key)
-        P = as_stored(P) if protocol == "paper" else P
+    else:  # in memory with a store's dtypes, so the scores do not depend on where P is
+        P = as_stored(encode_cached(get_model, texts, passage_max_len, batch_size, mcls))
         P = without_tokens(P) if colbert_from == "encode" else P  # as a store without token vectors holds them
     Q = encode_cached(get_model, [query_prefix + r["text"] for r in queries], query_max_len, batch_size, False,
                       cache_dir, key)
@@ -197,7 +211,8 @@ def evaluate(model, data_dir, split="test", weights="m3", depth=1000, index="Fla
     res = dict(**ckpt, n_queries=len(queries), n_corpus=len(corpus), missing_qrels_ids=missing, split=split,
                data=os.path.abspath(data_dir), protocol=protocol, index=index, query_max_len=query_max_len,
                passage_max_len=passage_max_len, mcls=mcls, store=store and os.path.abspath(store),
-               query_prefix=query_prefix, passage_prefix=passage_prefix)
+               query_prefix=query_prefix, passage_prefix=passage_prefix,
+               tokens="none" if colbert_from == "encode" else tokens)
     encoder = None  # colbert_from encode: the candidates' token vectors, encoded as the store's passages were
     if protocol == "paper" and colbert_from == "encode":
         encoder = TokenEncoder(get_model, texts, passage_max_len, mcls, batch_size)

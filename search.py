@@ -208,8 +208,9 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
-    if use[2] and colbert_k is not None and colbert_k > 0:
-        tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
+    if use[2] and colbert_k is not None and colbert_k > 0:  # Flat over float16 vectors: SQfp16, the same values
+        spec = "SQfp16" if colbert_index == "Flat" and P["cb_vecs"].dtype == np.float16 else colbert_index
+        tok_index = build_index(P["cb_vecs"], spec, params(colbert_index))  # in half the memory
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
     results, empty = [], np.zeros(0, np.int64)

@@ -13,10 +13,12 @@ so a restart skips the finished shards (each read and checked first; a damaged o
 half-written one; once all are there they are merged into the store and deleted after meta.json is written. One
 process writes a store at a time (encode.lock; the ranks of one torchrun job share rank 0's); a full disk leaves no
 half file under a final name, and a rerun resumes.
-A store for --colbert_from encode (meta.json "token_vectors": "none") holds dense and sparse only: no offsets.npy, no
-tokens.npy, no shards/NNNNN.tokens.npy; the multi-vector scores of its candidates are encoded when evaluated (eval.py).
-A store written before the field holds float16 token vectors (DEFAULTS). The two kinds are never mixed: meta.json
-and the shards' meta.json say which, and a run asking for the other kind stops naming --colbert_from.
+meta.json "token_vectors" says how token vectors are held (eval.py --tokens, codec.py): "float16" (tokens.npy, the
+default; a store written before the field), "int8" (tokens_int8.npy + token_scales.npy), "pq<M>" (token_codes.npy +
+token_coarse.npy, the codebooks in codebook_coarse.npy and codebook_sub.npy, trained before the first shard into
+shards/codebook.npz), or "none" (--colbert_from encode): dense and sparse only, no offsets.npy; the multi-vector
+scores of its candidates are encoded when evaluated (eval.py). A shard's token matrix is shards/NNNNN.tokens.npy, its
+per-token side array goes in its .npz. Kinds are never mixed: a run asking for another stops naming the option.
 """
 import contextlib
 import glob
@@ -31,17 +33,20 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+import codec
 from packed import check_packed, load, model_loader, pack
-from runtime import end_distributed, init_distributed, read_json, replacing
+from runtime import end_distributed, init_distributed, read_json, replacing, trim_heap
 from search import release
 
 FORMAT = "m3-store-1"
 FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "sp_w": "sp_w.npy",
-         "cb_ptr": "offsets.npy", "cb_vecs": "tokens.npy"}  # packed key -> file
+         "cb_ptr": "offsets.npy", "cb_vecs": "tokens.npy", "cb_q": "tokens_int8.npy", "cb_scale": "token_scales.npy",
+         "cb_codes": "token_codes.npy", "cb_coarse": "token_coarse.npy", "book_coarse": "codebook_coarse.npy",
+         "book_sub": "codebook_sub.npy"}  # packed (or codec) key -> file
 DTYPES = {"dense": np.float32, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
-          "cb_vecs": np.float16}
+          **codec.DTYPES}
 TOKEN_KEYS = ("cb_ptr", "cb_vecs")  # what a store without token vectors leaves out
-COLBERT_FROM = {"store": "float16", "encode": "none"}  # --colbert_from -> the token vectors a store holds
+COLBERT_FROM = ("store", "encode")  # --colbert_from: MaxSim over the store's token vectors, or encoded candidates
 DEFAULTS = {"token_vectors": "float16"}  # meta.json fields a store written before them has, with their value then
 LOCK, CHECKED = "encode.lock", "checked.json"  # in the store's folder: its writer; the mtimes accepted since merge
 
@@ -51,7 +56,7 @@ LOCK, CHECKED = "encode.lock", "checked.json"  # in the store's folder: its writ
 
 def store_meta(key, texts, max_length, mcls, token_vectors="float16"):
     """What a store must match to be read: the model's key, the passages (SHA-256 of their texts), how they were
-    encoded, and its token vectors: "float16" (stored) or "none" (--colbert_from encode, COLBERT_FROM)."""
+    encoded, and its token vectors: an eval.py --tokens value, or "none" (--colbert_from encode)."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode())
@@ -73,13 +78,15 @@ def has_tokens(meta):
 
 
 def store_files(meta):
-    """{packed key: file} of the arrays a store of this meta.json holds (FILES, less TOKEN_KEYS' without tokens)."""
-    return {k: f for k, f in FILES.items() if has_tokens(meta) or k not in TOKEN_KEYS}
+    """{packed or codec key: file} of the arrays a store of this meta.json holds."""
+    tv = meta.get("token_vectors", DEFAULTS["token_vectors"])
+    keys = [] if tv == "none" else ["cb_ptr", *codec.ARRAYS[codec.kind(tv)], *(codec.BOOK if tv[:2] == "pq" else ())]
+    return {k: FILES[k] for k in ("dense", "sp_ptr", "sp_ids", "sp_w", *keys)}
 
 
 def stored_tokens(path):
-    """The token vectors of the store in path ("float16" or "none"), finished or still in shards; None where no store
-    is written yet."""
+    """The token vectors of the store in path (meta.json's "token_vectors"), finished or still in shards; None where no
+    store is written yet."""
     for f in (os.path.join(path, "meta.json"), os.path.join(path, "shards", "meta.json")):
         meta = read_json(f)  # None: missing (or unreadable: encode_store and open_store name it)
         if meta is not None:
@@ -96,12 +103,23 @@ def resolve_colbert_from(colbert_from, path, prefix=""):
     held = stored_tokens(path) if path else None
     if colbert_from is None:
         return "encode" if held == "none" else "store"
-    if held is not None and held != COLBERT_FROM[colbert_from]:
+    if held is not None and (held == "none") != (colbert_from == "encode"):
         other = "encode" if held == "none" else "store"
         which = ("holds no passage token vectors (" if held == "none" else f"holds passage token vectors ({held}, ")
         raise ValueError(f"{prefix}colbert_from {colbert_from}: {path} {which}written with {prefix}colbert_from "
                          f"{other}): pass {prefix}colbert_from {other} (or leave it out), or another {prefix}store")
     return colbert_from
+
+
+def resolve_tokens(tokens, path, prefix=""):
+    """How the store in path holds its token vectors (eval.py --tokens, codec.py): tokens as given, by default as a
+    store begun there holds them, else float16. A bad value: a ValueError naming the option (prefix "--")."""
+    held = stored_tokens(path) if path else None
+    tokens = tokens or (held if held not in (None, "none") else "float16")
+    error = codec.tokens_error(tokens, prefix=prefix)
+    if error:
+        raise ValueError(error)
+    return tokens
 
 
 def as_stored(P):
@@ -111,21 +129,25 @@ def as_stored(P):
 
 
 def encode_corpora(model, dirs, store_dir, split, max_corpus, max_length, batch_size=32, mcls=False, shard_size=4096,
-                   passage_prefix="", colbert_from=None):
+                   passage_prefix="", colbert_from=None, tokens=None):
     """eval.py encode: the corpus of each BEIR dir ({name: dir}, e.g. one per language) into store_dir/name, sharded
     over torchrun's ranks (one GPU each), with the passages and the key eval.py evaluates with. colbert_from "encode":
-    stores without token vectors; "store": with them; None: as a store already begun there, else with them."""
+    stores without token vectors; "store": with them, held as tokens says (resolve_tokens); None: as a store already
+    begun there, else with them."""
     from beir import load_beir, passage_text
     _, rank, world, _ = init_distributed(12 * 3600, backend="gloo")  # barriers only; rank 0's merge may take hours
     get_model, key, _ = model_loader(model, need_key=True)
     for name, d in dirs.items():
         texts = [passage_prefix + passage_text(r) for r in load_beir(d, split, max_corpus)[0]]  # as eval.py reads them
         path = os.path.join(store_dir, name)
-        meta = store_meta(key, texts, max_length, mcls, COLBERT_FROM[resolve_colbert_from(colbert_from, path)])
+        source = resolve_colbert_from(colbert_from, path)
+        tv = "none" if source == "encode" else resolve_tokens(tokens, path)
+        meta = store_meta(key, texts, max_length, mcls, tv)
         P = encode_store(get_model, texts, path, meta, batch_size, shard_size, rank, world)
         if P is not None:
-            print(f"{path}: {meta['n']} passages, " + (f"{len(P['cb_vecs'])} token vectors" if "cb_vecs" in P else
-                                                       "no token vectors (multi-vector scores: --colbert_from encode)"))
+            print(f"{path}: {meta['n']} passages, " + (f"{len(P['cb_vecs'])} token vectors ({tv})" if "cb_vecs" in P
+                                                       else "no token vectors (multi-vector scores: --colbert_from "
+                                                       "encode)"))
     end_distributed()
 
 
@@ -133,10 +155,16 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
     """The store of texts in out_dir (see the module docstring), encoded now where it is not yet: shard s by rank
     s % world; rank 0 holds the store's lock (store_lock) and merges once every shard is written (a torch.distributed
     barrier when world > 1), the other ranks return None at once. Returns open_store(out_dir) on rank 0. A store or
-    shards of another meta: an error. meta's token_vectors "none": no token vectors are written (store_files)."""
+    shards of another meta: an error. meta's token_vectors: how token vectors are written ("none": not at all)."""
     final = os.path.join(out_dir, "meta.json")
     if os.path.exists(final):
         return open_store(out_dir, meta) if rank == 0 else None
+    tv = meta["token_vectors"]
+    if tv.startswith("pq"):  # M must divide the token vectors' dimensions: known from one passage, before any write
+        error = codec.tokens_error(tv, pack(get_model().encode(texts[:1], max_length=8, progress=False))["cb_vecs"]
+                                   .shape[1])
+        if error:
+            raise ValueError(error)
     sdir = os.path.join(out_dir, "shards")
     os.makedirs(out_dir, exist_ok=True)
     with store_lock(out_dir) if rank == 0 else contextlib.nullcontext():
@@ -150,21 +178,40 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
         n_shards = -(-len(texts) // shard_size)
         mine = [s for s in range(rank, n_shards, world)]
         size = lambda s: min(shard_size, len(texts) - s * shard_size)
-        tokens = has_tokens(meta)
-        todo = [s for s in mine if not finished(shard_path(out_dir, s), size(s), tokens)]
+        book = shard_codebook(out_dir, get_model, texts, meta, batch_size, rank, world)
+        todo = [s for s in mine if not finished(shard_path(out_dir, s), size(s), tv)]
         with tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)), unit="passage",
                   desc=f"encode {os.path.basename(os.path.normpath(out_dir))}", disable=not progress or rank != 0,
                   smoothing=0.1) as bar:
             for s in todo:
-                enc = pack(get_model().encode(texts[s * shard_size:s * shard_size + size(s)], batch_size=batch_size,
-                                              max_length=meta["max_length"], mcls=meta["mcls"], progress=False))
-                write_shard(shard_path(out_dir, s), enc if tokens else without_tokens(enc))
+                enc = encode_compact(get_model, texts[s * shard_size:s * shard_size + size(s)], meta, batch_size, book)
+                write_shard(shard_path(out_dir, s), enc, tv)
+                del enc
+                trim_heap()
                 bar.update(size(s))
         barrier(world)  # every shard is written
         if rank != 0:
             return None
         merge(out_dir, meta, n_shards, size)
         return open_store(out_dir, meta)
+
+
+def shard_codebook(out_dir, get_model, texts, meta, batch_size=32, rank=0, world=1):
+    """A pq store's codebooks (codec.train on the token vectors of codec.TRAIN_PASSAGES passages drawn with seed 0):
+    trained by rank 0 into shards/codebook.npz before any shard (a resume reads them), then read by every rank; {}
+    for the other kinds."""
+    tv = meta["token_vectors"]
+    if not tv.startswith("pq"):
+        return {}
+    path = os.path.join(out_dir, "shards", "codebook.npz")
+    if rank == 0 and not os.path.exists(path):
+        pick = np.sort(np.random.default_rng(0).choice(len(texts), min(len(texts), codec.TRAIN_PASSAGES), False))
+        x = pack(get_model().encode([texts[i] for i in pick], batch_size=batch_size, max_length=meta["max_length"],
+                                    mcls=meta["mcls"], progress=False))["cb_vecs"]  # (sample tokens, D) float32
+        with replacing(path) as tmp:
+            np.savez(tmp, **codec.train(x, tv))
+    barrier(world)
+    return load(path)  # damaged: a ValueError naming it
 
 
 @contextlib.contextmanager
@@ -224,17 +271,40 @@ def without_tokens(P):
     return {k: v for k, v in P.items() if k not in TOKEN_KEYS}
 
 
-def write_shard(path, enc):
-    """Token vectors (float16) to path.tokens.npy (where enc has them), then the other arrays to path.npz, each under a
-    temporary name and renamed (replacing): the .npz exists only once both are complete."""
-    if "cb_vecs" in enc:
+def encode_compact(get_model, texts, meta, batch_size=32, book=None, tokens=1 << 18):
+    """pack(model.encode(texts)) with the token vectors as the store holds them (codec.compress; "none": left out),
+    encoded in chunks of at most `tokens` passage tokens: float32 token vectors of one chunk are held at a time, never a
+    shard's (4,096 passages x 512 tokens x 1,024 dims would be 8.6 GB, twice while packed)."""
+    tv, chunk = meta["token_vectors"], max(1, tokens // meta["max_length"])
+    parts = []
+    for a in range(0, len(texts), chunk):
+        enc = pack(get_model().encode(texts[a:a + chunk], batch_size=batch_size, max_length=meta["max_length"],
+                                      mcls=meta["mcls"], progress=False))
+        parts.append(without_tokens(enc) | ({"cb_ptr": enc["cb_ptr"], **codec.compress(enc["cb_vecs"], tv, book)}
+                                            if tv != "none" else {}))
+
+    def joined(key):  # the chunks' arrays as one; (n+1,) offsets shifted by the entries of the chunks before
+        if not key.endswith("_ptr"):
+            return np.concatenate([p[key] for p in parts])
+        rows = "sp_ids" if key == "sp_ptr" else codec.ARRAYS[codec.kind(tv)][0]
+        shift = np.cumsum([0] + [len(p[rows]) for p in parts[:-1]])
+        return np.concatenate([[0]] + [p[key][1:] + o for p, o in zip(parts, shift)])
+    return {k: joined(k) for k in parts[0]}
+
+
+def write_shard(path, enc, tokens="float16"):
+    """encode_compact's arrays for a store of token_vectors tokens: the token matrix (codec.MATRIX) to path.tokens.npy,
+    then the other arrays to path.npz, each under a temporary name and renamed (replacing): the .npz exists only once
+    both are complete."""
+    enc = dict(enc)
+    if tokens != "none":
         with replacing(path + ".tokens.npy") as tmp:
-            np.save(tmp, enc["cb_vecs"].astype(np.float16))
+            np.save(tmp, enc.pop(codec.MATRIX[codec.kind(tokens)]))
     with replacing(path + ".npz") as tmp:
-        np.savez(tmp, **{k: v.astype(DTYPES[k]) for k, v in enc.items() if k != "cb_vecs"})
+        np.savez(tmp, **{k: v.astype(DTYPES[k]) for k, v in enc.items()})
 
 
-def finished(path, n, tokens=True):
+def finished(path, n, tokens="float16"):
     """Shard path of n passages is written and readable (check_shard); a damaged one is named and encoded again."""
     if not os.path.exists(path + ".npz"):
         return False
@@ -250,16 +320,18 @@ def finished(path, n, tokens=True):
 def merge(out_dir, meta, n_shards, size):
     """The shards -> the store's .npy files (streamed, one shard at a time), meta.json last with each file's record
     (write_npy); then the shards go."""
-    paths, tokens = [shard_path(out_dir, s) for s in range(n_shards)], has_tokens(meta)
+    paths, tv = [shard_path(out_dir, s) for s in range(n_shards)], meta["token_vectors"]
     try:
-        c = [check_shard(p, size(s), tokens) for s, p in enumerate(paths)]  # every shard checked before writing
+        c = [check_shard(p, size(s), tv) for s, p in enumerate(paths)]  # every shard checked before writing
     except ValueError as e:
         raise ValueError(f"{e}: run the same encode again, it encodes this shard again") from None
-    H, D = (c[0]["H"], c[0]["D"]) if c else (0, 0)
+    H, W = (c[0]["H"], c[0]["W"]) if c else (0, 0)
     total = {k: sum(x[k] for x in c) for k in ("n", "nnz", "tokens")}
+    book = load(os.path.join(out_dir, "shards", "codebook.npz")) if tv.startswith("pq") else {}
+    matrix = codec.MATRIX[codec.kind(tv)] if tv != "none" else None
 
-    def part(p, key):  # one array of shard p: its token vectors in chunks, the rest whole
-        if key == "cb_vecs":
+    def part(p, key):  # one array of shard p: its token matrix in chunks, the rest whole
+        if key == matrix:
             tok = np.load(p + ".tokens.npy", mmap_mode="r")
             for a in range(0, len(tok), 1 << 16):
                 yield np.asarray(tok[a:a + (1 << 16)])
@@ -268,7 +340,8 @@ def merge(out_dir, meta, n_shards, size):
             with np.load(p + ".npz") as z:
                 yield z[key]
     shapes = {"dense": (total["n"], H), "sp_ptr": (total["n"] + 1,), "sp_ids": (total["nnz"],),
-              "sp_w": (total["nnz"],), "cb_ptr": (total["n"] + 1,), "cb_vecs": (total["tokens"], D)}
+              "sp_w": (total["nnz"],), "cb_ptr": (total["n"] + 1,), matrix: (total["tokens"], W),
+              "cb_scale": (total["tokens"],), "cb_coarse": (total["tokens"],), **{k: v.shape for k, v in book.items()}}
     files = {}
     for key, fname in store_files(meta).items():
         if key in ("sp_ptr", "cb_ptr"):  # (N+1,) pointers, shifted to the whole store's positions
@@ -278,27 +351,36 @@ def merge(out_dir, meta, n_shards, size):
                 ptr.append(x[1:] + ptr[-1][-1])
             chunks = ptr
         else:
-            chunks = (x for p in paths for x in part(p, key))
+            chunks = [book[key]] if key in book else (x for p in paths for x in part(p, key))
         files[fname] = write_npy(os.path.join(out_dir, fname), shapes[key], DTYPES[key], chunks)
     full = dict(meta, hidden=int(H), nnz=total["nnz"])
-    full.update(dict(dim=int(D), tokens=total["tokens"]) if tokens else {}, files=files)
+    if matrix:  # the token vectors' dimensions (pq: the codebook's; its matrix holds M codes a token)
+        full.update(dim=int(book["book_coarse"].shape[1] if book else W), tokens=total["tokens"],
+                    **({"codebook": {k: list(v.shape) for k, v in book.items()}} if book else {}))
     with replacing(os.path.join(out_dir, "meta.json")) as tmp, open(tmp, "w") as f:
-        json.dump(full, f, indent=1)  # the store is complete
+        json.dump(dict(full, files=files), f, indent=1)  # the store is complete
     shutil.rmtree(os.path.join(out_dir, "shards"))
 
 
-def check_shard(path, n, tokens=True):
-    """Sizes of a written shard of n passages, its arrays read (token vectors: mapped) and checked against each other;
-    errors (ValueError) name the file and field. tokens False: a shard of a store without token vectors."""
+def check_shard(path, n, tokens="float16"):
+    """Sizes of a written shard of n passages, its arrays read (the token matrix: mapped) and checked against each
+    other; errors (ValueError) name the file and field. tokens: the store's token_vectors ("none": no token arrays)."""
     x = load(path + ".npz")
-    if not tokens:
+    if tokens == "none":
         check_packed(x, n, path + ".npz", tokens=False)
-        return dict(n=n, nnz=len(x["sp_ids"]), tokens=0, H=x["dense"].shape[1], D=0)
+        return dict(n=n, nnz=len(x["sp_ids"]), tokens=0, H=x["dense"].shape[1], W=0)
+    kind = codec.kind(tokens)
+    matrix, dtype = codec.MATRIX[kind], np.dtype(DTYPES[codec.MATRIX[kind]])
     tok = load(path + ".tokens.npy", mmap_mode="r")
-    if tok.dtype != np.float16 or tok.ndim != 2:
-        raise ValueError(f"{path}.tokens.npy: field 'shape': expected (tokens, D) float16, got {tok.shape} {tok.dtype}")
+    if tok.dtype != dtype or tok.ndim != 2:
+        raise ValueError(f"{path}.tokens.npy: field 'shape': expected (tokens, width) {dtype}, got {tok.shape} "
+                         f"{tok.dtype}")
     check_packed(dict(x, cb_vecs=tok), n, path + ".npz")
-    return dict(n=n, nnz=len(x["sp_ids"]), tokens=len(tok), H=x["dense"].shape[1], D=tok.shape[1])
+    for side in (k for k in codec.ARRAYS[kind] if k != matrix):  # one entry per token
+        if side not in x or x[side].shape != (len(tok),):
+            raise ValueError(f"{path}.npz: field '{side}': expected shape ({len(tok)},), got "
+                             f"{x[side].shape if side in x else 'missing'}")
+    return dict(n=n, nnz=len(x["sp_ids"]), tokens=len(tok), H=x["dense"].shape[1], W=tok.shape[1])
 
 
 def write_npy(path, shape, dtype, chunks):
@@ -351,7 +433,7 @@ def check_meta(path, expect):
         got = meta.get(k, DEFAULTS.get(k))  # a field the store was written before: its value then
         if got != v:
             show = lambda x: x[:12] if isinstance(x, str) and len(x) == 64 else x  # hashes: a prefix is enough
-            other = "another --colbert_from" if k == "token_vectors" else "another model, corpus or setting"
+            other = "another --tokens or --colbert_from" if k == "token_vectors" else "another model, corpus or setting"
             raise ValueError(f"{path}: field '{k}': this store was written for {show(got)!r}, this run needs "
                              f"{show(v)!r} ({other}): pass another --store, or remove {os.path.dirname(path)} to "
                              "encode again")
@@ -362,14 +444,17 @@ def open_store(path, expect=None):
     """The store in path as packed encodings, every array memory-mapped (np.load mmap_mode="r"): nothing is read until
     used. expect: fields meta.json must have (store_meta). Every file is checked against meta.json (dtype, shape,
     offsets, then check_files: unchanged since merge), naming the file and the field. A store without token vectors:
-    no cb_ptr, cb_vecs."""
+    no cb_ptr, cb_vecs; compact ones (int8, pq): cb_vecs is a codec.Decoded view that decodes the rows read."""
     if not os.path.exists(os.path.join(path, "meta.json")):
         shards = glob.glob(os.path.join(path, "shards", "*.npz"))
         raise FileNotFoundError(f"{path}: no meta.json: not a finished store ({len(shards)} shards written; "
                                 "python eval.py encode ... finishes it)")
     meta = check_meta(os.path.join(path, "meta.json"), {"format": FORMAT, **(expect or {})})
+    T, D, tv = meta.get("tokens"), meta.get("dim"), meta.get("token_vectors", DEFAULTS["token_vectors"])
     shapes = {"dense": (meta["n"], meta["hidden"]), "sp_ptr": (meta["n"] + 1,), "sp_ids": (meta["nnz"],),
-              "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (meta.get("tokens"), meta.get("dim"))}
+              "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (T, D), "cb_q": (T, D), "cb_scale": (T,),
+              "cb_coarse": (T,), "cb_codes": (T, int(tv[2:]) if tv.startswith("pq") else None),
+              **{k: tuple(v) for k, v in meta.get("codebook", {}).items()}}
     P = {}
     for key, fname in store_files(meta).items():
         f = os.path.join(path, fname)
@@ -388,7 +473,11 @@ def open_store(path, expect=None):
                              f"(meta.json), non-decreasing; got {ptr[0]} .. {ptr[-1]}"
                              + (f", decreasing after entry {down[0]}" if len(down) else ""))
     check_files(path, meta)
-    return P
+    if tv in ("float16", "none"):
+        return P
+    book = {k: np.array(P.pop(k)) for k in codec.BOOK if k in P}  # pq's codebooks, in memory (a few MB)
+    parts = {k: P.pop(k) for k in codec.ARRAYS[codec.kind(tv)]}
+    return dict(P, cb_vecs=codec.Decoded(parts, book, D))
 
 
 def check_files(path, meta):
