@@ -9,12 +9,14 @@ negatives drawn from ranks 10-59, seed 0: the recipe of data/scifact/train_m3min
   r0.95+kd r0.95's file with the same draws and the zero-shot model's own dense scores (mine.py --scores, the M3
            self-teacher), trained with teacher_kd=true (SPEC 3.5), one seed
 Each file trains bench/quality.py's `ours` (20 dense-only + 40 all-heads + 40 unified steps, 4 x 8 at 64/256) with
---train_data=FILE over --seeds seeds, evaluated as quality.py does (exact scores against all 5,183 documents); the
-paired nDCG@10 differences to window have 95% intervals over seeds (t) and over queries (bootstrap). The removed
+--train_data=FILE over --seeds seeds (r0.90 and r0.95+kd: --one_seed, seed 0 only, after the others), evaluated by
+eval.py's exact protocol with its defaults (all 5,183 documents; multi-vector candidates from each query token's 64
+nearest passage tokens; fusion weights 1, 0.3, 1); the paired nDCG@10 differences to window have 95% intervals over
+seeds (t) and over queries (bootstrap). The removed
 negatives: --sample 20 of them drawn at random (seed 0) for a reader to judge, written to <out>/dropped_sample.md.
 Every run writes its checkpoint and result under <out>/<file>/ (--quick: <out>/quick/<file>/): a rerun resumes.
 
-    python bench/mining.py --seeds 3      # ~2 hours on 2 idle CPU cores; last line: mining_all_r0.95_minus_window=...
+    python bench/mining.py --seeds 3   # ~2.5 hours on 2 idle CPU cores; last line: mining_dense_r0.95_minus_window=..
     python bench/mining.py --quick        # 2 steps per stage, 300 documents: checks the script
 """
 import argparse
@@ -31,6 +33,7 @@ import stats  # noqa: E402
 from beir import load_beir, passage_text  # noqa: E402
 from mine import mine  # noqa: E402
 from model import M3  # noqa: E402
+from search import ROWS  # noqa: E402
 
 WINDOW = os.path.join(ROOT, "data", "scifact", "train_mined.jsonl")
 RATIOS = (0.95, 0.90)
@@ -101,8 +104,8 @@ def main():
     a = p.parse_args()
     steps = (2, 2, 2) if a.quick else (20, 40, 40)
     data, cache = os.path.join(ROOT, "data", "scifact"), os.path.join(a.out, "cache")
-    ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000, colbert_k=0,
-              tune_on="train", sweep=True, max_corpus=300 if a.quick else None, cache_dir=cache, verbose=False)
+    ev = dict(split="test", query_max_len=64, passage_max_len=256, weights=(1, 0.3, 1), depth=1000,
+              max_corpus=300 if a.quick else None, cache_dir=cache, verbose=False)  # eval.py's defaults otherwise
     files, counts = {"window": WINDOW}, {}
     for r in RATIOS:
         files[f"r{r:.2f}"] = os.path.join(a.out, "data", f"r{r:.2f}.jsonl")
@@ -118,15 +121,15 @@ def main():
         extra = [f"--train_data={files[name]}"] + (["--teacher_kd=true"] if name.endswith("+kd") else [])
         train = functools.partial(quality.train_config, extra=extra)
         out = os.path.join(a.out, "quick" if a.quick else "", name)
-        results[name] = quality.run_all(out, seed + 1, steps, ev, data, train, only="ours")["ours"]
+        results[name] = quality.run_all(out, seed + 1, steps, ev, data, train, only="ours", rows=ROWS)["ours"]
     results = {name: results[name] for name in files if name in results}  # the table in the files' order
     for name, c in counts.items():
         print(f"{name}: of {c['candidates_in_window']} candidates at ranks 10-59 of {c['queries_written']} queries, "
               f"dropped {c['dropped']} ({c['dropped'] / c['candidates_in_window']:.1%}); {c['queries_short']} queries "
               f"kept with fewer than 7 negatives, {no_neg(files[name])} with none (training borrows negatives)")
-    print(f"{'file':10s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in quality.ROWS))
+    print(f"{'file':10s} {'seeds':>5s} " + " ".join(f"{r:>21s}" for r in ROWS))
     for name, runs in results.items():
-        print(f"{name:10s} {len(runs):5d} " + " ".join(f"{quality.cell(runs, r):>21s}" for r in quality.ROWS))
+        print(f"{name:10s} {len(runs):5d} " + " ".join(f"{quality.cell(runs, r):>21s}" for r in ROWS))
     per = lambda runs, row: np.array([r["per_query_ndcg10"][row] for r in runs])  # noqa: E731 (seeds, queries)
     print("paired nDCG@10 differences to window, 95% intervals over seeds (t) and over queries (bootstrap):")
     last = {}
@@ -134,7 +137,7 @@ def main():
         base = results["window"][:len(runs)]
         if name == "window":
             continue
-        for row in quality.ROWS:
+        for row in ROWS:
             d, lo, hi = stats.seed_interval(per(runs, row), per(base, row))
             _, blo, bhi = stats.query_bootstrap(per(runs, row), per(base, row))
             seeds = f"seeds [{lo:+.4f}, {hi:+.4f}]  " if len(runs) > 1 else ""

@@ -121,21 +121,23 @@ def current(path, rows=ROWS):
     return r if r and set(rows) <= set(r["rows"]) and r.get("grid") == [list(w) for w in SWEEP] else None
 
 
-def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate, only=None):
-    """Every (configuration, seed) without a current result file: train, evaluate, write the result -> {config:
-    [results]}. train_fn None: only read the results written so far. only: train that configuration alone."""
+def run_all(out, seeds, steps, ev, data, train_fn=train_config, eval_fn=evaluate, only=None, rows=ROWS):
+    """Every (configuration, seed) without a current result file (one with every row of rows): train, evaluate, write
+    the result -> {config: [results]}. train_fn None: only read the results written so far. only: train that
+    configuration alone."""
     os.makedirs(os.path.join(out, "results"), exist_ok=True)
     results = {}
     for config, seed in runs(seeds):
         path = os.path.join(out, "results", f"{config}-s{seed}.json")
-        if current(path) is None and train_fn is not None and (not only or config == only):
+        if current(path, rows) is None and train_fn is not None and (not only or config == only):
             torch.manual_seed(0)  # zero-shot: the same seeded random colbert head every run, as eval.py's
             model = M3.from_pretrained("minilm", new_heads=True, pooling="mean") if config == "zero-shot" else \
                 train_fn(out, config, seed, steps)  # an existing checkpoint is not trained again
             res = eval_fn(model, data, **ev)
             with open(path + ".tmp", "w") as f:
                 json.dump({**{k: res[k] for k in ("rows", "per_query_ndcg10", "tuned") if k in res},
-                           "best on test": best_fused(res), "grid": [list(w) for w in SWEEP]}, f)
+                           **({"best on test": best_fused(res)} if "sweep" in res else {}),
+                           "grid": [list(w) for w in SWEEP]}, f)
             os.replace(path + ".tmp", path)  # a result file is whole or absent
         if os.path.exists(path):  # else: only the results written so far (or only those of one configuration)
             results.setdefault(config, []).append(json.load(open(path)))
