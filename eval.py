@@ -35,8 +35,9 @@ from runtime import run_command, writable_error, write_atomic
 from search import (FUSION, METRICS, PAPER, PAPER_DEPTH, ROWS, fuse, macro, paper_rows, retrieve, row_weights,
                     run_metrics)
 from st_layout import prompts as st_prompts
-from store import (COLBERT_FROM, as_stored, encode_corpora, encode_store, resolve_colbert_from, resolve_tokens,
-                   store_meta, store_name, without_tokens)
+from shards import encode_corpora, encode_store
+from store import (COLBERT_FROM, as_stored, resolve_colbert_from, resolve_tokens, store_meta, store_name,
+                   without_tokens)
 
 PROTOCOLS = ("exact", "paper")  # --protocol: every head retrieves and the union is scored exactly; or SPEC 6.2's rows
 TUNED = {"tuned d+s": "dense+sparse", "tuned all": "all"}  # --tune_on's rows: these fused rows with tuned weights

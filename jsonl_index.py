@@ -160,8 +160,9 @@ MINE_STATS = ".stats.json"  # mine.py's counts beside a mined file: not training
 
 def training_files(path):
     """[(file, no_in_batch_neg)] of train_data `path` (SPEC 4.1): the file itself, or every .jsonl/.json file under
-    the folder (any case, sorted, index caches and mine.py's <out>.stats.json left out). A compressed file stops with its name (the index keeps
-    byte offsets into a file: it cannot read a stream), unless its decompressed copy sits beside it (`gunzip -k`).
+    the folder (any case, sorted, index caches and mine.py's <out>.stats.json left out). A compressed file stops with
+    its name (the index keeps byte offsets into a file: it cannot read a stream), unless its decompressed copy sits
+    beside it (`gunzip -k`).
     no_in_batch_neg: the file's name (before .jsonl) or a folder above it ends in no_in_batch_neg, up to the folder
     passed (its own name included) or, for a file passed alone, the folder that holds it."""
     if os.path.isdir(path):

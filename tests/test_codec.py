@@ -12,6 +12,7 @@ import codec
 import eval as ev
 import packed
 import search
+import shards
 import store
 from test_eval import NoisyTokens, write_beir
 from test_scale import TEXTS, write_store
@@ -65,7 +66,7 @@ def test_int8_store_keeps_maxsim_rankings_apart_from_near_ties(tmp_path):
     m = NoisyTokens()
     f16 = write_store(tmp_path, TEXTS, m, name="f16")
     meta = store.store_meta(packed.model_key(m), TEXTS, 64, False, "int8")
-    i8 = store.encode_store(lambda: m, TEXTS, str(tmp_path / "i8"), meta, 4, 7, progress=False)
+    i8 = shards.encode_store(lambda: m, TEXTS, str(tmp_path / "i8"), meta, 4, 7, progress=False)
     assert isinstance(i8["cb_vecs"], codec.Decoded) and i8["cb_vecs"].shape == f16["cb_vecs"].shape
     Q = packed.pack(m.encode(TEXTS[:8], max_length=64))
     cand = np.arange(len(TEXTS))
@@ -93,19 +94,19 @@ def test_sharded_killed_and_resumed_encode_equals_one_run_for_each_kind(tmp_path
     cmd = ["encode", "--ckpt", str(tmp_path / "ck"), "--data", data, "--shard_size", "8", "--tokens", tokens]
     m.save_pretrained(str(tmp_path / "ck"))
     ev.main(cmd + ["--store", str(tmp_path / "one")])
-    real, saved = store.write_shard, []
+    real, saved = shards.write_shard, []
 
     def crash_in_third(path, enc, *a):
         if len(saved) == 2:
             raise KeyboardInterrupt
         saved.append(path)
         real(path, enc, *a)
-    monkeypatch.setattr(store, "write_shard", crash_in_third)
+    monkeypatch.setattr(shards, "write_shard", crash_in_third)
     with pytest.raises(KeyboardInterrupt):
         ev.main(cmd + ["--store", str(tmp_path / "st")])
     monkeypatch.undo()
-    shards = sorted(os.listdir(tmp_path / "st" / "shards"))
-    assert shards == sorted(["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy", "meta.json"] +
+    shard_dir = sorted(os.listdir(tmp_path / "st" / "shards"))
+    assert shard_dir == sorted(["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy", "meta.json"] +
                             (["codebook.npz"] if tokens.startswith("pq") else []))
     ev.main(cmd + ["--store", str(tmp_path / "st")])  # resumes: shards 2 and 3, the same codebook
     one, st = store.open_store(str(tmp_path / "one")), store.open_store(str(tmp_path / "st"))
@@ -155,8 +156,8 @@ def test_a_shard_encoded_in_chunks_equals_one_call_for_each_kind():
         meta = store.store_meta(packed.model_key(m), TEXTS, 64, False, tv)
         book = codec.train(packed.pack(m.encode(TEXTS))["cb_vecs"], tv)
         calls = m.calls
-        one = store.encode_compact(lambda: m, TEXTS, meta, 4, book)
-        chunked = store.encode_compact(lambda: m, TEXTS, meta, 4, book, tokens=5 * 64)  # 23 texts: 5 calls of <= 5
+        one = shards.encode_compact(lambda: m, TEXTS, meta, 4, book)
+        chunked = shards.encode_compact(lambda: m, TEXTS, meta, 4, book, tokens=5 * 64)  # 23 texts: 5 calls of <= 5
         assert m.calls - calls == 1 + 5 and list(one) == list(chunked)
         assert all(np.array_equal(one[k], chunked[k]) and one[k].dtype == chunked[k].dtype for k in one), tv
         assert ("cb_ptr" in one) == (tv != "none") and one["sp_ptr"][-1] == len(one["sp_ids"])

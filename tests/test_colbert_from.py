@@ -15,6 +15,7 @@ import pytest
 import eval as ev
 import packed
 import search
+import shards
 import store
 from beir import passage_text
 from model import M3
@@ -32,7 +33,7 @@ def two_stores(tmp_path, m, texts, **kw):
     out = {}
     for tv in ("float16", "none"):
         meta = store.store_meta(packed.model_key(m), texts, MAX_LEN, False, tv)
-        out[tv] = store.encode_store(lambda: m, texts, str(tmp_path / tv), meta, 4, 7, progress=False, **kw)
+        out[tv] = shards.encode_store(lambda: m, texts, str(tmp_path / tv), meta, 4, 7, progress=False, **kw)
     return out
 
 
@@ -164,7 +165,7 @@ def test_a_store_of_the_other_kind_stops_naming_colbert_from_nothing_encoded_or_
 def test_a_store_written_before_token_vectors_were_recorded_is_a_token_store_under_its_old_name(tmp_path):
     m = NoisyTokens()
     meta = store.store_meta(packed.model_key(m), TEXTS, 64, False)
-    P = store.encode_store(lambda: m, TEXTS, str(tmp_path / "st"), meta, 4, 7, progress=False)
+    P = shards.encode_store(lambda: m, TEXTS, str(tmp_path / "st"), meta, 4, 7, progress=False)
     f = tmp_path / "st" / "meta.json"
     old = {k: v for k, v in json.loads(f.read_text()).items() if k != "token_vectors"}
     f.write_text(json.dumps(old))  # as merge wrote it before the field
@@ -183,26 +184,26 @@ def test_sharded_encode_of_a_store_without_tokens_resumes_and_merges(tmp_path, m
     write_beir(data, np.random.default_rng(9), n_docs=30, n_q=4)  # shards of 8, 8, 8, 6 passages
     cmd = ["encode", "--ckpt", ck, "--data", data, "--shard_size", "8", "--colbert_from", "encode"]
     ev.main(cmd + ["--store", one])  # uninterrupted, one process
-    real, saved = store.write_shard, []
+    real, saved = shards.write_shard, []
 
     def crash_in_third(path, enc, *a):
         if len(saved) == 2:
             raise KeyboardInterrupt
         saved.append(path)
         real(path, enc, *a)
-    monkeypatch.setattr(store, "write_shard", crash_in_third)
+    monkeypatch.setattr(shards, "write_shard", crash_in_third)
     with pytest.raises(KeyboardInterrupt):
         ev.main(cmd + ["--store", st])
     monkeypatch.undo()
-    shards = os.path.join(st, "shards")
-    assert sorted(os.listdir(shards)) == ["00000.npz", "00001.npz", "meta.json"]  # no token files
-    x = dict(np.load(os.path.join(shards, "00000.npz")))
-    np.savez(os.path.join(shards, "00000.npz"), **dict(x, sp_w=2 * x["sp_w"]))  # marks a shard taken as it is
+    shard_dir = os.path.join(st, "shards")
+    assert sorted(os.listdir(shard_dir)) == ["00000.npz", "00001.npz", "meta.json"]  # no token files
+    x = dict(np.load(os.path.join(shard_dir, "00000.npz")))
+    np.savez(os.path.join(shard_dir, "00000.npz"), **dict(x, sp_w=2 * x["sp_w"]))  # marks a shard taken as it is
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               os.path.join(ROOT, "eval.py"), *cmd[:-2], "--store", st]  # no --colbert_from: the shards' kind
     res = run(launch, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "30 passages, no token vectors" in res.stdout and not os.path.exists(shards)
+    assert "30 passages, no token vectors" in res.stdout and not os.path.exists(shard_dir)
     two, ref = store.open_store(st), store.open_store(one)
     assert set(two) == set(ref) == {"dense", "sp_ptr", "sp_ids", "sp_w"}
     assert json.load(open(os.path.join(st, "meta.json")))["token_vectors"] == "none"

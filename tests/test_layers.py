@@ -13,7 +13,7 @@ OURS = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py"))
 SHARED = {"runtime", "logs"}  # what both sides need: rank-0 print, atomic writes, the process group; the logs
 DATA = {"data", "jsonl_index", "beir"}
 TRAINING = {"train", "checkpoints", "gradcache", "losses", "attention", "reference_names"}
-EVALUATION = {"eval", "search", "store", "packed", "mine", "teacher"}
+EVALUATION = {"eval", "search", "store", "shards", "codec", "packed", "mine", "teacher"}
 DOOR = "selection"  # evaluation during training and merging: evaluation's code, called by train.py and merge.py
 ALLOWED = {  # module group -> the modules of ours it may pull in when imported (training: not counting DOOR's)
     **{m: SHARED for m in SHARED},

@@ -14,6 +14,7 @@ import pytest
 import eval as ev
 import packed
 import search
+import shards
 import store
 from runtime import end_distributed
 from test_eval import WORDS, FakeM3, NoisyTokens, rand_out, write_beir
@@ -107,7 +108,7 @@ def test_paper_protocol_equals_brute_force():
 def write_store(tmp_path, texts, model, shard_size=7, name="st", **kw):
     """encode_store of texts with model (key: its weights) into tmp_path/name."""
     meta = store.store_meta(packed.model_key(model), texts, 64, False)
-    return store.encode_store(lambda: model, texts, str(tmp_path / name), meta, 4, shard_size, progress=False, **kw)
+    return shards.encode_store(lambda: model, texts, str(tmp_path / name), meta, 4, shard_size, progress=False, **kw)
 
 
 TEXTS = [" ".join(np.random.default_rng(i).choice(WORDS, 5)) for i in range(23)]
@@ -175,7 +176,7 @@ def test_store_errors_name_file_and_field_and_lose_nothing(tmp_path):
 def test_encoding_resumes_from_finished_shards(tmp_path, monkeypatch):
     full = write_store(tmp_path, TEXTS, NoisyTokens(), name="once")  # 4 shards of 7, the last of 2
     m = NoisyTokens()
-    real, saved = store.write_shard, []
+    real, saved = shards.write_shard, []
 
     def crash_in_third(path, enc, *a):  # the third shard dies half-way: its tokens written, its .npz never renamed
         if len(saved) == 2:
@@ -183,7 +184,7 @@ def test_encoding_resumes_from_finished_shards(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         saved.append(path)
         real(path, enc, *a)
-    monkeypatch.setattr(store, "write_shard", crash_in_third)
+    monkeypatch.setattr(shards, "write_shard", crash_in_third)
     with pytest.raises(KeyboardInterrupt):
         write_store(tmp_path, TEXTS, m)
     assert m.calls == 3 and sorted(os.listdir(tmp_path / "st" / "shards")) == [
@@ -288,7 +289,7 @@ def test_encode_command_then_paper_protocol_reads_the_store(tmp_path, monkeypatc
     files = store.store_files({"token_vectors": "float16"}).values()
     assert sorted(os.listdir(st)) == sorted([*files, "meta.json"])
     calls = []
-    real = store.encode_store
+    real = shards.encode_store
     monkeypatch.setattr(ev, "encode_store", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     argv = ["--ckpt", str(tmp_path / "ck"), "--data", data, "--protocol", "paper", "--cache_dir", ""]
     with_store = ev.main(argv + ["--store", st, "--out", str(tmp_path / "o1"), "--shard_size", "8"])

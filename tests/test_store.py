@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import packed
+import shards
 import store
 from test_eval import FakeM3, NoisyTokens
 from test_scale import TEXTS, write_store
@@ -35,7 +36,7 @@ def interrupted_before_merge(tmp_path, m, monkeypatch):
     """Every shard of TEXTS written into tmp_path/st (4 of 7, 7, 7, 2 passages), the merge interrupted."""
     def stop(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(store, "merge", stop)
+    monkeypatch.setattr(shards, "merge", stop)
     with pytest.raises(KeyboardInterrupt):
         write_store(tmp_path, TEXTS, m)
     monkeypatch.undo()
@@ -51,14 +52,14 @@ def cut(f, keep=0.5):
 def test_a_damaged_shard_is_named_and_encoded_again(tmp_path, monkeypatch):
     full = write_store(tmp_path, TEXTS, NoisyTokens(), name="once")
     m = NoisyTokens()
-    shards = interrupted_before_merge(tmp_path, m, monkeypatch)
+    shard_dir = interrupted_before_merge(tmp_path, m, monkeypatch)
     assert m.calls == 4
-    cut(shards / "00001.npz")  # -> BadZipFile
-    cut(shards / "00002.tokens.npy")  # -> mmap's ValueError
+    cut(shard_dir / "00001.npz")  # -> BadZipFile
+    cut(shard_dir / "00002.tokens.npy")  # -> mmap's ValueError
     meta = store.store_meta(packed.model_key(m), TEXTS, 64, False)
     size = lambda s: min(7, len(TEXTS) - 7 * s)
     with pytest.raises(ValueError, match=r"shards/00001\.npz: unreadable \(BadZipFile: .*run the same encode again"):
-        store.merge(str(tmp_path / "st"), meta, 4, size)  # a torchrun rank's shard damaged: named, nothing written
+        shards.merge(str(tmp_path / "st"), meta, 4, size)  # a torchrun rank's shard damaged: named, nothing written
     assert sorted(os.listdir(tmp_path / "st")) == ["shards"]
     with pytest.warns(UserWarning) as warned:
         P = write_store(tmp_path, TEXTS, m)
@@ -66,7 +67,7 @@ def test_a_damaged_shard_is_named_and_encoded_again(tmp_path, monkeypatch):
     assert any(re.search(r"shards/00001\.npz: unreadable \(BadZipFile: .*\): encoding it again", s) for s in said)
     assert any(re.search(r"shards/00002\.tokens\.npy: unreadable \(ValueError: .*\): encoding it again", s)
                for s in said)
-    assert m.calls == 6 and not os.path.exists(shards)  # shards 1 and 2 only, then merged
+    assert m.calls == 6 and not os.path.exists(shard_dir)  # shards 1 and 2 only, then merged
     same_store(P, full)
 
 
@@ -173,7 +174,7 @@ def test_a_live_lock_stops_a_writer_a_stale_one_is_taken_over_and_errors_release
 
 def test_a_full_disk_names_the_file_leaves_no_half_file_and_a_rerun_resumes(tmp_path, monkeypatch):
     full = write_store(tmp_path, TEXTS, NoisyTokens(), name="once")
-    m, shards = NoisyTokens(), tmp_path / "st" / "shards"
+    m, shard_dir = NoisyTokens(), tmp_path / "st" / "shards"
     real_savez, real_save, real_header = np.savez, np.save, np.lib.format.write_array_header_1_0
 
     def half_then(error, real, when):  # writes a few bytes, then fails as a full disk does
@@ -190,14 +191,14 @@ def test_a_full_disk_names_the_file_leaves_no_half_file_and_a_rerun_resumes(tmp_
                                       "disk full or not writable") as e:
         write_store(tmp_path, TEXTS, m)
     assert e.value.errno == errno.ENOSPC
-    assert sorted(os.listdir(shards)) == ["00000.npz", "00000.tokens.npy", "00001.tokens.npy", "meta.json"]
+    assert sorted(os.listdir(shard_dir)) == ["00000.npz", "00000.tokens.npy", "00001.tokens.npy", "meta.json"]
     monkeypatch.undo()  # space again, until shard 2's tokens
     monkeypatch.setattr(np, "save", half_then(OSError("1536 requested and 0 written"), real_save,  # numpy's words
                                               lambda f, *a: f.endswith("00002.tmp.tokens.npy")))
     with pytest.raises(OSError, match=r"shards/00002\.tokens\.npy: not written \(1536 requested and 0 written\): "
                                       "disk full or not writable"):
         write_store(tmp_path, TEXTS, m)
-    assert sorted(os.listdir(shards)) == ["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy",
+    assert sorted(os.listdir(shard_dir)) == ["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy",
                                           "meta.json"]
     monkeypatch.undo()  # until the merge writes tokens.npy
     monkeypatch.setattr(np.lib.format, "write_array_header_1_0", half_then(
@@ -206,7 +207,7 @@ def test_a_full_disk_names_the_file_leaves_no_half_file_and_a_rerun_resumes(tmp_
         write_store(tmp_path, TEXTS, m)  # while merging: the shards are kept
     assert sorted(os.listdir(tmp_path / "st")) == ["dense.npy", "offsets.npy", "shards", "sp_ids.npy", "sp_ptr.npy",
                                                    "sp_w.npy"]
-    assert len(os.listdir(shards)) == 9 and m.calls == 6
+    assert len(os.listdir(shard_dir)) == 9 and m.calls == 6
     monkeypatch.undo()
     P = write_store(tmp_path, TEXTS, m)  # the cause fixed: resumes, nothing encoded twice
     assert m.calls == 6
