@@ -59,11 +59,6 @@ def store_name(meta):
     return "store-" + hashlib.sha256(json.dumps(named).encode()).hexdigest()[:40]
 
 
-def has_tokens(meta):
-    """The store of this meta.json holds passage token vectors."""
-    return meta.get("token_vectors", DEFAULTS["token_vectors"]) != "none"
-
-
 def store_files(meta):
     """{packed or codec key: file} of the arrays a store of this meta.json holds."""
     tv = meta.get("token_vectors", DEFAULTS["token_vectors"])
