@@ -307,7 +307,14 @@ def test_bench_quick_mode_runs_and_cleans_up(tmp_path):
     res = run([sys.executable, bench, "--quick", "--dir", str(tmp_path)], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout.splitlines()
-    key_rss, key_ms = (kv.split("=") for kv in out[-1].split(" "))
-    assert (key_rss[0], key_ms[0]) == ("eval_rss_mb_2000", "ms_per_query_2000")
-    assert float(key_rss[1]) > 0 and float(key_ms[1]) > 0 and "reranked rows written 1.000" in out[-2]
+    keys = dict(kv.split("=") for kv in out[-1].split(" "))
+    assert list(keys) == ["eval_disk_kb_per_passage", "eval_rss_mb_2000", "ms_per_query_2000"]
+    assert all(float(v) > 0 for v in keys.values())
+    kb = {line.split()[0]: float(line.split()[2]) for line in out if " KB/passage " in line}
+    assert list(kb) == ["encode", "pq8", "int8", "float16"] and float(keys["eval_disk_kb_per_passage"]) == kb["encode"]
+    per_token = {"pq8": 10, "int8": 68, "float16": 128}  # 16 tokens a passage, 64 dims: bytes a token vector
+    book = (4096 + 256) * 64 * 4 / 2000 / 1024  # pq's codebooks: (4096, 64) and (8, 256, 8) float32, over 2,000
+    for opt, b in per_token.items():  # every byte written: the token files add their bytes (+ offsets, headers)
+        least = 16 * b / 1024 + (book if opt == "pq8" else 0)
+        assert least < kb[opt] - kb["encode"] < least + 0.1, opt
     assert os.listdir(tmp_path) == []
