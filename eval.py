@@ -8,13 +8,13 @@ python eval.py --ckpt minilm --new_heads --pooling mean --data data/scifact     
 [torchrun --nproc_per_node 8] eval.py encode --ckpt DIR --data DIR --store DIR  # passages to a store (store.py)
 python eval.py encode ... --tokens int8|pq32     # token vectors 2x / 22x smaller than float16 on disk (codec.py)
 --protocol exact (the default): each head retrieves on its own (dense: FAISS; sparse: exact inverted index;
-multi-vector: FAISS over passage tokens, then exact MaxSim). Every candidate of the union then gets the exact score of
-every head, so fusion never fills in 0 for a passage that one head missed. Passages are encoded into a store (store.py:
-in --cache_dir, or --store) and memory-mapped from it; passage token vectors are float16 there (and in memory with
---cache_dir ''), so a corpus's token vectors are never in RAM whole. --protocol paper: each row as the paper
-built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only, or
-with --colbert_from encode (the default for a store written with it) a store of dense and sparse only, the candidates'
-token vectors encoded for each batch of queries (each passage once a batch; res["colbert_encoded_per_query"]).
+multi-vector: each query token's nearest passage tokens, then exact MaxSim). Every candidate of the union then gets the
+exact score of every head, so fusion never fills in 0 for a passage that one head missed. Passages are encoded into a
+store (store.py: in --cache_dir, or --store) and memory-mapped from it; passage token vectors are float16 there (and in
+memory with --cache_dir ''), so a corpus's token vectors are never in RAM whole. --protocol paper: each row as the paper
+built it (search.paper_rows, SPEC 6.2), passage token vectors read from a store on disk for the candidates only, or with
+--colbert_from encode (the default for a store written with it) a store of dense and sparse only, the candidates' token
+vectors encoded for each batch of queries (each passage once a batch; res["colbert_encoded_per_query"]).
 Ranking ties everywhere: score descending, then doc id ascending (string order). --data may also be a folder of
 per-language BEIR folders (MIRACL/MLDR layout): each is evaluated, rows are the macro average (--langs: a subset).
 """
@@ -350,7 +350,8 @@ def cli_parser(doc, split):
                                      "dense,sparse,colbert numbers, e.g. 1,0.3,1")
     p.add_argument("--index", default="Flat", help="FAISS index_factory string for dense, e.g. HNSW32, IVF1024,PQ64")
     p.add_argument("--index_params", default="", help="FAISS search parameters, e.g. nprobe=64 or efSearch=1024")
-    p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors")
+    p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors "
+                   "(Flat: exact search streamed over them, no index in memory)")
     p.add_argument("--colbert_k", type=int, default=64, help="passage tokens per query token (candidates); 0 = all")
     p.add_argument("--query_max_len", type=int, default=64)
     p.add_argument("--passage_max_len", type=int, default=512)

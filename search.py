@@ -84,6 +84,21 @@ def build_index(x, spec="Flat", params="", chunk=1 << 16):
     return index
 
 
+def token_search(x, q, k, block_bytes=1 << 28):
+    """Exact inner-product top-k of the rows of x (n, D) for each row of q: FAISS's brute force (faiss.knn) over blocks
+    of x read as float32 (x may be float16 or codec.Decoded, mapped from disk), merged in a heap: what a Flat index over
+    x finds, with one block of block_bytes in memory instead of the whole index -> (scores, ids), each (len(q), k)."""
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    q, step = np.ascontiguousarray(q, np.float32), max(1, block_bytes // (4 * x.shape[1]))
+    for a in range(0, len(x), step):
+        block = np.ascontiguousarray(x[a:a + step], np.float32)  # (<= step, D)
+        release(x)
+        s, i = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(s, i + a)
+    heap.finalize()
+    return heap.D, heap.I
+
+
 def sparse_index(P, head_df=None, head_bytes=1 << 28):
     """Inverted index of the passages' sparse CSR: postings sorted by token id (toks, ptr, doc, w); the frequent
     tokens (df >= head_df, default N/32; at most head_bytes) also as dense rows head (n_head, N), for one matmul
@@ -208,9 +223,10 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
-    if use[2] and colbert_k is not None and colbert_k > 0:  # Flat over float16 vectors: SQfp16, the same values
-        spec = "SQfp16" if colbert_index == "Flat" and P["cb_vecs"].dtype == np.float16 else colbert_index
-        tok_index = build_index(P["cb_vecs"], spec, params(colbert_index))  # in half the memory
+    tok_index = None  # Flat: no index, every batch of queries streams the token vectors (token_search)
+    if use[2] and colbert_k is not None and colbert_k > 0:
+        if colbert_index != "Flat":
+            tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
         tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
     results, empty = [], np.zeros(0, np.int64)
@@ -223,7 +239,9 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
             colbert_hits = [np.arange(n)] * len(rows)
         else:
             ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
-            hits = tok_index.search(Q["cb_vecs"][ta:tb], min(colbert_k, len(tok2doc)))[1]  # (batch tokens, k')
+            k = min(colbert_k, len(tok2doc))
+            hits = (tok_index.search(Q["cb_vecs"][ta:tb], k) if tok_index else
+                    token_search(P["cb_vecs"], Q["cb_vecs"][ta:tb], k))[1]  # (batch tokens, k)
             colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in np.split(hits, Q["cb_ptr"][rows[1:]] - ta)]
         for r, i in enumerate(rows):
             lists = [dense_top[i][dense_top[i] >= 0] if use[0] else empty, sparse_top[r], colbert_hits[r]]

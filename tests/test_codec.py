@@ -163,13 +163,18 @@ def test_a_shard_encoded_in_chunks_equals_one_call_for_each_kind():
         assert ("cb_ptr" in one) == (tv != "none") and one["sp_ptr"][-1] == len(one["sp_ids"])
 
 
-def test_the_exact_protocols_token_index_over_float16_vectors_finds_what_flat_finds():
+def test_the_exact_protocols_token_search_finds_what_a_flat_index_finds(tmp_path):
     m = NoisyTokens()
-    P = store.as_stored(packed.pack(m.encode(TEXTS)))  # float16 token vectors: search.retrieve indexes them SQfp16
+    P = store.as_stored(packed.pack(m.encode(TEXTS)))  # float16 token vectors, as a store holds them
     Q = packed.pack(m.encode(TEXTS[:6]))["cb_vecs"]  # (query tokens, D)
     flat = search.build_index(np.asarray(P["cb_vecs"], np.float32), "Flat")  # the same values, float32
-    half = search.build_index(P["cb_vecs"], "SQfp16")
-    assert half.sa_code_size() == 2 * P["cb_vecs"].shape[1]  # 2 bytes a dimension: half of Flat's
-    (d1, i1), (d2, i2) = flat.search(Q, 8), half.search(Q, 8)
-    assert np.array_equal(i1, i2)
-    np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    d1, i1 = flat.search(Q, 8)
+    for block_bytes in (1 << 28, 40 * 4 * Q.shape[1]):  # one block; blocks of 40 rows, merged in the heap
+        d2, i2 = search.token_search(P["cb_vecs"], Q, 8, block_bytes)
+        assert np.array_equal(i1, i2)
+        np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    i8 = shards.encode_store(lambda: m, TEXTS, str(tmp_path / "i8"), store.store_meta(
+        packed.model_key(m), TEXTS, 64, False, "int8"), 4, 7, progress=False)["cb_vecs"]  # codec.Decoded
+    d3, i3 = search.token_search(i8, Q, 8, 40 * 4 * Q.shape[1])
+    d4, i4 = search.build_index(i8[:], "Flat").search(Q, 8)  # the decoded vectors in a Flat index
+    assert np.array_equal(i3, i4)
