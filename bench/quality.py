@@ -65,6 +65,7 @@ def run_stage(out, name, steps, stage, seed, *extra):
     """One stage through train.py, as a user runs it -> its checkpoint; an existing one is reused (resume)."""
     final = os.path.join(out, "ckpt", name, "final")
     if not os.path.isdir(final):
+        shutil.rmtree(os.path.dirname(final), ignore_errors=True)  # a stage cut short (this bench's own folder)
         cmd = [sys.executable, "train.py", "configs/demo.yaml", "--train_group_size=8", "--passage_max_len=256",
                f"--max_steps={steps}", f"--out_dir={os.path.dirname(final)}", f"--seed={42 + stage + 1000 * seed}",
                "--overwrite=true", *extra]
