@@ -4,8 +4,8 @@ Mined files (zero-shot all-MiniLM-L6-v2, mean pooling, dense only, queries 64 / 
 negatives drawn from ranks 10-59, seed 0: the recipe of data/scifact/train_m3mined.jsonl, data/README.md):
   window   data/scifact/train_mined.jsonl, today's file (the demo's and bench/quality.py's `ours`)
   r0.95    + --max_pos_ratio 0.95: NV-Retriever's setting (drop a candidate whose cosine is >= 95% of the positive's)
-  r0.90    + --max_pos_ratio 0.90: the filter at twice the distance from the positive; it drops about twice as many
-           (the counts printed) and shows whether more filtering keeps helping or starts to remove useful negatives
+  r0.90    + --max_pos_ratio 0.90: the filter at twice the distance from the positive (the counts printed): shows
+           whether more filtering keeps helping or starts to remove useful negatives
   r0.95+kd r0.95's file with the same draws and the zero-shot model's own dense scores (mine.py --scores, the M3
            self-teacher), trained with teacher_kd=true (SPEC 3.5), one seed
 Each file trains bench/quality.py's `ours` (20 dense-only + 40 all-heads + 40 unified steps, 4 x 8 at 64/256) with
