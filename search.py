@@ -84,19 +84,39 @@ def build_index(x, spec="Flat", params="", chunk=1 << 16):
     return index
 
 
-def token_search(x, q, k, block_bytes=1 << 28):
-    """Exact inner-product top-k of the rows of x (n, D) for each row of q: FAISS's brute force (faiss.knn) over blocks
-    of x read as float32 (x may be float16 or codec.Decoded, mapped from disk), merged in a heap: what a Flat index over
-    x finds, with one block of block_bytes in memory instead of the whole index -> (scores, ids), each (len(q), k)."""
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    q, step = np.ascontiguousarray(q, np.float32), max(1, block_bytes // (4 * x.shape[1]))
-    for a in range(0, len(x), step):
-        block = np.ascontiguousarray(x[a:a + step], np.float32)  # (<= step, D)
-        release(x)
-        s, i = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(s, i + a)
-    heap.finalize()
-    return heap.D, heap.I
+def colbert_pass(Q, qrows, P, k, block_tokens=1 << 15, row_chunk=512):
+    """One pass over every passage token vector for the queries qrows, read as float32 a block of whole passages at a
+    time (they may be float16 or codec.Decoded, mapped from disk): from each similarity block, each query token's k
+    nearest passage tokens (exact inner product, merged in a FAISS heap: what a Flat index finds; k 0: none) and every
+    passage's MaxSim with each query (SPEC 1.3, as maxsim) -> (hits (the queries' tokens, k) token ids or None,
+    S (len(qrows), N) float32; 0 for an empty passage or query). The float16 conversion is paid once per batch of
+    queries, not once per query, and no token index is held."""
+    ptr, vecs, n = P["cb_ptr"], P["cb_vecs"], len(P["cb_ptr"]) - 1
+    qptr = Q["cb_ptr"][qrows[0]:qrows[-1] + 2]  # (nq+1,)
+    q = np.ascontiguousarray(Q["cb_vecs"][qptr[0]:qptr[-1]], np.float32)  # (Tq, D) the batch's query tokens
+    qlen = np.diff(qptr)
+    qi = np.flatnonzero(qlen)  # queries with tokens; their first token's row in q: qptr[qi] - qptr[0]
+    S = np.zeros((len(qrows), n), np.float32)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True) if k > 0 else None
+    a = 0
+    while a < n:
+        b = max(a + 1, int(np.searchsorted(ptr, ptr[a] + block_tokens, "right")) - 1)  # passages a..b-1
+        s0, s1 = ptr[a], ptr[b]
+        if s1 > s0 and len(q):
+            sim = q @ np.asarray(vecs[s0:s1], np.float32).T  # (Tq, s1 - s0)
+            release(vecs)
+            if heap:
+                kk = min(k, s1 - s0)
+                top = np.concatenate([np.argpartition(-sim[r:r + row_chunk], kk - 1, axis=1)[:, :kk]
+                                      for r in range(0, len(q), row_chunk)])  # (Tq, kk) positions in the block
+                heap.add_result(np.take_along_axis(sim, top, 1), top + s0)
+            nz = a + np.flatnonzero(ptr[a + 1:b + 1] > ptr[a:b])  # the block's passages with tokens
+            best = np.maximum.reduceat(sim, ptr[nz] - s0, axis=1)  # (Tq, len(nz)) each query token's best token
+            S[np.ix_(qi, nz)] = np.add.reduceat(best, qptr[qi] - qptr[0], axis=0) / qlen[qi, None]  # mean over q
+        a = b
+    if heap:
+        heap.finalize()
+    return (heap.I if heap else None), S
 
 
 def sparse_index(P, head_df=None, head_bytes=1 << 28):
@@ -223,37 +243,40 @@ def retrieve(Q, P, depth=1000, index="Flat", index_params="", colbert_index="Fla
     params = lambda spec: "" if spec == "Flat" else index_params  # search parameters go to every non-Flat index
     dense_top = build_index(P["dense"], index, params(index)).search(Q["dense"], min(depth, n))[1] if use[0] else None
     inv = sparse_index(P) if use[1] else None
-    tok_index = None  # Flat: no index, every batch of queries streams the token vectors (token_search)
-    if use[2] and colbert_k is not None and colbert_k > 0:
-        if colbert_index != "Flat":
-            tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
-        tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"]))  # (total passage tokens,)
+    tok_index = None  # Flat (and exhaustive): no index, each batch of queries streams the tokens (colbert_pass)
+    if use[2] and colbert_k is not None and colbert_k > 0 and colbert_index != "Flat":
+        tok_index = build_index(P["cb_vecs"], colbert_index, params(colbert_index))
+    tok2doc = np.repeat(np.arange(n), np.diff(P["cb_ptr"])) if use[2] else None  # (total passage tokens,)
     qbatch = max(1, min(qbatch, (1 << 25) // max(n, 1)))  # bounds the (qbatch, N) sparse score block
     results, empty = [], np.zeros(0, np.int64)
     for a in tqdm(range(0, nq, qbatch), desc="retrieve", disable=not progress or nq <= qbatch):
         rows = np.arange(a, min(a + qbatch, nq))
         sparse_top = sparse_search(inv, Q, rows, depth) if use[1] else [empty] * len(rows)
+        hits, S = None, None  # S: (len(rows), N) every passage's MaxSim, from one pass over the tokens
+        if use[2] and colbert_k is not None and tok_index is None:
+            hits, S = colbert_pass(Q, rows, P, min(max(colbert_k, 0), len(tok2doc)))
+        elif tok_index is not None:
+            ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
+            hits = tok_index.search(Q["cb_vecs"][ta:tb], min(colbert_k, len(tok2doc)))[1]  # (batch tokens, k)
         if not use[2] or colbert_k is None:
             colbert_hits = [empty] * len(rows)
         elif colbert_k <= 0:  # exhaustive: every passage is a candidate
             colbert_hits = [np.arange(n)] * len(rows)
         else:
-            ta, tb = Q["cb_ptr"][rows[0]], Q["cb_ptr"][rows[-1] + 1]
-            k = min(colbert_k, len(tok2doc))
-            hits = (tok_index.search(Q["cb_vecs"][ta:tb], k) if tok_index else
-                    token_search(P["cb_vecs"], Q["cb_vecs"][ta:tb], k))[1]  # (batch tokens, k)
-            colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in np.split(hits, Q["cb_ptr"][rows[1:]] - ta)]
+            split = np.split(hits, Q["cb_ptr"][rows[1:]] - Q["cb_ptr"][rows[0]])  # per query: its tokens' hits
+            colbert_hits = [np.unique(tok2doc[h[h >= 0]]) for h in split]
         for r, i in enumerate(rows):
             lists = [dense_top[i][dense_top[i] >= 0] if use[0] else empty, sparse_top[r], colbert_hits[r]]
             cand = np.unique(np.concatenate(lists))  # (n,)
             src = np.stack([np.isin(cand, l) for l in lists])  # (3, n)
-            results.append((cand, exact_scores(Q, i, P, cand, use), src))
+            results.append((cand, exact_scores(Q, i, P, cand, use, None if S is None else S[r, cand]), src))
     return results
 
 
-def exact_scores(Q, i, P, cand, use=(True, True, True)):
-    """Exact (dense, sparse, colbert) scores of query i with passages cand; (3, n), zeros for heads not in use."""
-    fns = (dense_pairs, sparse_pairs, maxsim)
+def exact_scores(Q, i, P, cand, use=(True, True, True), colbert=None):
+    """Exact (dense, sparse, colbert) scores of query i with passages cand; (3, n), zeros for heads not in use.
+    colbert: the candidates' MaxSim scores when already computed (colbert_pass)."""
+    fns = (dense_pairs, sparse_pairs, maxsim if colbert is None else lambda *_: colbert)
     return np.stack([f(Q, i, P, cand) if u else np.zeros(len(cand), np.float32) for f, u in zip(fns, use)])
 
 

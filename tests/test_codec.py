@@ -163,18 +163,25 @@ def test_a_shard_encoded_in_chunks_equals_one_call_for_each_kind():
         assert ("cb_ptr" in one) == (tv != "none") and one["sp_ptr"][-1] == len(one["sp_ids"])
 
 
-def test_the_exact_protocols_token_search_finds_what_a_flat_index_finds(tmp_path):
+def test_one_pass_finds_what_a_flat_index_finds_and_scores_as_maxsim(tmp_path):
     m = NoisyTokens()
     P = store.as_stored(packed.pack(m.encode(TEXTS)))  # float16 token vectors, as a store holds them
-    Q = packed.pack(m.encode(TEXTS[:6]))["cb_vecs"]  # (query tokens, D)
+    P = {"cb_ptr": np.insert(P["cb_ptr"], 3, P["cb_ptr"][3]), "cb_vecs": P["cb_vecs"]}  # passage 3 has no tokens
+    Q = packed.pack(m.encode(TEXTS[:6]))
+    Q = {"cb_ptr": np.insert(Q["cb_ptr"], 2, Q["cb_ptr"][2]), "cb_vecs": Q["cb_vecs"]}  # query 2 has no tokens
+    rows = np.arange(1, 7)  # queries 1-6 of 7
     flat = search.build_index(np.asarray(P["cb_vecs"], np.float32), "Flat")  # the same values, float32
-    d1, i1 = flat.search(Q, 8)
-    for block_bytes in (1 << 28, 40 * 4 * Q.shape[1]):  # one block; blocks of 40 rows, merged in the heap
-        d2, i2 = search.token_search(P["cb_vecs"], Q, 8, block_bytes)
-        assert np.array_equal(i1, i2)
-        np.testing.assert_allclose(d1, d2, rtol=1e-6, atol=1e-6)
+    tokens = Q["cb_vecs"][Q["cb_ptr"][1]:Q["cb_ptr"][7]]
+    _, i_flat = flat.search(tokens, 8)
+    N = len(P["cb_ptr"]) - 1
+    for block in (1 << 15, 17):  # one block; blocks of whole passages of <= 17 tokens (at least one passage)
+        hits, S = search.colbert_pass(Q, rows, P, 8, block_tokens=block, row_chunk=5)
+        assert np.array_equal(hits, i_flat)
+        for r, i in enumerate(rows):  # every passage's MaxSim, as maxsim scores it
+            np.testing.assert_allclose(S[r], search.maxsim(Q, i, P, np.arange(N)), rtol=1e-6, atol=1e-6)
+        assert not S[1].any() and not S[:, 3].any()  # the empty query, the empty passage: 0
     i8 = shards.encode_store(lambda: m, TEXTS, str(tmp_path / "i8"), store.store_meta(
-        packed.model_key(m), TEXTS, 64, False, "int8"), 4, 7, progress=False)["cb_vecs"]  # codec.Decoded
-    d3, i3 = search.token_search(i8, Q, 8, 40 * 4 * Q.shape[1])
-    d4, i4 = search.build_index(i8[:], "Flat").search(Q, 8)  # the decoded vectors in a Flat index
-    assert np.array_equal(i3, i4)
+        packed.model_key(m), TEXTS, 64, False, "int8"), 4, 7, progress=False)  # cb_vecs: a codec.Decoded
+    hits, S = search.colbert_pass(Q, rows, i8, 8, block_tokens=17)
+    assert np.array_equal(hits, search.build_index(i8["cb_vecs"][:], "Flat").search(tokens, 8)[1])
+    np.testing.assert_allclose(S[0], search.maxsim(Q, 1, i8, np.arange(len(TEXTS))), rtol=1e-6, atol=1e-6)
