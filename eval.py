@@ -351,7 +351,7 @@ def cli_parser(doc, split):
     p.add_argument("--index", default="Flat", help="FAISS index_factory string for dense, e.g. HNSW32, IVF1024,PQ64")
     p.add_argument("--index_params", default="", help="FAISS search parameters, e.g. nprobe=64 or efSearch=1024")
     p.add_argument("--colbert_index", default="Flat", help="FAISS index_factory string over passage token vectors "
-                   "(Flat: exact search streamed over them, no index in memory)")
+                   "(Flat: an exact search, one pass over them per batch of queries, no index in memory)")
     p.add_argument("--colbert_k", type=int, default=64, help="passage tokens per query token (candidates); 0 = all")
     p.add_argument("--query_max_len", type=int, default=64)
     p.add_argument("--passage_max_len", type=int, default=512)
