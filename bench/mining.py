@@ -18,6 +18,7 @@ Every run writes its checkpoint and result under <out>/<file>/ (--quick: <out>/q
 
     python bench/mining.py --seeds 3   # ~2.5 hours on 2 idle CPU cores; last line: mining_dense_r0.95_minus_window=..
     python bench/mining.py --quick        # 2 steps per stage, 300 documents: checks the script
+    python bench/mining.py --table        # the table of the results written so far (a run still going: fewer seeds)
 """
 import argparse
 import functools
@@ -101,6 +102,7 @@ def main():
     p.add_argument("--sample", type=int, default=20)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--one_seed", default="r0.90,r0.95+kd", help="files trained with seed 0 only (comma-separated)")
+    p.add_argument("--table", action="store_true", help="train nothing: the table of the results written so far")
     a = p.parse_args()
     steps = (2, 2, 2) if a.quick else (20, 40, 40)
     data, cache = os.path.join(ROOT, "data", "scifact"), os.path.join(a.out, "cache")
@@ -119,10 +121,10 @@ def main():
     order = [(s, n) for s in range(a.seeds) for n in files if n not in one] + [(0, n) for n in files if n in one]
     for seed, name in order:  # seed by seed, the one-seed files last: a run cut short has paired seeds
         extra = [f"--train_data={files[name]}"] + (["--teacher_kd=true"] if name.endswith("+kd") else [])
-        train = functools.partial(quality.train_config, extra=extra)
+        train = None if a.table else functools.partial(quality.train_config, extra=extra)
         out = os.path.join(a.out, "quick" if a.quick else "", name)
-        results[name] = quality.run_all(out, seed + 1, steps, ev, data, train, only="ours", rows=ROWS)["ours"]
-    results = {name: results[name] for name in files if name in results}  # the table in the files' order
+        results[name] = quality.run_all(out, seed + 1, steps, ev, data, train, only="ours", rows=ROWS).get("ours", [])
+    results = {name: results[name] for name in files if results.get(name)}  # the table in the files' order
     for name, c in counts.items():
         print(f"{name}: of {c['candidates_in_window']} candidates at ranks 10-59 of {c['queries_written']} queries, "
               f"dropped {c['dropped']} ({c['dropped'] / c['candidates_in_window']:.1%}); {c['queries_short']} queries "
