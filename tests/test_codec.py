@@ -15,7 +15,7 @@ import search
 import shards
 import store
 from test_eval import NoisyTokens, write_beir
-from test_scale import TEXTS, write_store
+from test_scale import TEXTS, crash_in_third_shard, write_store
 from tiny import tiny_m3
 
 
@@ -94,20 +94,12 @@ def test_sharded_killed_and_resumed_encode_equals_one_run_for_each_kind(tmp_path
     cmd = ["encode", "--ckpt", str(tmp_path / "ck"), "--data", data, "--shard_size", "8", "--tokens", tokens]
     m.save_pretrained(str(tmp_path / "ck"))
     ev.main(cmd + ["--store", str(tmp_path / "one")])
-    real, saved = shards.write_shard, []
-
-    def crash_in_third(path, enc, *a):
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-        saved.append(path)
-        real(path, enc, *a)
-    monkeypatch.setattr(shards, "write_shard", crash_in_third)
+    crash_in_third_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ev.main(cmd + ["--store", str(tmp_path / "st")])
     monkeypatch.undo()
-    shard_dir = sorted(os.listdir(tmp_path / "st" / "shards"))
-    assert shard_dir == sorted(["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy", "meta.json"] +
-                            (["codebook.npz"] if tokens.startswith("pq") else []))
+    written = ["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy", "meta.json"]
+    assert sorted(os.listdir(tmp_path / "st" / "shards")) == sorted(written + ["codebook.npz"] * (tokens == "pq4"))
     ev.main(cmd + ["--store", str(tmp_path / "st")])  # resumes: shards 2 and 3, the same codebook
     one, st = store.open_store(str(tmp_path / "one")), store.open_store(str(tmp_path / "st"))
     files = store.store_files({"token_vectors": tokens})

@@ -20,7 +20,7 @@ import store
 from beir import passage_text
 from model import M3
 from test_eval import NoisyTokens, write_beir
-from test_scale import SMALL, TEXTS
+from test_scale import SMALL, TEXTS, crash_in_third_shard
 from tiny import run, tiny_m3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,14 +184,7 @@ def test_sharded_encode_of_a_store_without_tokens_resumes_and_merges(tmp_path, m
     write_beir(data, np.random.default_rng(9), n_docs=30, n_q=4)  # shards of 8, 8, 8, 6 passages
     cmd = ["encode", "--ckpt", ck, "--data", data, "--shard_size", "8", "--colbert_from", "encode"]
     ev.main(cmd + ["--store", one])  # uninterrupted, one process
-    real, saved = shards.write_shard, []
-
-    def crash_in_third(path, enc, *a):
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-        saved.append(path)
-        real(path, enc, *a)
-    monkeypatch.setattr(shards, "write_shard", crash_in_third)
+    crash_in_third_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ev.main(cmd + ["--store", st])
     monkeypatch.undo()

@@ -173,18 +173,25 @@ def test_store_errors_name_file_and_field_and_lose_nothing(tmp_path):
         store.open_store(str(path))
 
 
-def test_encoding_resumes_from_finished_shards(tmp_path, monkeypatch):
-    full = write_store(tmp_path, TEXTS, NoisyTokens(), name="once")  # 4 shards of 7, the last of 2
-    m = NoisyTokens()
+def crash_in_third_shard(monkeypatch, half_written=False):
+    """shards.write_shard patched: two shards are written, then the encode stops (KeyboardInterrupt) at the third;
+    half_written: its token matrix left under a temporary name and its .npz never renamed, as a kill mid-write does."""
     real, saved = shards.write_shard, []
 
-    def crash_in_third(path, enc, *a):  # the third shard dies half-way: its tokens written, its .npz never renamed
+    def crash_in_third(path, enc, *a):
         if len(saved) == 2:
-            np.save(path + ".tmp.tokens.npy", enc["cb_vecs"][:3])
+            if half_written:
+                np.save(path + ".tmp.tokens.npy", enc["cb_vecs"][:3])
             raise KeyboardInterrupt
         saved.append(path)
         real(path, enc, *a)
     monkeypatch.setattr(shards, "write_shard", crash_in_third)
+
+
+def test_encoding_resumes_from_finished_shards(tmp_path, monkeypatch):
+    full = write_store(tmp_path, TEXTS, NoisyTokens(), name="once")  # 4 shards of 7, the last of 2
+    m = NoisyTokens()
+    crash_in_third_shard(monkeypatch, half_written=True)
     with pytest.raises(KeyboardInterrupt):
         write_store(tmp_path, TEXTS, m)
     assert m.calls == 3 and sorted(os.listdir(tmp_path / "st" / "shards")) == [
