@@ -15,6 +15,8 @@ import re
 import faiss
 import numpy as np
 
+from search import release
+
 TRAIN_PASSAGES = 1024  # passages whose token vectors train a store's pq codebooks (~200k vectors at 200 tokens)
 COARSE, SUB = 4096, 256  # pq: coarse centroids (at most; uint16 ids) and centroids per sub-vector (uint8 codes)
 ARRAYS = {"float16": ("cb_vecs",), "int8": ("cb_q", "cb_scale"), "pq": ("cb_coarse", "cb_codes")}  # per token
@@ -109,7 +111,6 @@ class Decoded:
         return self.shape[0]
 
     def __getitem__(self, rows):
-        from search import release
         out = decode({k: v[rows] for k, v in self.parts.items()}, self.book)
         for v in self.parts.values():
             release(v)

@@ -180,7 +180,7 @@ def writable_error(folder, what):
 def trim_heap():
     """Give the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing). An encode pass frees GBs of
     per-passage arrays of a few hundred KB each, which glibc's sliding mmap threshold places in the heap; without this
-    they stay resident beside what the evaluation allocates next (the demo's peak: +1.5 GB)."""
+    they stay resident beside what the evaluation allocates next."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -59,7 +59,7 @@ def encode_store(get_model, texts, out_dir, meta, batch_size=32, shard_size=4096
     if os.path.exists(final):
         return open_store(out_dir, meta) if rank == 0 else None
     tv = meta["token_vectors"]
-    if tv.startswith("pq"):  # M must divide the token vectors' dimensions: known from one passage, before any write
+    if codec.kind(tv) == "pq":  # M must divide the token vectors' dimensions: known from one passage, before any write
         error = codec.tokens_error(tv, pack(get_model().encode(texts[:1], max_length=8, progress=False))["cb_vecs"]
                                    .shape[1])
         if error:
@@ -100,7 +100,7 @@ def shard_codebook(out_dir, get_model, texts, meta, batch_size=32, rank=0, world
     trained by rank 0 into shards/codebook.npz before any shard (a resume reads them), then read by every rank; {}
     for the other kinds."""
     tv = meta["token_vectors"]
-    if not tv.startswith("pq"):
+    if codec.kind(tv) != "pq":
         return {}
     path = os.path.join(out_dir, "shards", "codebook.npz")
     if rank == 0 and not os.path.exists(path):
@@ -221,7 +221,7 @@ def merge(out_dir, meta, n_shards, size):
         raise ValueError(f"{e}: run the same encode again, it encodes this shard again") from None
     H, W = (c[0]["H"], c[0]["W"]) if c else (0, 0)
     total = {k: sum(x[k] for x in c) for k in ("n", "nnz", "tokens")}
-    book = load(os.path.join(out_dir, "shards", "codebook.npz")) if tv.startswith("pq") else {}
+    book = load(os.path.join(out_dir, "shards", "codebook.npz")) if codec.kind(tv) == "pq" else {}
     matrix = codec.MATRIX[codec.kind(tv)] if tv != "none" else None
 
     def part(p, key):  # one array of shard p: its token matrix in chunks, the rest whole

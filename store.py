@@ -61,8 +61,8 @@ def store_name(meta):
 
 def store_files(meta):
     """{packed or codec key: file} of the arrays a store of this meta.json holds."""
-    tv = meta.get("token_vectors", DEFAULTS["token_vectors"])
-    keys = [] if tv == "none" else ["cb_ptr", *codec.ARRAYS[codec.kind(tv)], *(codec.BOOK if tv[:2] == "pq" else ())]
+    kind = codec.kind(meta.get("token_vectors", DEFAULTS["token_vectors"]))
+    keys = [] if kind == "none" else ["cb_ptr", *codec.ARRAYS[kind], *(codec.BOOK if kind == "pq" else ())]
     return {k: FILES[k] for k in ("dense", "sp_ptr", "sp_ids", "sp_w", *keys)}
 
 
@@ -185,7 +185,7 @@ def open_store(path, expect=None):
     T, D, tv = meta.get("tokens"), meta.get("dim"), meta.get("token_vectors", DEFAULTS["token_vectors"])
     shapes = {"dense": (meta["n"], meta["hidden"]), "sp_ptr": (meta["n"] + 1,), "sp_ids": (meta["nnz"],),
               "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (T, D), "cb_q": (T, D), "cb_scale": (T,),
-              "cb_coarse": (T,), "cb_codes": (T, int(tv[2:]) if tv.startswith("pq") else None),
+              "cb_coarse": (T,), "cb_codes": (T, int(tv[2:]) if codec.kind(tv) == "pq" else None),
               **{k: tuple(v) for k, v in meta.get("codebook", {}).items()}}
     P = {}
     for key, fname in store_files(meta).items():
