@@ -78,16 +78,18 @@ def write_base(path, n, nq, dim):
     return files, int(base[-1])
 
 
-def token_arrays(tokens, rows, dim, seed):
-    """Random token arrays of `rows` token vectors as a store of kind tokens holds them (codec.ARRAYS)."""
+def token_array(key, rows, width, seed):
+    """Random values for one token array of a store (codec.ARRAYS' key) of `rows` token vectors; width: its columns
+    (D, or M for pq's codes). Each array is drawn on its own: a synthetic store's arrays need not agree."""
     rng = np.random.default_rng([SEED, 3, seed])
-    if tokens == "float16":
-        return {"cb_vecs": unit(rng.standard_normal((rows, dim), dtype=np.float32)).astype(np.float16)}
-    if tokens == "int8":
-        return {"cb_q": rng.integers(-127, 128, (rows, dim), dtype=np.int8),
-                "cb_scale": rng.uniform(0.05, 0.15, rows).astype(np.float32)}
-    return {"cb_coarse": rng.integers(0, codec.COARSE, rows, dtype=np.uint16),
-            "cb_codes": rng.integers(0, codec.SUB, (rows, int(tokens[2:])), dtype=np.uint8)}
+    if key == "cb_vecs":
+        return unit(rng.standard_normal((rows, width), dtype=np.float32)).astype(np.float16)
+    if key in ("cb_q", "cb_codes"):
+        return rng.integers(*((-127, 128) if key == "cb_q" else (0, codec.SUB)), (rows, width),
+                            dtype=store.DTYPES[key])
+    if key == "cb_scale":
+        return rng.uniform(0.05, 0.15, rows).astype(np.float32)
+    return rng.integers(0, codec.COARSE, rows, dtype=np.uint16)  # cb_coarse
 
 
 def write_option(path, base, base_files, n, nnz, dim, tokens, t):
@@ -104,16 +106,13 @@ def write_option(path, base, base_files, n, nnz, dim, tokens, t):
         files["offsets.npy"] = store.write_npy(os.path.join(path, "offsets.npy"), (n + 1,), np.int64,
                                                [np.arange(n + 1) * t])
         step = max(1, CHUNK // t)  # passages a chunk
-        chunks = [token_arrays(tokens, min(step, n - a) * t, dim, a) for a in range(0, n, step)] if n * t < 1 << 22 \
-            else None  # small stores: in memory; large: generated again for each array
         for key in codec.ARRAYS[codec.kind(tokens)]:
-            gen = (c[key] for c in chunks) if chunks else \
-                (token_arrays(tokens, min(step, n - a) * t, dim, a)[key] for a in range(0, n, step))
-            shape = (n * t, dim) if key in ("cb_vecs", "cb_q") else (n * t, int(tokens[2:])) if key == "cb_codes" \
-                else (n * t,)
+            width = int(tokens[2:]) if key == "cb_codes" else dim
+            gen = (token_array(key, min(step, n - a) * t, width, a) for a in range(0, n, step))
+            shape = (n * t, width) if key in ("cb_vecs", "cb_q", "cb_codes") else (n * t,)
             files[store.FILES[key]] = store.write_npy(os.path.join(path, store.FILES[key]), shape,
                                                       store.DTYPES[key], gen)
-        if tokens.startswith("pq"):
+        if codec.kind(tokens) == "pq":
             M, rng = int(tokens[2:]), np.random.default_rng([SEED, 4])
             book = {"book_coarse": unit(rng.standard_normal((codec.COARSE, dim), dtype=np.float32)),
                     "book_sub": 0.05 * rng.standard_normal((M, codec.SUB, dim // M), dtype=np.float32)}
