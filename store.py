@@ -97,7 +97,7 @@ def resolve_tokens(tokens, path, prefix=""):
     """How the store in path holds its token vectors (eval.py --tokens, codec.py): tokens as given, by default as a
     store begun there holds them, else float16. A bad value: a ValueError naming the option (prefix "--")."""
     held = stored_tokens(path) if path else None
-    tokens = tokens or (held if held not in (None, "none") else "float16")
+    tokens = tokens if tokens is not None else held if held not in (None, "none") else "float16"  # "": an error
     error = codec.tokens_error(tokens, prefix=prefix)
     if error:
         raise ValueError(error)

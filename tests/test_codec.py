@@ -120,7 +120,8 @@ def test_bad_tokens_values_and_a_store_of_another_kind_stop_naming_the_option(tm
     write_beir(data, np.random.default_rng(12), n_docs=20, n_q=3)
     base = ["--ckpt", str(tmp_path / "ck"), "--data", data, "--cache_dir", ""]
     for bad, error in ((["--tokens", "int4"], "--tokens: expected float16, int8 or pq<M>"),
-                       (["--tokens", "pq0"], "--tokens: expected float16, int8 or pq<M>")):
+                       (["--tokens", "pq0"], "--tokens: expected float16, int8 or pq<M>"),
+                       (["--tokens", ""], "(M sub-vectors, e.g. pq32); got ''")):  # empty: not the default
         with pytest.raises(SystemExit):
             ev.main(["encode", *base, "--store", st, *bad])
         assert error in capsys.readouterr().err and not os.path.exists(st)
