@@ -247,7 +247,7 @@ def merge(out_dir, meta, n_shards, size):
         else:
             chunks = [book[key]] if key in book else (x for p in paths for x in part(p, key))
         files[fname] = write_npy(os.path.join(out_dir, fname), shapes[key], DTYPES[key], chunks)
-    full = dict(meta, hidden=int(H), nnz=total["nnz"])
+    full = dict(meta, hidden=int(H), nnz=total["nnz"], dense_vectors=np.dtype(DTYPES["dense"]).name)
     if matrix:  # the token vectors' dimensions (pq: the codebook's; its matrix holds M codes a token)
         full.update(dim=int(book["book_coarse"].shape[1] if book else W), tokens=total["tokens"],
                     **({"codebook": {k: list(v.shape) for k, v in book.items()}} if book else {}))

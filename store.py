@@ -1,7 +1,7 @@
 """Passage encodings on disk (a store): packed.pack's arrays as .npy files, memory-mapped for evaluation (open_store);
 shards.py writes them.
 
-A store is a directory of packed.pack's arrays as .npy files: dense.npy (N, H) float32, sp_ptr.npy (N+1,) int64,
+A store is a directory of packed.pack's arrays as .npy files: dense.npy (N, H) float16, sp_ptr.npy (N+1,) int64,
 sp_ids.npy int32, sp_w.npy float32, offsets.npy (N+1,) int64 and tokens.npy (sum of L_i, D) float16 (passage i's token
 vectors are tokens[offsets[i]:offsets[i + 1]]), and meta.json, written last: the model, corpus and settings that wrote
 it, and each array file's size, mtime and SHA-1 (check_files: a file whose size or mtime changed is hashed on open;
@@ -10,7 +10,10 @@ meta.json "token_vectors" says how token vectors are held (eval.py --tokens, cod
 default; a store written before the field), "int8" (tokens_int8.npy + token_scales.npy), "pq<M>" (token_codes.npy +
 token_coarse.npy, the codebooks in codebook_coarse.npy and codebook_sub.npy), or "none" (--colbert_from encode): dense
 and sparse only, no offsets.npy; the multi-vector scores of its candidates are encoded when evaluated (eval.py). Kinds
-are never mixed: a run asking for another stops naming the option.
+are never mixed: a run asking for another stops naming the option. meta.json "dense_vectors" says the dense file's
+dtype: "float16" (half the disk and page cache of float32: 67 GB for 33M 1,024-d passages; within 2^-11 relative of
+float32 per entry; the index and exact dense scores read it as float32), or "float32" (a store written before the
+field, read as it is: not encoded again).
 """
 import glob
 import hashlib
@@ -30,11 +33,12 @@ FILES = {"dense": "dense.npy", "sp_ptr": "sp_ptr.npy", "sp_ids": "sp_ids.npy", "
          "cb_ptr": "offsets.npy", "cb_vecs": "tokens.npy", "cb_q": "tokens_int8.npy", "cb_scale": "token_scales.npy",
          "cb_codes": "token_codes.npy", "cb_coarse": "token_coarse.npy", "book_coarse": "codebook_coarse.npy",
          "book_sub": "codebook_sub.npy"}  # packed (or codec) key -> file
-DTYPES = {"dense": np.float32, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
+DTYPES = {"dense": np.float16, "sp_ptr": np.int64, "sp_ids": np.int32, "sp_w": np.float32, "cb_ptr": np.int64,
           **codec.DTYPES}
 TOKEN_KEYS = ("cb_ptr", "cb_vecs")  # what a store without token vectors leaves out
 COLBERT_FROM = ("store", "encode")  # --colbert_from: MaxSim over the store's token vectors, or encoded candidates
-DEFAULTS = {"token_vectors": "float16"}  # meta.json fields a store written before them has, with their value then
+DEFAULTS = {"token_vectors": "float16", "dense_vectors": "float32"}  # meta.json fields a store written before them
+# has, with their value then
 LOCK, CHECKED = "encode.lock", "checked.json"  # in the store's folder: its writer; the mtimes accepted since merge
 
 
@@ -105,8 +109,8 @@ def resolve_tokens(tokens, path, prefix=""):
 
 
 def as_stored(P):
-    """Packed encodings in memory with a store's dtypes (DTYPES: float16 token vectors, int32 token ids), so they score
-    exactly as a store of them does."""
+    """Packed encodings in memory with a store's dtypes (DTYPES: float16 dense and token vectors, int32 token ids), so
+    they score exactly as a store of them does."""
     return {k: np.asarray(v, DTYPES[k]) for k, v in P.items()}
 
 
@@ -187,12 +191,13 @@ def open_store(path, expect=None):
               "sp_w": (meta["nnz"],), "cb_ptr": (meta["n"] + 1,), "cb_vecs": (T, D), "cb_q": (T, D), "cb_scale": (T,),
               "cb_coarse": (T,), "cb_codes": (T, int(tv[2:]) if codec.kind(tv) == "pq" else None),
               **{k: tuple(v) for k, v in meta.get("codebook", {}).items()}}
+    dtypes = dict(DTYPES, dense=np.dtype(meta.get("dense_vectors", DEFAULTS["dense_vectors"])))
     P = {}
     for key, fname in store_files(meta).items():
         f = os.path.join(path, fname)
         x = load(f, mmap_mode="r")  # missing, truncated, not a .npy: "unreadable"
-        if x.dtype != DTYPES[key] or x.shape != shapes[key]:
-            raise ValueError(f"{f}: field 'shape': expected {shapes[key]} {np.dtype(DTYPES[key])} (meta.json), got "
+        if x.dtype != dtypes[key] or x.shape != shapes[key]:
+            raise ValueError(f"{f}: field 'shape': expected {shapes[key]} {np.dtype(dtypes[key])} (meta.json), got "
                              f"{x.shape} {x.dtype}")
         P[key] = x
     for key, total in (("sp_ptr", meta["nnz"]), ("cb_ptr", meta.get("tokens"))):

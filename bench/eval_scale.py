@@ -7,7 +7,7 @@ Options (eval.py): encode, the store of `--colbert_from encode` (dense and spars
 candidates encoded when evaluated: here a fake encoder hands out stored random blocks and its time is not counted, the
 model's cost is the passages encoded per query printed, times the encoder's rate); pq64, int8 and float16, token
 vectors stored as `--tokens` says (codec.py). Every store holds N passages of the real shapes: dense 1024-d unit
-vectors (float32); sparse: 200 Zipf(1.0) draws over a 250,002-token vocabulary per passage (about 155 distinct ids),
+vectors (float16, as eval.py writes them); sparse: 200 Zipf(1.0) draws over a 250,002-token vocabulary per passage (about 155 distinct ids),
 weights U(0.01, 0.3); the stored kinds --tokens token vectors per passage (200), random (pq: random codes and
 codebooks), written whole. Where the free disk (less --reserve_gb) cannot hold a kind's token files, it gets fewer
 tokens per passage, and its disk per passage is extrapolated to --tokens linearly (said; its MaxSim then reads fewer
@@ -68,7 +68,7 @@ def write_base(path, n, nq, dim):
              cb_vecs=unit(rng.standard_normal((nq * Q_TOK, dim), dtype=np.float32)))
     dense = (unit(np.random.default_rng([SEED, 1, a]).standard_normal((min(CHUNK, n - a), dim), dtype=np.float32))
              for a in range(0, n, CHUNK))
-    files = {"dense.npy": store.write_npy(os.path.join(path, "dense.npy"), (n, dim), np.float32, dense)}
+    files = {"dense.npy": store.write_npy(os.path.join(path, "dense.npy"), (n, dim), store.DTYPES["dense"], dense)}
     parts = [zipf_csr(np.random.default_rng([SEED, 2, a]), min(CHUNK, n - a), P_DRAWS) for a in range(0, n, CHUNK)]
     base = np.cumsum([0] + [p[0][-1] for p in parts])
     files["sp_ptr.npy"] = store.write_npy(os.path.join(path, "sp_ptr.npy"), (n + 1,), np.int64,
@@ -101,7 +101,8 @@ def write_option(path, base, base_files, n, nnz, dim, tokens, t):
     for f in base_files:
         os.link(os.path.join(base, f), os.path.join(path, f))
     meta = dict(format=store.FORMAT, model="synthetic", corpus=f"synthetic seed {SEED}", n=n, max_length=t + 1,
-                mcls=False, hidden=dim, nnz=nnz, token_vectors="none" if tokens == "encode" else tokens)
+                mcls=False, hidden=dim, nnz=nnz, dense_vectors=np.dtype(store.DTYPES["dense"]).name,
+                token_vectors="none" if tokens == "encode" else tokens)
     if tokens != "encode":
         files["offsets.npy"] = store.write_npy(os.path.join(path, "offsets.npy"), (n + 1,), np.int64,
                                                [np.arange(n + 1) * t])
@@ -201,7 +202,7 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             disk = size + (a.tokens - t) * a.n * per_token  # token files extrapolated to --tokens per passage
             rows[opt] = r | {"kb": disk / a.n / 1024}
-            print(f"{opt:8s} disk {disk / a.n / 1024:8.2f} KB/passage ({per_token} B/token vector"
+            print(f"{opt:8s} disk {disk / a.n / 1024:9.3f} KB/passage ({per_token} B/token vector"
                   + (f"; {t} of {a.tokens} tokens written, the rest extrapolated" if t < a.tokens else "") + f"), "
                   f"indices {r['build_s']} s, {r['rss_built_mb']} MB; peak {r['peak_rss_mb']} MB; "
                   f"{r['ms_per_query']} ms/query" + (f", {r['encoded_per_query']:.0f} passages encoded per query "
@@ -211,7 +212,7 @@ def main():
         shutil.rmtree(root, ignore_errors=True)
     suffix = {1_000_000: "1m", 100_000: "100k"}.get(a.n, str(a.n))
     d = rows["encode"] if "encode" in rows else next(iter(rows.values()))
-    print(f"eval_disk_kb_per_passage={d['kb']:.2f} eval_rss_mb_{suffix}={d['peak_rss_mb']:.1f} "
+    print(f"eval_disk_kb_per_passage={d['kb']:.3f} eval_rss_mb_{suffix}={d['peak_rss_mb']:.1f} "
           f"ms_per_query_{suffix}={d['ms_per_query']:.1f}")
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import zlib
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,22 @@ def test_dense_faiss_equals_numpy():
         scores, idx = search.build_index(P, spec, params).search(Q, 10)
         np.testing.assert_array_equal(idx, ref)
         np.testing.assert_allclose(scores, np.take_along_axis(S, ref, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_an_index_from_float16_on_disk_in_chunks_equals_one_from_memory(tmp_path):
+    rng = np.random.default_rng(5)
+    x = unit(rng.standard_normal((2000, 32))).astype(np.float16)  # a store's dense.npy
+    np.save(tmp_path / "dense.npy", x)
+    mapped = np.load(tmp_path / "dense.npy", mmap_mode="r")
+    Q = unit(rng.standard_normal((30, 32))).astype(np.float32)
+    for spec, params in [("IVF8,PQ8x4fs", "nprobe=3"), ("IVF8,PQ8x4fs,RFlat", "nprobe=3,k_factor_rf=4")]:
+        disk = search.build_index(mapped, spec, params, chunk=256)  # trained on a sample, filled 256 rows at a time
+        mem = search.build_index(x.astype(np.float32), spec, params)  # the same rows, in memory, one add
+        assert faiss.extract_index_ivf(disk).nprobe == 3  # the parameters reach the IVF inside a refine index
+        assert "RFlat" not in spec or faiss.downcast_index(disk).k_factor == 4
+        d, m = disk.search(Q, 50), mem.search(Q, 50)
+        np.testing.assert_array_equal(d[1], m[1], err_msg=spec)
+        np.testing.assert_array_equal(d[0], m[0], err_msg=spec)
 
 
 def test_sparse_index_equals_dict_overlap():

@@ -200,9 +200,10 @@ def test_a_full_disk_names_the_file_leaves_no_half_file_and_a_rerun_resumes(tmp_
         write_store(tmp_path, TEXTS, m)
     assert sorted(os.listdir(shard_dir)) == ["00000.npz", "00000.tokens.npy", "00001.npz", "00001.tokens.npy",
                                           "meta.json"]
-    monkeypatch.undo()  # until the merge writes tokens.npy
+    monkeypatch.undo()  # until the merge writes tokens.npy (float16, a row per token; dense.npy: one per passage)
     monkeypatch.setattr(np.lib.format, "write_array_header_1_0", half_then(
-        OSError(errno.ENOSPC, "No space left on device"), real_header, lambda f, d: d["descr"] == "<f2"))
+        OSError(errno.ENOSPC, "No space left on device"), real_header,
+        lambda f, d: d["descr"] == "<f2" and d["shape"][0] != len(TEXTS)))
     with pytest.raises(OSError, match=r"st/tokens\.npy: not written .*disk full or not writable"):
         write_store(tmp_path, TEXTS, m)  # while merging: the shards are kept
     assert sorted(os.listdir(tmp_path / "st")) == ["dense.npy", "offsets.npy", "shards", "sp_ids.npy", "sp_ptr.npy",
@@ -282,6 +283,30 @@ def test_a_store_written_before_the_record_is_hashed_once_then_checked(tmp_path,
     assert hashed == []
     change_in_place(str(st / "tokens.npy"), 4)
     with pytest.raises(ValueError, match=r"st/tokens\.npy: changed since it was written"):
+        store.open_store(str(st))
+
+
+def test_dense_vectors_are_float16_within_half_a_unit_and_a_float32_store_is_read_as_it_is(tmp_path):
+    m = NoisyTokens()
+    P = write_store(tmp_path, TEXTS, m)
+    st = tmp_path / "st"
+    meta = json.loads((st / "meta.json").read_text())
+    full = packed.pack(m.encode(TEXTS, max_length=64))["dense"].astype(np.float64)  # (N, H) the model's, float32
+    assert P["dense"].dtype == np.float16 and meta["dense_vectors"] == "float16"
+    # round to nearest: |x16 - x| <= 2^-11 |x| where x16 is a normal float16, else <= half the subnormal step 2^-25
+    err = np.abs(P["dense"].astype(np.float64) - full)
+    assert (err <= np.maximum(2.0 ** -11 * np.abs(full), 2.0 ** -25)).all() and err.max() > 0
+    # a store written before the field: dense.npy float32, no "dense_vectors"; read as it is, not encoded again
+    meta["files"]["dense.npy"] = store.write_npy(str(st / "dense.npy"), full.shape, np.float32, [full])
+    del meta["dense_vectors"]
+    (st / "meta.json").write_text(json.dumps(meta))
+    old = store.open_store(str(st), store.store_meta(packed.model_key(m), TEXTS, 64, False))
+    assert old["dense"].dtype == np.float32 and np.array_equal(old["dense"], full.astype(np.float32))
+    same_store({k: v for k, v in old.items() if k != "dense"}, {k: v for k, v in P.items() if k != "dense"})
+    meta["dense_vectors"] = "float16"  # a record that does not match the file: named
+    (st / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"st/dense\.npy: field 'shape': expected \(23, \d+\) float16 \(meta\.json\), "
+                                         r"got \(23, \d+\) float32"):
         store.open_store(str(st))
 
 
