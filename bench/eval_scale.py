@@ -5,11 +5,11 @@ python bench/eval_scale.py [--n 1000000] [--queries 256] [--dir /tmp]   # writes
 python bench/eval_scale.py --quick                                       # seconds: the tests run it
 Options (eval.py): encode, the store of `--colbert_from encode` (dense and sparse only; each query batch's MaxSim
 candidates encoded when evaluated: here a fake encoder hands out stored random blocks and its time is not counted, the
-model's cost is the passages encoded per query printed, times the encoder's rate); pq64, int8 and float16, token
-vectors stored as `--tokens` says (codec.py). Every store holds N passages of the real shapes: dense 1024-d unit
-vectors (float16, as eval.py writes them); sparse: 200 Zipf(1.0) draws over a 250,002-token vocabulary per passage
-(about 155 distinct ids), weights U(0.01, 0.3); the stored kinds --tokens token vectors per passage (200), random (pq: random codes and
-codebooks), written whole. Where the free disk (less --reserve_gb) cannot hold a kind's token files, it gets fewer
+model's cost is the passages encoded per query printed, times the encoder's rate); pq64, int8 and float16, token vectors
+stored as `--tokens` says (codec.py). Every store holds N passages of the real shapes: dense 1024-d unit vectors
+(float16, as eval.py writes them); sparse: 200 Zipf(1.0) draws over a 250,002-token vocabulary per passage (about 155
+distinct ids), weights U(0.01, 0.3); the stored kinds --tokens token vectors per passage (200), random (pq: random codes
+and codebooks), written whole. Where the free disk (less --reserve_gb) cannot hold a kind's token files, it gets fewer
 tokens per passage, and its disk per passage is extrapolated to --tokens linearly (said; its MaxSim then reads fewer
 rows than it would). The dense and sparse files are written once and hard-linked into each option's store.
 A fresh process per option opens the store as eval.py does (store.open_store, every array memory-mapped; compact
