@@ -1,4 +1,4 @@
-"""GPU acceptance check in one command: six parts, each in its own process with its own time limit, one key=value line
+"""GPU acceptance check in one command: seven parts, each in its own process with its own time limit, one key=value line
 per figure, then `gpu_check ok=<n> failed=<m>` (exit code 0 iff m == 0). Random weights: nothing is downloaded.
 
     python bench/gpu_check.py             # one CUDA GPU, at most 8 minutes (--deadline_s; --log_dir to keep logs)
@@ -20,6 +20,9 @@ Parts and their figures (GPU shapes; --dry-run runs every part with tiny ones an
                 tok_s_8192 (train-step tokens/s, gradient cache in the stage configs' chunks + checkpointing),
                 peak_gib_8192, step_over_encoder_b48 (the paper's per-GPU batch at 0-500 tokens, 48 x 8,
                 checkpointing on both sides): XLM-R-large shape
+  encode_rate   encode_tok_s_512, encode_tok_s_8192: tokens/s of packed.TokenEncoder (model.encode in bf16 autocast,
+                batch 32 texts, packed and cast to float16 on the host: eval.py --colbert_from encode's cost per
+                passage) on random texts of 512 and 8,192 tokens: XLM-R-large shape
   max_batch     max_queries_per_gpu, max_batch_exact, passages_per_gpu, paper_table10, max_batch_stopped_by_budget:
                 bench/max_batch_gpu.py (its last line), --budget_s from the time left
 Each part ends with part_<name>=ok|failed|timeout and time_<name>_s; one the deadline leaves no time for prints
@@ -54,7 +57,7 @@ from tiny import WORDS, make_encoder, make_tokenizer  # noqa: E402
 SHAPES = {"small": (4, 256, 4, 1024, 250002, 512), "large": (24, 1024, 16, 4096, 250002, 8192),
           "tiny": (2, 32, 2, 128, 1000, 256)}
 LIMITS = {"device_tests": (90, 60), "bf16_loss": (60, 40), "grad_cache": (60, 40), "stages": (150, 90),
-          "step_time": (150, 60), "max_batch": (None, None)}  # seconds (GPU, --dry-run); None: all that is left
+          "step_time": (150, 60), "encode_rate": (90, 40), "max_batch": (None, None)}  # seconds (GPU, --dry-run); None: all that is left
 STAGE_CHUNK_TOKENS = yaml.safe_load(open(os.path.join(ROOT, "configs", "unified.yaml")))["sub_batch_tokens"]
 FIGURE = re.compile(r"[a-z][a-z0-9_]*=\S+")
 
@@ -329,6 +332,24 @@ def profile_table(fn, dev, rows=15):
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def part_encode_rate(dev, dry, limit_s, log_dir):
+    """Tokens/s of --colbert_from encode's encoder call (packed.TokenEncoder) on random texts, all full length."""
+    from packed import TokenEncoder
+    model, tok, V = random_m3("tiny" if dry else "large", dev, dropout=0.0)
+    rng = random.Random(0)
+    for label, (n, T) in {"512": (16, 64) if dry else (512, 512), "8192": (4, 256) if dry else (32, 8192)}.items():
+        texts = [" ".join(rng.choice(WORDS) for _ in range(T)) for _ in range(n)]  # >= T tokens: cut to T
+        enc = TokenEncoder(lambda: model, texts, T, batch_size=32 if T <= 512 else 4)
+        enc(range(min(n, 4)))  # warm-up (kernels, autotuning)
+        sync(dev)
+        t0 = time.perf_counter()
+        out = enc(range(n))
+        sync(dev)
+        dt = time.perf_counter() - t0
+        note(f"{label}: {n} texts, {len(out['cb_vecs'])} token vectors, {dt:.2f} s")
+        fig(f"encode_tok_s_{label}", f"{(len(out['cb_vecs']) + n) / dt:.0f}")  # + CLS: no token vector
+
+
 def part_max_batch(dev, dry, limit_s, log_dir):
     budget = max(5, limit_s - (20 if dry else 75))  # the rest: start-up, model, warm-up, probes, the last try's overrun
     rc, out = sh([sys.executable, "bench/max_batch_gpu.py", f"--budget_s={budget:.0f}"] + (["--tiny"] if dry else []),
@@ -343,7 +364,8 @@ def part_max_batch(dev, dry, limit_s, log_dir):
 
 
 PARTS = {"device_tests": part_device_tests, "bf16_loss": part_bf16_loss, "grad_cache": part_grad_cache,
-         "stages": part_stages, "step_time": part_step_time, "max_batch": part_max_batch}
+         "stages": part_stages, "step_time": part_step_time, "encode_rate": part_encode_rate,
+         "max_batch": part_max_batch}
 
 
 # ----------------------------------------------------------------------------------------------------------------

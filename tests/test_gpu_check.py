@@ -7,11 +7,11 @@ import sys
 from tiny import run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["device_tests", "bf16_loss", "grad_cache", "stages", "step_time", "max_batch"]
+PARTS = ["device_tests", "bf16_loss", "grad_cache", "stages", "step_time", "encode_rate", "max_batch"]
 NUMBERS = ["device_tests_passed", "device_tests_failed", "loss_fp32", "loss_bf16", "loss_bf16_vs_fp32_rel",
            "grad_cache_vs_plain_rel", "grad_cache_ckpt_vs_plain_rel", "dropout_effect_rel", "stage_pretrain_loss0",
            "stage_warmup_loss0", "stage_unified_loss0", "step_over_encoder", "optimizer_ms", "step_over_encoder_b48",
-           "encoder_mask_over_nomask", "tok_s_512", "tok_s_8192",
+           "encoder_mask_over_nomask", "tok_s_512", "tok_s_8192", "encode_tok_s_512", "encode_tok_s_8192",
            "max_queries_per_gpu", "max_batch_exact", "passages_per_gpu", "paper_table10"]
 
 
