@@ -57,7 +57,8 @@ from tiny import WORDS, make_encoder, make_tokenizer  # noqa: E402
 SHAPES = {"small": (4, 256, 4, 1024, 250002, 512), "large": (24, 1024, 16, 4096, 250002, 8192),
           "tiny": (2, 32, 2, 128, 1000, 256)}
 LIMITS = {"device_tests": (90, 60), "bf16_loss": (60, 40), "grad_cache": (60, 40), "stages": (150, 90),
-          "step_time": (150, 60), "encode_rate": (90, 40), "max_batch": (None, None)}  # seconds (GPU, --dry-run); None: all that is left
+          "step_time": (150, 60), "encode_rate": (90, 40),
+          "max_batch": (None, None)}  # seconds (GPU, --dry-run); None: all that is left
 STAGE_CHUNK_TOKENS = yaml.safe_load(open(os.path.join(ROOT, "configs", "unified.yaml")))["sub_batch_tokens"]
 FIGURE = re.compile(r"[a-z][a-z0-9_]*=\S+")
 
